@@ -1,1 +1,17 @@
+"""emo-serve's one implementation of EMO and OLMoE models (see shared/emo-format.md)."""
 
+from .config import ConfigError, ModelConfig, load_config
+from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
+from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool
+from .profile import ProfileError, ProfileManifest, base_identity
+from .safetensors_io import CheckpointError, CheckpointFiles, write_checkpoint
+from .sampling import SamplingParams, StopChecker
+from .tokenizer import Tokenizer, TokenizerError
+from .weights import TensorNames
+
+__all__ = [
+    "Batch", "CheckpointError", "CheckpointFiles", "ConfigError", "ForwardOutput", "Generation", "KVCache",
+    "Model", "ModelConfig", "ModelNotFound", "Pool", "PoolError", "ProfileError", "ProfileManifest",
+    "ResolvedPool", "SamplingParams", "StopChecker", "TensorNames", "Tokenizer", "TokenizerError",
+    "base_identity", "load_config", "load_model", "resolve_checkpoint", "write_checkpoint",
+]

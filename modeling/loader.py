@@ -1,0 +1,216 @@
+"""`load_model`: a checkpoint folder (or Hugging Face repo id) to a runnable `Model`."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig, load_config, parse_dtype
+from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
+from .profile import base_identity
+from .safetensors_io import CheckpointFiles
+from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
+from .tokenizer import Tokenizer
+from .weights import LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights
+
+# Only what a checkpoint needs: never optimizer states or other formats.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "profile.json",
+                "kept_experts.json"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id fetched (or found in
+    the local hub cache; HF_HUB_OFFLINE=1 never touches the network)."""
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo)
+    if p.exists() or not _REPO_ID.match(s):
+        raise ModelNotFound(f"{s}: not a checkpoint folder (and not a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=s, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelNotFound(f"{s}: cannot get it from the Hugging Face hub ({type(e).__name__}: {e})") from None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float]
+
+
+class Model:
+    """A loaded checkpoint: config, weight views, the forward pass, the tokenizer."""
+
+    def __init__(self, path: Path, config: ModelConfig, files: CheckpointFiles, dtype: torch.dtype,
+                 device: torch.device):
+        self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
+        self.name = path.name
+        self.weights = read_weights(path, files, config, dtype, device)
+        self.transformer = Transformer(config, self.weights, dtype, device)
+        self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
+                          if (path / "tokenizer.json").is_file() else None)
+        self.identity = base_identity(path)
+        self.sources: dict[str, CheckpointFiles] = {str(path): files}
+
+    # -- experts ---------------------------------------------------------------
+    def expert_ids(self, layer: int) -> list[int]:
+        le = self.weights.layers[layer].experts
+        return [] if le is None else list(le.ids)
+
+    def layer_experts(self, layer: int) -> LayerExperts | None:
+        return self.weights.layers[layer].experts
+
+    def add_experts_from(self, folder: str | Path) -> dict[int, list[int]]:
+        """Map another checkpoint of the same base (a profile folder) and add the
+        experts this model lacks; the ones it has are shared, not loaded twice.
+        Returns {layer: original ids added}."""
+        folder = Path(folder)
+        ident = base_identity(folder)
+        if ident.get("id") != self.identity.get("id"):
+            raise PoolError(f"{folder}: cut from base {ident.get('name')!r} ({ident.get('id')}), "
+                            f"but this model is {self.identity.get('name')!r} ({self.identity.get('id')})")
+        cfg = load_config(folder)
+        if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
+            raise PoolError(f"{folder}: shape differs from {self.path}")
+        files = self.sources.get(str(folder)) or CheckpointFiles(folder)
+        self.sources[str(folder)] = files
+        reader = _Reader(files, self.dtype, self.device)
+        orig = original_expert_ids(folder, cfg)
+        added: dict[int, list[int]] = {}
+        for i, lw in enumerate(self.weights.layers):
+            if lw.experts is None or not cfg.experts_per_layer[i]:
+                continue
+            src = read_layer_experts(folder, files, cfg, i, reader, orig[i])
+            added[i] = merge_experts(lw.experts, src, self.device)
+        return added
+
+    def expert_bytes(self, layer: int, orig_id: int) -> int:
+        le = self.weights.layers[layer].experts
+        return le.experts[le.ids.index(orig_id)].nbytes()
+
+    def non_expert_bytes(self) -> int:
+        w = self.weights
+        ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
+        for lw in w.layers:
+            ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
+                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias) if t is not None]
+            if lw.experts is not None:
+                ts.append(lw.experts.router)
+            if lw.dense is not None:
+                ts += lw.dense.tensors()
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # -- running ---------------------------------------------------------------
+    def resolve_pool(self, pool: Pool | ResolvedPool | None) -> ResolvedPool | None:
+        if pool is None or isinstance(pool, ResolvedPool):
+            return pool
+        return self.transformer.resolve_pool(pool)
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache(self.config, num_slots, max_len, self.dtype, self.device)
+
+    def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
+                collect_router_probs: bool = False) -> ForwardOutput:
+        return self.transformer.forward(batch, cache, logits_at, collect_router_probs)
+
+    def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
+        """`[len(token_ids), vocab]` float32 logits of one sequence."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("token_ids is empty")
+        self.check_tokens(ids.tolist())
+        cache = self.new_cache(1, ids.numel())
+        batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
+        return self.forward(batch, cache, logits_at="all").logits
+
+    def router_probs(self, token_ids: list[int], pool: Pool | None = None) -> list[Tensor | None]:
+        """Per layer, the routing softmax `[len(token_ids), S]` over loaded slots."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        cache = self.new_cache(1, ids.numel())
+        batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
+        return self.forward(batch, cache, logits_at=torch.tensor([ids.numel() - 1]), collect_router_probs=True).router_probs
+
+    def check_tokens(self, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
+                 pool: Pool | ResolvedPool | None = None) -> Generation:
+        """Generate for one prompt (a simple loop; the server batches its own)."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        self.check_tokens(ids)
+        max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
+        cache = self.new_cache(1, max_len)
+        rpool = self.resolve_pool(pool)
+        gen = params.make_generator()
+        stops = StopChecker(params.stop)
+        eos = set() if params.ignore_eos else set(self.config.eos_token_ids) | set(
+            self.tokenizer.eos_token_ids if self.tokenizer else [])
+        stop_ids = set(params.stop_token_ids) | eos
+        out: list[int] = []
+        lps: list[float] = []
+        batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
+        finish = "length"
+        while len(out) < params.max_tokens and cache.lengths[0] < max_len:
+            logits = self.forward(batch, cache).logits
+            tok = sample_next(logits, [params], [gen])[0]
+            lps.append(float(logprobs_of(logits[0])[tok]))
+            if tok in stop_ids:
+                finish = "stop"
+                break
+            out.append(tok)
+            if self.tokenizer is not None and stops.stop:
+                _, hit = stops.update(self.tokenizer.decode(out))
+                if hit:
+                    finish = "stop"
+                    break
+            batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
+        text = self.tokenizer.decode(out) if self.tokenizer else ""
+        if stops.stopped:
+            text = stops.text
+        return Generation(out, text, finish, lps)
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               revision: str | None = None) -> Model:
+    """Load a checkpoint for inference.
+
+    dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
+    the weights (a copy). `path` may be a Hugging Face repo id.
+    """
+    folder = resolve_checkpoint(path, revision)
+    cfg = load_config(folder)
+    files = CheckpointFiles(folder)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+    dt = parse_dtype(dtype) or cfg.dtype or files.info(TensorNames.embed).dtype
+    return Model(folder, cfg, files, dt, dev)
+
+
+def default_threads() -> None:
+    """Use every core we are allowed (cgroup/affinity aware) unless told otherwise."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

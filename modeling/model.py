@@ -1,0 +1,247 @@
+"""The EMO / OLMoE forward pass, in the spirit of gpt-fast: one readable file,
+an explicit KV cache, no framework magic.
+
+A batch is *packed*: the new tokens of every sequence are concatenated into
+one `[T]` vector (as vLLM does), so prefill, decode and a mix of both run in the
+same call and dense layers never compute on padding. Attention is the only
+step that looks at sequences one at a time, each against its own cache slot.
+
+Routing runs over the experts a layer has loaded (its *slots*); each sequence
+brings a pool, resolved to a boolean mask over slots per layer, and the router
+logits outside it are dropped before the softmax (`modeling.routing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import ModelConfig
+from .layers import apply_rope, rms_norm, rope_cos_sin
+from .routing import route
+from .weights import Expert, LayerExperts, LayerWeights, ModelWeights
+
+# A pool as users write it: {layer: [original expert ids]}; a missing layer or
+# None means every loaded expert of that layer.
+Pool = dict[int, list[int] | None]
+
+
+class PoolError(ValueError):
+    """A pool that names experts the model has not loaded."""
+
+
+@dataclass
+class ResolvedPool:
+    """A pool as slot masks per layer (None: no restriction in that layer)."""
+
+    masks: list[Tensor | None]
+    pool: Pool | None = None
+
+    @property
+    def unrestricted(self) -> bool:
+        return all(m is None for m in self.masks)
+
+
+class KVCache:
+    """Keys and values per layer, `[slots, kv_heads, max_len, head_dim]`.
+
+    A sequence owns a slot for its life; `lengths[slot]` is how many positions
+    hold valid entries. Memory is allocated up front with `torch.empty`, whose
+    untouched pages the OS does not back, so a large `max_len` costs only what
+    is written.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.num_slots = num_slots
+        self.lengths = [0] * num_slots
+
+    def bytes_per_token(self) -> int:
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.element_size()
+
+
+@dataclass
+class Batch:
+    """New tokens of several sequences, packed.
+
+    tokens: `[T]` int64, the new tokens of sequence 0, then 1, ...
+    slots: cache slot per sequence; starts: position of each sequence's first
+    new token (= tokens already in its cache); counts: new tokens per sequence;
+    pools: a ResolvedPool per sequence (None: every loaded expert).
+    """
+
+    tokens: Tensor
+    slots: list[int]
+    starts: list[int]
+    counts: list[int]
+    pools: list[ResolvedPool | None] = field(default_factory=list)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.slots)
+
+
+@dataclass
+class ForwardOutput:
+    logits: Tensor  # float32, rows as asked by `logits_at`
+    router_probs: list[Tensor | None] | None = None  # per layer [T, S] float32 (None for dense layers)
+
+
+class Transformer:
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, device: torch.device):
+        self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
+
+    # -- pools -----------------------------------------------------------------
+    def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
+        masks: list[Tensor | None] = []
+        for i, lw in enumerate(self.w.layers):
+            ids = None if pool is None else pool.get(i, pool.get(str(i)) if isinstance(pool, dict) else None)
+            if ids is None or lw.experts is None:
+                masks.append(None)
+                continue
+            le = lw.experts
+            mask = torch.zeros(len(le.ids), dtype=torch.bool)
+            for e in ids:
+                slot = le.slot_of(int(e))
+                if slot is None:
+                    raise PoolError(f"layer {i}: expert {e} is not loaded (loaded: {len(le.ids)} experts)")
+                mask[slot] = True
+            masks.append(None if bool(mask.all()) else mask.to(self.device))
+        return ResolvedPool(masks, pool)
+
+    # -- forward ---------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
+                collect_router_probs: bool = False) -> ForwardOutput:
+        """Run the new tokens through the model, appending to the cache.
+
+        logits_at: "last" (one row per sequence), "all" (one per token), or an
+        index tensor of packed rows.
+        """
+        cfg = self.cfg
+        T = batch.tokens.numel()
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
+        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
+            if s + n > cache.max_len:
+                raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
+        cos, sin = rope_cos_sin(cfg.head_dim, positions, cfg.rope_theta)
+        x = F.embedding(batch.tokens.to(self.device), self.w.embed)
+        probs_out: list[Tensor | None] | None = [] if collect_router_probs else None
+        for i, lw in enumerate(self.w.layers):
+            x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), cos, sin, batch, cache)
+            h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+            if lw.experts is None:
+                x = x + self._dense(lw, h)
+                if probs_out is not None:
+                    probs_out.append(None)
+            else:
+                allowed = self._allowed(i, batch, T)
+                y, probs = self._moe(i, lw.experts, h, allowed, collect_router_probs)
+                x = x + y
+                if probs_out is not None:
+                    probs_out.append(probs)
+        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
+            cache.lengths[slot] = s + n
+        if isinstance(logits_at, str):
+            if logits_at == "last":
+                rows = torch.tensor(batch.counts).cumsum(0) - 1
+                x = x[rows.to(self.device)]
+            elif logits_at != "all":
+                raise ValueError(f"logits_at must be 'last', 'all' or an index tensor, not {logits_at!r}")
+        else:
+            x = x[logits_at.to(self.device)]
+        x = rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
+        return ForwardOutput(F.linear(x, self.w.lm_head).float(), probs_out)
+
+    def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
+        masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
+        if not any(m is not None for m in masks):
+            return None
+        S = len(self.w.layers[layer].experts.ids)
+        full = torch.ones(S, dtype=torch.bool, device=self.device)
+        per_seq = torch.stack([full if m is None else m for m in masks])
+        return per_seq.repeat_interleave(torch.tensor(batch.counts, device=self.device), dim=0, output_size=T)
+
+    def _attention(self, i: int, lw: LayerWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch,
+                   cache: KVCache) -> Tensor:
+        cfg = self.cfg
+        T = h.shape[0]
+        q, k, v = F.linear(h, lw.q, lw.q_bias), F.linear(h, lw.k, lw.k_bias), F.linear(h, lw.v, lw.v_bias)
+        if lw.q_norm is not None:  # OLMoE: RMSNorm over the whole projection, before the head split
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        if cfg.clip_qkv is not None:
+            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+        q = q.view(T, cfg.num_heads, cfg.head_dim).transpose(0, 1)  # [heads, T, D]
+        k = k.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        v = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = torch.empty(cfg.num_heads, T, cfg.head_dim, dtype=q.dtype, device=q.device)
+        kc, vc = cache.k[i], cache.v[i]
+        gqa = cfg.num_kv_heads != cfg.num_heads
+        off = 0
+        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
+            kc[slot, :, s:s + n] = k[:, off:off + n]
+            vc[slot, :, s:s + n] = v[:, off:off + n]
+            keys, vals = kc[slot, :, :s + n], vc[slot, :, :s + n]
+            qs = q[:, off:off + n]
+            if n == 1:
+                mask, causal = None, False
+            elif s == 0:
+                mask, causal = None, True
+            else:  # new tokens attend to the whole cached prefix and causally among themselves
+                mask = torch.ones(n, s + n, dtype=torch.bool, device=q.device).tril(diagonal=s)
+                causal = False
+            out[:, off:off + n] = F.scaled_dot_product_attention(
+                qs, keys, vals, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            off += n
+        out = out.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
+        return F.linear(out, lw.o, lw.o_bias)
+
+    def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
+        d = lw.dense
+        gb, ub, db = lw.dense_bias or (None, None, None)
+        return F.linear(F.silu(F.linear(h, d.gate, gb)) * F.linear(h, d.up, ub), d.down, db)
+
+    def _moe(self, i: int, le: LayerExperts, h: Tensor, allowed: Tensor | None,
+             collect: bool) -> tuple[Tensor, Tensor | None]:
+        cfg = self.cfg
+        logits = F.linear(h, le.router)
+        r = route(logits, top_k=cfg.top_k, allowed=allowed, shared=le.shared_mask,
+                  always_active=le.always_mask, norm_topk_prob=cfg.norm_topk_prob)
+        T, k = r.indices.shape
+        flat_e = r.indices.flatten()
+        keep = r.valid.flatten()
+        tok = torch.arange(T, device=h.device).repeat_interleave(k)
+        flat_w = r.weights.flatten()
+        if not bool(keep.all()):
+            flat_e, tok, flat_w = flat_e[keep], tok[keep], flat_w[keep]
+        order = torch.argsort(flat_e, stable=True)
+        flat_e, tok, flat_w = flat_e[order], tok[order], flat_w[order]
+        ids, counts = torch.unique_consecutive(flat_e, return_counts=True)
+        # Accumulate in float32: the sum over k experts is where bf16 would lose bits.
+        out = torch.zeros(T, h.shape[1], dtype=torch.float32, device=h.device)
+        off = 0
+        for e, c in zip(ids.tolist(), counts.tolist()):
+            idx = tok[off:off + c]
+            xe = h[idx] if c != T else h
+            y = _expert_forward(le.experts[e], xe)
+            out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
+            off += c
+        return out.to(h.dtype), (r.probs if collect else None)
+
+
+def _expert_forward(e: Expert, x: Tensor) -> Tensor:
+    if e.gate_up is not None:
+        gu = F.linear(x, e.gate_up)
+        g, u = gu.chunk(2, dim=-1)
+    else:
+        g, u = F.linear(x, e.gate), F.linear(x, e.up)
+    return F.linear(F.silu(g) * u, e.down)

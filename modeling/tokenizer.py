@@ -1,0 +1,81 @@
+"""The tokenizer: `tokenizers` over `tokenizer.json`, special ids from the configs,
+and the chat template of `tokenizer_config.json` when there is one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_text(v: Any) -> str | None:
+    if isinstance(v, dict):  # {"content": "<|endoftext|>", ...}
+        return v.get("content")
+    return v if isinstance(v, str) else None
+
+
+class Tokenizer:
+    def __init__(self, folder: str | Path, eos_token_ids: list[int] | None = None, pad_token_id: int | None = None):
+        folder = Path(folder)
+        f = folder / "tokenizer.json"
+        if not f.is_file():
+            raise TokenizerError(f"{folder}: no tokenizer.json")
+        try:
+            self._tok = HFTokenizer.from_file(str(f))
+        except Exception as e:  # the Rust side raises a plain Exception
+            raise TokenizerError(f"{f}: cannot load ({e})") from None
+        tc_path = folder / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+        self.chat_template: str | None = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+        self.bos_token = _token_text(tc.get("bos_token"))
+        self.eos_token = _token_text(tc.get("eos_token"))
+        eos = list(eos_token_ids or [])
+        if self.eos_token is not None and (tid := self._tok.token_to_id(self.eos_token)) is not None and tid not in eos:
+            eos.append(tid)
+        self.eos_token_ids = eos
+        pad_text = _token_text(tc.get("pad_token"))
+        if pad_token_id is None and pad_text is not None:
+            pad_token_id = self._tok.token_to_id(pad_text)
+        self.pad_token_id = pad_token_id
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._special_ids = {k for k, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token contributes (for logprobs' `tokens`)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise TokenizerError("this model's tokenizer has no chat template")
+        import jinja2.sandbox  # a template is data from the checkpoint: render it sandboxed
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg: str) -> None:
+            raise TokenizerError(f"chat template: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        tmpl = env.from_string(self.chat_template)
+        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")

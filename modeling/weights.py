@@ -1,0 +1,296 @@
+"""Tensor names and the weight store: the only place that knows checkpoint layouts.
+
+A checkpoint's tensors become `LayerWeights` (attention, norms, router, dense
+MLP) and an `ExpertStore` that addresses experts by (layer, original expert
+id). Everything is a view of the memory-mapped files; no tensor data is read
+here except when a dtype or device conversion is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .safetensors_io import CheckpointError, CheckpointFiles
+
+PROFILE_FILE = "profile.json"
+
+
+# -- names ---------------------------------------------------------------------
+
+
+class TensorNames:
+    """Checkpoint tensor names of EMO and OLMoE (emo-format.md, "Tensor names")."""
+
+    embed = "model.embed_tokens.weight"
+    final_norm = "model.norm.weight"
+    lm_head = "lm_head.weight"
+
+    def __init__(self, model_type: str):
+        self.model_type = model_type
+        if model_type == "emo":
+            self._attn_norm, self._mlp_norm = "pre_attention_layernorm", "pre_feedforward_layernorm"
+        else:
+            self._attn_norm, self._mlp_norm = "input_layernorm", "post_attention_layernorm"
+
+    @staticmethod
+    def layer(i: int) -> str:
+        return f"model.layers.{i}"
+
+    def attn_norm(self, i: int) -> str:
+        return f"{self.layer(i)}.{self._attn_norm}.weight"
+
+    def mlp_norm(self, i: int) -> str:
+        return f"{self.layer(i)}.{self._mlp_norm}.weight"
+
+    def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
+        return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
+
+    def qk_norm(self, i: int, p: str) -> str:  # p in q, k
+        return f"{self.layer(i)}.self_attn.{p}_norm.weight"
+
+    def router(self, i: int) -> str:
+        return f"{self.layer(i)}.mlp.gate.weight"
+
+    def expert(self, i: int, j: int, p: str) -> str:  # p in gate, up, down
+        return f"{self.layer(i)}.mlp.experts.{j}.{p}_proj.weight"
+
+    def fused_gate_up(self, i: int) -> str:
+        return f"{self.layer(i)}.mlp.experts.gate_up_proj"
+
+    def fused_down(self, i: int) -> str:
+        return f"{self.layer(i)}.mlp.experts.down_proj"
+
+    def dense(self, i: int, p: str, kind: str = "weight") -> str:
+        return f"{self.layer(i)}.mlp.{p}_proj.{kind}"
+
+    def expert_tensor_names(self, i: int, j: int) -> list[str]:
+        return [self.expert(i, j, p) for p in ("gate", "up", "down")]
+
+
+# -- weights -------------------------------------------------------------------
+
+
+@dataclass
+class Expert:
+    """One SwiGLU expert. `gate_up` is a zero-copy [2I, H] view when the file
+    stores gate and up back to back (one GEMV instead of two)."""
+
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    gate_up: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        return [self.gate, self.up, self.down]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+@dataclass
+class LayerExperts:
+    """The experts one layer has loaded, in slots sorted by original id."""
+
+    ids: list[int] = field(default_factory=list)  # original expert id per slot
+    experts: list[Expert] = field(default_factory=list)
+    router_rows: list[Tensor] = field(default_factory=list)  # [H] each
+    shared: list[bool] = field(default_factory=list)
+    always_active: list[bool] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # which checkpoint folder provided the slot
+    router: Tensor | None = None  # [S, H], rebuilt when slots change
+    shared_mask: Tensor | None = None
+    always_mask: Tensor | None = None
+
+    def slot_of(self, orig_id: int) -> int | None:
+        try:
+            return self.ids.index(orig_id)
+        except ValueError:
+            return None
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    o: Tensor
+    mlp_norm: Tensor
+    q_norm: Tensor | None = None
+    k_norm: Tensor | None = None
+    q_bias: Tensor | None = None
+    k_bias: Tensor | None = None
+    v_bias: Tensor | None = None
+    o_bias: Tensor | None = None
+    experts: LayerExperts | None = None  # None for a dense layer
+    dense: Expert | None = None
+    dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: Tensor
+    final_norm: Tensor
+    lm_head: Tensor
+    layers: list[LayerWeights]
+
+
+class _Reader:
+    """Reads named tensors from a checkpoint with shape checks and conversion."""
+
+    def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device):
+        self.files, self.dtype, self.device = files, dtype, device
+
+    def get(self, name: str, shape: tuple[int, ...] | None) -> Tensor:
+        t = self.files.get(name)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.files.file_of(name)}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        return self.convert(t)
+
+    def convert(self, t: Tensor) -> Tensor:
+        if t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        if t.device != self.device:
+            t = t.to(self.device)
+        return t
+
+    def opt(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
+        return self.get(name, shape) if name in self.files else None
+
+
+def original_expert_ids(folder: Path, cfg: ModelConfig) -> list[list[int]]:
+    """Original ids per layer of a checkpoint's local experts.
+
+    A profile folder (profile.json) or AllenAI's side file keeps them; a plain
+    checkpoint's local ids are its original ids.
+    """
+    for fname, key in ((PROFILE_FILE, "kept_experts"), ("kept_experts.json", None)):
+        f = folder / fname
+        if not f.is_file():
+            continue
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+            kept = d[key] if key else d
+            out = [sorted(int(x) for x in kept[str(i)]) if cfg.experts_per_layer[i] else [] for i in range(cfg.num_layers)]
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{f}: cannot read kept expert ids ({e})") from None
+        for i, ids in enumerate(out):
+            if len(ids) != cfg.experts_per_layer[i]:
+                raise CheckpointError(f"{f}: layer {i} lists {len(ids)} kept experts, config.json has {cfg.experts_per_layer[i]}")
+        return out
+    return [list(range(e)) for e in cfg.experts_per_layer]
+
+
+def _expert_views(files: CheckpointFiles, names: TensorNames, cfg: ModelConfig, i: int, j: int,
+                  reader: _Reader) -> Expert:
+    H, I = cfg.hidden_size, cfg.intermediate_size
+    per = names.expert_tensor_names(i, j)
+    if per[0] in files:
+        gate, up, down = (reader.get(n, s) for n, s in zip(per, ((I, H), (I, H), (H, I))))
+        fused = files.adjacent_view(per[0], per[1]) if reader.dtype == files.info(per[0]).dtype and reader.device.type == "cpu" else None
+        if fused is not None:
+            fused = fused.view(2 * I, H)
+        return Expert(gate, up, down, fused)
+    gu_name, d_name = names.fused_gate_up(i), names.fused_down(i)
+    if gu_name not in files:
+        raise CheckpointError(f"{files.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing from the checkpoint")
+    E = cfg.experts_per_layer[i]
+    gu = reader.get(gu_name, (E, 2 * I, H))
+    dn = reader.get(d_name, (E, H, I))
+    return Expert(gu[j, :I], gu[j, I:], dn[j], gu[j])
+
+
+def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader,
+                       ids: list[int]) -> LayerExperts:
+    """The experts of layer i; `ids` are their original ids (see original_expert_ids)."""
+    names = TensorNames(cfg.model_type)
+    E, s = cfg.experts_per_layer[i], cfg.shared_per_layer[i]
+    router = reader.get(names.router(i), (E, cfg.hidden_size))
+    le = LayerExperts()
+    for j in range(E):
+        le.ids.append(ids[j])
+        le.experts.append(_expert_views(files, names, cfg, i, j, reader))
+        le.router_rows.append(router[j])
+        le.shared.append(j >= E - s)
+        le.always_active.append(j in cfg.always_active_per_layer[i])
+        le.sources.append(str(folder))
+    le.router = router
+    le.shared_mask = torch.tensor(le.shared, dtype=torch.bool, device=reader.device)
+    le.always_mask = torch.tensor(le.always_active, dtype=torch.bool, device=reader.device)
+    return le
+
+
+def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
+                 device: torch.device) -> ModelWeights:
+    """Views of every tensor the config calls for, shapes checked against it."""
+    r = _Reader(files, dtype, device)
+    n = TensorNames(cfg.model_type)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    embed = r.get(n.embed, (V, H))
+    lm_head = embed if cfg.tie_word_embeddings and n.lm_head not in files else r.get(n.lm_head, (V, H))
+    orig_ids = original_expert_ids(folder, cfg)
+    layers = []
+    for i in range(cfg.num_layers):
+        lw = LayerWeights(
+            attn_norm=r.get(n.attn_norm(i), (H,)),
+            q=r.get(n.proj(i, "q"), (qd, H)),
+            k=r.get(n.proj(i, "k"), (kvd, H)),
+            v=r.get(n.proj(i, "v"), (kvd, H)),
+            o=r.get(n.proj(i, "o"), (H, qd)),
+            mlp_norm=r.get(n.mlp_norm(i), (H,)),
+        )
+        if cfg.qk_norm:
+            lw.q_norm = r.get(n.qk_norm(i, "q"), (qd,))
+            lw.k_norm = r.get(n.qk_norm(i, "k"), (kvd,))
+        if cfg.attention_bias:
+            lw.q_bias, lw.k_bias = r.get(n.proj(i, "q", "bias"), (qd,)), r.get(n.proj(i, "k", "bias"), (kvd,))
+            lw.v_bias, lw.o_bias = r.get(n.proj(i, "v", "bias"), (kvd,)), r.get(n.proj(i, "o", "bias"), (H,))
+        if cfg.is_dense(i):
+            D = cfg.dense_intermediate_size
+            lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),
+                              r.get(n.dense(i, "down"), (H, D)))
+            if cfg.dense_mlp_bias:
+                lw.dense_bias = (r.get(n.dense(i, "gate", "bias"), (D,)), r.get(n.dense(i, "up", "bias"), (D,)),
+                                 r.get(n.dense(i, "down", "bias"), (H,)))
+        else:
+            lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i])
+        layers.append(lw)
+    return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)
+
+
+def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.device) -> list[int]:
+    """Add to `target` the experts of `source` it lacks (by original id).
+
+    An expert already present is kept as is: two checkpoints of the same base
+    hold the same bytes for the same original id (the caller checks the base
+    identity), so it exists once in memory. Returns the ids added.
+    """
+    added = []
+    for j, orig in enumerate(source.ids):
+        if orig in target.ids:
+            continue
+        target.ids.append(orig)
+        target.experts.append(source.experts[j])
+        target.router_rows.append(source.router_rows[j])
+        target.shared.append(source.shared[j])
+        target.always_active.append(source.always_active[j])
+        target.sources.append(source.sources[j])
+        added.append(orig)
+    if added:
+        order = sorted(range(len(target.ids)), key=target.ids.__getitem__)
+        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources"):
+            lst = getattr(target, attr)
+            setattr(target, attr, [lst[k] for k in order])
+        # The router over the union is small (S x H) and is the one copy made.
+        target.router = torch.stack(target.router_rows)
+        target.shared_mask = torch.tensor(target.shared, dtype=torch.bool, device=device)
+        target.always_mask = torch.tensor(target.always_active, dtype=torch.bool, device=device)
+    return added
