@@ -16,7 +16,7 @@ from .profile import base_identity
 from .safetensors_io import CheckpointFiles
 from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
 from .tokenizer import Tokenizer
-from .weights import LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights
+from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -41,8 +41,12 @@ def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) ->
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    # huggingface_hub reads its environment once, at import; read it per call so
+    # HF_HUB_CACHE / HF_HUB_OFFLINE set later (by a CLI flag or a test) count.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
-        return Path(snapshot_download(repo_id=s, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id=s, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         raise ModelNotFound(f"{s}: cannot get it from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
@@ -66,6 +70,7 @@ class Model:
         self.transformer = Transformer(config, self.weights, dtype, device)
         self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
                           if (path / "tokenizer.json").is_file() else None)
+        self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
         self.sources: dict[str, CheckpointFiles] = {str(path): files}
 
@@ -77,10 +82,12 @@ class Model:
     def layer_experts(self, layer: int) -> LayerExperts | None:
         return self.weights.layers[layer].experts
 
-    def add_experts_from(self, folder: str | Path) -> dict[int, list[int]]:
+    def add_experts_from(self, folder: str | Path, take_over_base: bool = True) -> dict[int, list[int]]:
         """Map another checkpoint of the same base (a profile folder) and add the
-        experts this model lacks; the ones it has are shared, not loaded twice.
-        Returns {layer: original ids added}."""
+        experts this model lacks. An expert that an earlier profile already
+        provides is shared, not mapped twice; one that only the base checkpoint
+        provides is taken over by this profile's shards when `take_over_base`
+        (the base's copy then stays untouched on disk). Returns {layer: ids}."""
         folder = Path(folder)
         ident = base_identity(folder)
         if ident.get("id") != self.identity.get("id"):
@@ -93,12 +100,15 @@ class Model:
         self.sources[str(folder)] = files
         reader = _Reader(files, self.dtype, self.device)
         orig = original_expert_ids(folder, cfg)
+        # Only a full base gives its experts up; a profile loaded as the model
+        # keeps serving its own.
+        take_over = str(self.path) if take_over_base and not self.is_profile else None
         added: dict[int, list[int]] = {}
         for i, lw in enumerate(self.weights.layers):
             if lw.experts is None or not cfg.experts_per_layer[i]:
                 continue
             src = read_layer_experts(folder, files, cfg, i, reader, orig[i])
-            added[i] = merge_experts(lw.experts, src, self.device)
+            added[i] = merge_experts(lw.experts, src, self.device, take_over)
         return added
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
@@ -206,7 +216,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
-    dt = parse_dtype(dtype) or cfg.dtype or files.info(TensorNames.embed).dtype
+    # The checkpoint's dtype is the one its tensors are stored in (config's
+    # torch_dtype is only a hint); keeping it is what makes loading zero-copy.
+    stored = files.info(TensorNames.embed).dtype if TensorNames.embed in files else cfg.dtype
+    dt = parse_dtype(dtype) or stored or torch.float32
     return Model(folder, cfg, files, dt, dev)
 
 

@@ -266,16 +266,25 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
     return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)
 
 
-def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.device) -> list[int]:
+def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.device,
+                  take_over_from: str | None = None) -> list[int]:
     """Add to `target` the experts of `source` it lacks (by original id).
 
     An expert already present is kept as is: two checkpoints of the same base
     hold the same bytes for the same original id (the caller checks the base
-    identity), so it exists once in memory. Returns the ids added.
+    identity), so it exists once in memory. The exception is a slot provided by
+    `take_over_from` (the base checkpoint's folder): a profile's own shards then
+    serve that expert, and the base's copy is never touched. Returns the ids
+    added or taken over.
     """
     added = []
     for j, orig in enumerate(source.ids):
         if orig in target.ids:
+            slot = target.ids.index(orig)
+            if take_over_from is not None and target.sources[slot] == take_over_from:
+                target.experts[slot] = source.experts[j]
+                target.sources[slot] = source.sources[j]
+                added.append(orig)
             continue
         target.ids.append(orig)
         target.experts.append(source.experts[j])
