@@ -1,0 +1,375 @@
+"""`emo-subset`: fingerprint routing, discover domains, build, evaluate, inspect and verify profiles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
+from modeling.tokenizer import TokenizerError
+
+from .corpus import read_corpus, tokenize
+from .discover import DomainDiscovery, summary_markdown
+from .errors import SubsetError
+from .fingerprint import Fingerprinter, Fingerprints, Layout
+from .select import (METHODS, LayerwiseSelector, MeanProbSelector, OutputAwareSelector, RandomSelector, coverage,
+                     parse_keep, read_experts_file)
+from .writer import verify_profile, write_profile
+
+PROG = "emo-subset"
+
+
+def _say(args, msg: str) -> None:
+    if not args.quiet:
+        print(msg, file=sys.stderr)
+
+
+def _emit(args, summary: dict[str, Any], text: str | None = None) -> None:
+    if args.json:
+        print(json.dumps(summary, indent=1, default=_json_default))
+    elif text is not None:
+        print(text)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+def _load(args, path: str):
+    _say(args, f"loading {path}")
+    return load_model(path, dtype=getattr(args, "dtype", None))
+
+
+# -- fingerprint ---------------------------------------------------------------
+
+
+def cmd_fingerprint(args) -> int:
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    docs = read_corpus(args.corpus, args.domain)
+    model = _load(args, args.model)
+    t0 = time.time()
+    fper = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs)
+    fp = fper.fingerprints_
+    path = fp.save(out)
+    summ = {"fingerprints": str(path), **fp.calibration(), "layers": fp.layout.moe_layers,
+            "experts": fp.layout.num_original, "seconds": round(time.time() - t0, 3)}
+    _emit(args, summ, f"wrote {path}: {summ['documents']} documents, {summ['tokens']} tokens")
+    return 0
+
+
+# -- discover ------------------------------------------------------------------
+
+
+def clusters_path(fp_path: str | Path) -> Path:
+    p = Path(fp_path)
+    stem = p.name[:-4] if p.name.endswith(".npz") else p.name
+    return p.with_name(stem + ".clusters.json")
+
+
+def cmd_discover(args) -> int:
+    fp = Fingerprints.load(args.fingerprints)
+    k: int | str = args.k
+    if k != "auto":
+        try:
+            k = int(k)
+        except ValueError:
+            raise SubsetError(f"--k {args.k!r}: expected an integer or 'auto'") from None
+    dd = DomainDiscovery(k, n_components=args.components, seed=args.seed).fit(fp)
+    summ = dd.summary(fp)
+    out = Path(args.out) if args.out else clusters_path(args.fingerprints)
+    out.write_text(json.dumps(summ, indent=1))
+    md = out.with_suffix(".md")
+    md.write_text(summary_markdown(summ))
+    summ = {**summ, "clusters_file": str(out), "summary_file": str(md)}
+    _emit(args, summ, summary_markdown(summ))
+    return 0
+
+
+# -- build ---------------------------------------------------------------------
+
+
+def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | None, dict]:
+    """Fingerprints of the calibration documents on `model`, their token ids, and where they came from."""
+    if args.corpus and args.fingerprints:
+        raise SubsetError("give either --corpus or --fingerprints, not both")
+    if args.corpus:
+        docs = read_corpus(args.corpus, args.domain)
+        docs, toks = tokenize(docs, model.tokenizer, args.max_tokens)
+        fp = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs, toks).fingerprints_
+        return fp, toks, {"corpus": [str(c) for c in args.corpus], "domain": args.domain}
+    if args.fingerprints:
+        fp = Fingerprints.load(args.fingerprints)
+        want = model.identity.get("id")
+        if fp.model.get("identity", {}).get("id") != want:
+            raise SubsetError(f"{args.fingerprints}: fingerprints were taken on another model "
+                              f"({fp.model.get('path')}); re-run `emo-subset fingerprint` on {args.model}")
+        if fp.layout.loaded != Layout.of(model).loaded:
+            raise SubsetError(f"{args.fingerprints}: fingerprints were taken on a model with other experts loaded")
+        source: dict[str, Any] = {"fingerprints": str(args.fingerprints)}
+        if args.cluster is not None:
+            cf = Path(args.clusters) if args.clusters else clusters_path(args.fingerprints)
+            try:
+                labels = np.array(json.loads(cf.read_text())["labels"])
+            except FileNotFoundError:
+                raise SubsetError(f"{cf}: no clusters file (run `emo-subset discover` first)") from None
+            except (KeyError, ValueError) as e:
+                raise SubsetError(f"{cf}: not a clusters file ({e})") from None
+            if len(labels) != len(fp):
+                raise SubsetError(f"{cf}: {len(labels)} labels for {len(fp)} fingerprinted documents")
+            idx = np.flatnonzero(labels == args.cluster)
+            if not len(idx):
+                raise SubsetError(f"cluster {args.cluster} has no documents (clusters 0..{labels.max()})")
+            source["cluster"] = args.cluster
+        elif args.domain is not None:
+            idx = [i for i, lab in enumerate(fp.labels) if lab == args.domain]
+            if not idx:
+                raise SubsetError(f"{args.fingerprints}: no documents of domain {args.domain!r}")
+            source["domain"] = args.domain
+        else:
+            idx = np.arange(len(fp))
+        fp = fp.subset(idx)
+        toks = None
+        if args.method in ("layerwise", "output-aware"):
+            toks = [model.tokenizer.encode(t)[: args.max_tokens] for t in fp.texts]
+        return fp, toks, source
+    return None, None, {}
+
+
+def cmd_build(args) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    if args.experts_file is None and args.keep is None:
+        raise SubsetError("give --keep N (with calibration text) or --experts-file F")
+    if args.experts_file is not None and args.keep is not None:
+        raise SubsetError("give either --keep or --experts-file, not both")
+    if args.method not in METHODS:
+        raise SubsetError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    t0 = time.time()
+    model = _load(args, args.model)
+    layout = Layout.of(model)
+    if not layout.moe_layers:
+        raise SubsetError(f"{args.model}: the model has no mixture-of-experts layer")
+    name = args.name or out.name
+    if args.experts_file is not None:
+        kept = read_experts_file(args.experts_file, layout)
+        fp, toks, source = _calibration(args, model)
+        selection = {"method": "experts-file", "params": {"file": str(args.experts_file)}}
+    else:
+        keep = parse_keep(args.keep, layout)
+        fp, toks, source = _calibration(args, model)
+        if fp is None and args.method != "random":
+            raise SubsetError(f"--method {args.method} needs calibration text: --corpus FILES or --fingerprints FP")
+        params: dict[str, Any] = {"keep": {str(i): n for i, n in keep.items()}, **source}
+        if args.method == "mean-prob":
+            sel = MeanProbSelector(keep).fit(fp)
+        elif args.method == "random":
+            sel = RandomSelector(keep, seed=args.seed).fit(layout)
+            params["seed"] = args.seed
+        elif args.method == "layerwise":
+            sel = LayerwiseSelector(model, keep, args.max_batch_tokens, progress=not args.quiet).fit(toks)
+        else:
+            sel = OutputAwareSelector(model, keep, args.max_batch_tokens, progress=not args.quiet).fit(toks)
+        if fp is not None:
+            params["max_tokens"] = args.max_tokens
+        kept = sel.experts_
+        selection = {"method": args.method, "params": params}
+    cov, calib, cent = {}, {}, None
+    if fp is not None:
+        cov = coverage(fp.token_mean(), layout, kept)
+        calib = {**fp.calibration(), **({"source": source} if source else {})}
+        cent = fp.centroid()
+    t_sel = time.time() - t0
+    man = write_profile(model, out, name, kept, selection=selection, calibration=calib, coverage=cov, centroid=cent,
+                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet)
+    summ = {"profile": str(out), "name": man.name, "method": selection["method"],
+            "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
+            "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
+            "calibration": man.calibration, "seconds": round(time.time() - t0, 3),
+            "seconds_selection": round(t_sel, 3)}
+    cov_txt = f", mean coverage {np.mean(list(cov.values())):.3f}" if cov else ""
+    _emit(args, summ, f"wrote {out}: {sum(len(v) for v in kept.values())} experts in {len(kept)} layers, "
+                      f"{man.bytes['total'] / 1e6:.1f} MB in {len(man.shards)} shard(s){cov_txt}")
+    return 0
+
+
+# -- eval, inspect, verify ---------------------------------------------------------
+
+
+def _base_of(profile: Path, explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    cand = profile.resolve().parent.parent
+    if profile.resolve().parent.name == "profiles" and (cand / "config.json").is_file():
+        return str(cand)
+    raise SubsetError(f"{profile}: give --base MODEL (the full model it was cut from)")
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import retention_rows
+
+    docs = read_corpus(args.text)
+    base_path = _base_of(Path(args.profiles[0]), args.base)
+    full = _load(args, base_path)
+    by_dom: dict[str, list] = {}
+    for d in docs:
+        by_dom.setdefault(d.domain or "all", []).append(d)
+    toks_by_dom = {}
+    for dom, ds in sorted(by_dom.items()):
+        _, toks = tokenize(ds, full.tokenizer, args.max_tokens)
+        toks_by_dom[dom] = toks
+    profiles = []
+    for p in args.profiles:
+        man = ProfileManifest.read(p)
+        if man.base.get("id") != full.identity.get("id"):
+            raise SubsetError(f"{p}: cut from base {man.base.get('name')!r}, not from {base_path}")
+        profiles.append((man.name, load_model(p, dtype=args.dtype), man.pool()))
+    rows = retention_rows(full, profiles, toks_by_dom, seeds=args.random_seeds)
+    lines = ["| profile | domain | experts | ppl profile | ppl full | ppl random | retention | random retention |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['profile']} | {r['domain']} | {r['experts']} | {r['ppl_profile']:.3f} | {r['ppl_full']:.3f} "
+                     f"| {r['ppl_random']:.3f} | {r['retention']:.3f} | {r['retention_random']:.3f} |")
+    _emit(args, {"base": base_path, "rows": rows}, "\n".join(lines))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    man = ProfileManifest.read(args.profile)
+    d = man.to_dict()
+    if not args.centroid:
+        d.pop("centroid", None)
+    text = [f"profile {man.name} ({args.profile})",
+            f"  base: {man.base.get('name')} id {man.base.get('id')}",
+            f"  selection: {man.selection.get('method')} {json.dumps(man.selection.get('params', {}))[:200]}",
+            f"  calibration: {man.calibration.get('documents', '-')} documents, {man.calibration.get('tokens', '-')} tokens, "
+            f"domains {man.calibration.get('domains', [])}",
+            f"  bytes: {man.bytes}", f"  shards: {len(man.shards)}"]
+    for i, ids in sorted(man.kept_experts.items()):
+        cov = man.coverage.get(i)
+        text.append(f"  layer {i}: {len(ids)}/{man.num_experts_original[i]} experts"
+                    + (f", coverage {cov:.3f}" if cov is not None else "") + f": {ids}")
+    _emit(args, d, "\n".join(text))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    results = [verify_profile(p, progress=not args.quiet) for p in args.profiles]
+    ok = all(r["ok"] for r in results)
+    lines = []
+    for r in results:
+        lines.append(f"{r['profile']}: {'OK' if r['ok'] else 'FAILED'} ({len(r['shards'])} shards)")
+        lines += [f"  {p}" for p in r["problems"]]
+    _emit(args, {"ok": ok, "profiles": results}, "\n".join(lines))
+    if not ok:
+        for r in results:
+            for p in r["problems"]:
+                print(f"{PROG}: {r['profile']}: {p}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print a JSON summary to stdout")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
+    common.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def model_opts(p):
+        p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (truncated)")
+        p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens run together per layer step")
+
+    p = sub.add_parser("fingerprint", parents=[common], help="per-document routing fingerprints")
+    p.add_argument("model", help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("corpus", nargs="+", help=".jsonl / .txt files or folders")
+    p.add_argument("--out", required=True, help="fingerprint file (.npz)")
+    p.add_argument("--domain", default=None, help="only this domain (label for unlabelled text)")
+    p.add_argument("--force", action="store_true")
+    model_opts(p)
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser("discover", parents=[common], help="cluster fingerprints into domains")
+    p.add_argument("fingerprints")
+    p.add_argument("--k", default="auto", help="number of clusters or 'auto' (silhouette)")
+    p.add_argument("--components", type=int, default=32, help="PCA components")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="clusters JSON (default: FP.clusters.json)")
+    p.set_defaults(func=cmd_discover)
+
+    p = sub.add_parser("build", parents=[common], help="write a pruned profile")
+    p.add_argument("model", help="checkpoint folder (or profile) or Hugging Face repo id")
+    p.add_argument("--out", required=True, help="profile folder to write")
+    p.add_argument("--name", default=None, help="profile name (default: the folder's name)")
+    p.add_argument("--corpus", nargs="+", default=None, help="calibration .jsonl / .txt files or folders")
+    p.add_argument("--domain", default=None, help="calibrate on this domain of the corpus / fingerprints")
+    p.add_argument("--fingerprints", default=None, help="fingerprint file from `emo-subset fingerprint`")
+    p.add_argument("--cluster", type=int, default=None, help="calibrate on this cluster of `discover`")
+    p.add_argument("--clusters", default=None, help="clusters file (default: FP.clusters.json)")
+    p.add_argument("--keep", default=None, help="experts kept per layer (shared included): N, N%% or a schedule a,b,c")
+    p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]}")
+    p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
+    p.add_argument("--force", action="store_true", help="replace an existing profile")
+    model_opts(p)
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("eval", parents=[common], help="held-out perplexity: profile vs full vs random")
+    p.add_argument("profiles", nargs="+")
+    p.add_argument("--text", nargs="+", required=True, help="held-out .jsonl / .txt (domain labels split the table)")
+    p.add_argument("--base", default=None, help="the full model (default: the folder holding profiles/)")
+    p.add_argument("--random-seeds", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", parents=[common], help="show a profile's manifest")
+    p.add_argument("profile")
+    p.add_argument("--centroid", action="store_true", help="include the centroid in --json")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", parents=[common], help="check shard hashes against profile.json")
+    p.add_argument("profiles", nargs="+")
+    p.set_defaults(func=cmd_verify)
+    return ap
+
+
+ERRORS = (SubsetError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
+          PoolError, TokenizerError, FileNotFoundError, PermissionError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ERRORS as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
