@@ -1,0 +1,28 @@
+"""Server settings, filled by `server.cli` (or by tests directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServerConfig:
+    model: str | None = None  # checkpoint folder or HF repo id; None: bundled demo (or the first profile)
+    profiles: list[str] = field(default_factory=list)  # folders, or "name=experts.json"
+    profiles_dirs: list[str] = field(default_factory=list)
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)
+    max_batch: int = 16
+    max_queue: int = 256
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_prefill_tokens: int = 2048  # prompt tokens admitted per engine step (at least one prompt)
+    device: str = "cpu"
+    dtype: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_stop: int = 16
+    request_timeout: float = 600.0
+    log_level: str = "info"

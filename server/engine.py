@@ -1,0 +1,302 @@
+"""The engine: one background thread owns the model and runs a continuous-batching loop.
+
+Every step (a) drops sequences that were cancelled or ran past their deadline,
+(b) admits waiting sequences into free cache slots (up to a prompt-token budget
+per step), and (c) runs ONE packed forward over the new prompts and the one new
+token of every running sequence: prefill and decode in the same call, each
+sequence with its own pool (profile) and its own slot of one shared `KVCache`.
+Sequences join and leave between steps.
+
+The asyncio side never touches the model: it submits `Sequence`s (a bounded
+queue; `QueueFull` when full) and receives `SeqEvent`s through a sink that the
+engine calls from its thread (`loop.call_soon_threadsafe`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from modeling import Batch, Model, ResolvedPool, SamplingParams, StopChecker
+from modeling.sampling import logprobs_of, sample_next
+
+from . import metrics as M
+
+log = logging.getLogger("emo_serve.engine")
+
+
+class QueueFull(Exception):
+    pass
+
+
+class EngineStopped(Exception):
+    pass
+
+
+@dataclass
+class TokenInfo:
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]] | None  # (token id, logprob), best first
+
+
+@dataclass
+class SeqEvent:
+    text: str = ""  # released text delta (stop strings and their possible prefixes held back)
+    tokens: list[TokenInfo] = field(default_factory=list)  # new generated tokens (logprobs when asked)
+    prompt_logprobs: list[TokenInfo] | None = None  # once, before the first token, when asked
+    profile: str | None = None  # the profile that serves the sequence (sent first)
+    finish_reason: str | None = None  # "stop" / "length" on the last event
+    error: tuple[int, str, str] | None = None  # (http status, type, message) on failure
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    profile: str  # a hosted profile name, "full" or "auto"
+    sink: Callable[[SeqEvent], None]
+    logprobs: int | None = None  # top-n logprobs of generated tokens (None: none)
+    prompt_logprobs: bool = False
+    deadline: float | None = None  # time.monotonic()
+    # -- engine state --
+    cancelled: bool = False
+    pool: ResolvedPool | None = None
+    slot: int = -1
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    stops: StopChecker | None = None
+    stop_ids: set[int] = field(default_factory=set)
+    prefilled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # read by the engine thread between steps
+
+
+class Engine:
+    def __init__(self, model: Model, registry, max_batch: int = 16, max_queue: int = 256,
+                 max_model_len: int | None = None, max_prefill_tokens: int = 2048):
+        self.model, self.registry = model, registry
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.max_prefill_tokens = max_prefill_tokens
+        self.cache = model.new_cache(max_batch, self.max_model_len)
+        self.free_slots = list(range(max_batch))[::-1]
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self.cv = threading.Condition()
+        self.stopped = False
+        self.steps = 0
+        tok = model.tokenizer
+        self.eos_ids = set(model.config.eos_token_ids) | set(tok.eos_token_ids if tok else [])
+        self.thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
+
+    # -- asyncio side ----------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+        self.thread.join(timeout=10)
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue all of `seqs` (one request's choices) or none of them."""
+        with self.cv:
+            if self.stopped:
+                raise EngineStopped("the engine is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, at most {self.max_queue})")
+            self.waiting.extend(seqs)
+            M.QUEUE_DEPTH.set(len(self.waiting))
+            self.cv.notify_all()
+
+    def wake(self) -> None:
+        with self.cv:
+            self.cv.notify_all()
+
+    # -- engine thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.cv:
+                while not self.stopped and not self.waiting and not self.running:
+                    self.cv.wait(timeout=1.0)
+                if self.stopped:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # a bug must not kill the loop: fail this step's sequences
+                log.exception("engine step failed")
+                for s in list(self.running):
+                    self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
+        for s in list(self.running) + list(self.waiting):
+            self._fail(s, 503, "unavailable", "the server is shutting down")
+
+    def _release(self, s: Sequence) -> None:
+        if s in self.running:
+            self.running.remove(s)
+        if s.slot >= 0:
+            self.cache.lengths[s.slot] = 0
+            self.free_slots.append(s.slot)
+            s.slot = -1
+        M.RUNNING.set(len(self.running))
+
+    def _fail(self, s: Sequence, status: int, etype: str, msg: str) -> None:
+        self._release(s)
+        s.sink(SeqEvent(error=(status, etype, msg)))
+
+    def _expired(self, s: Sequence, now: float) -> bool:
+        if s.cancelled:
+            return True
+        if s.deadline is not None and now > s.deadline:
+            s.sink(SeqEvent(error=(504, "timeout", "the request ran past its time limit")))
+            return True
+        return False
+
+    def _admit(self) -> list[Sequence]:
+        now = time.monotonic()
+        new: list[Sequence] = []
+        budget = self.max_prefill_tokens
+        with self.cv:
+            kept = collections.deque(s for s in self.waiting if not self._expired(s, now))
+            self.waiting = kept
+            while self.waiting and self.free_slots:
+                nxt = self.waiting[0]
+                if new and len(nxt.prompt_ids) > budget:
+                    break
+                self.waiting.popleft()
+                budget -= len(nxt.prompt_ids)
+                nxt.slot = self.free_slots.pop()
+                self.running.append(nxt)
+                new.append(nxt)
+            M.QUEUE_DEPTH.set(len(self.waiting))
+        ok = []
+        for s in new:
+            try:
+                self._setup(s)
+                ok.append(s)
+            except Exception as e:
+                log.exception("cannot set up a sequence")
+                self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
+        return ok
+
+    def _setup(self, s: Sequence) -> None:
+        if s.profile == "auto":
+            s.profile = self.registry.choose_auto(s.prompt_ids)
+        s.pool = self.registry.get(s.profile).resolved
+        s.generator = s.params.make_generator()
+        s.stops = StopChecker(s.params.stop)
+        s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
+        self.cache.lengths[s.slot] = 0
+        s.sink(SeqEvent(profile=s.profile))
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        for s in [s for s in self.running if self._expired(s, now)]:
+            self._release(s)
+        self._admit()
+        M.RUNNING.set(len(self.running))
+        seqs = list(self.running)
+        if not seqs:
+            return
+        tokens, starts, counts, rows, spans = [], [], [], [], []
+        off = 0
+        for s in seqs:
+            if not s.prefilled:
+                ids = s.prompt_ids
+                start = 0
+            else:
+                ids = [s.output[-1]]
+                start = self.cache.lengths[s.slot]
+            tokens += ids
+            starts.append(start)
+            counts.append(len(ids))
+            if not s.prefilled and s.prompt_logprobs:
+                spans.append((len(rows), len(ids)))
+                rows += range(off, off + len(ids))
+            else:
+                spans.append((len(rows) + 0, 1))
+                rows.append(off + len(ids) - 1)
+            off += len(ids)
+        batch = Batch(torch.tensor(tokens, dtype=torch.long), [s.slot for s in seqs], starts, counts,
+                      [s.pool for s in seqs])
+        logits = self.model.forward(batch, self.cache, logits_at=torch.tensor(rows, dtype=torch.long)).logits
+        logits = logits.float().cpu()
+        self.steps += 1
+        last = torch.stack([logits[a + n - 1] for a, n in spans])
+        sample_rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > len(s.output)]
+        picked: dict[int, int] = {}
+        if sample_rows:
+            toks = sample_next(last[sample_rows], [seqs[i].params for i in sample_rows],
+                               [seqs[i].generator for i in sample_rows])
+            picked = dict(zip(sample_rows, toks))
+        n_new_prompt = 0
+        for i, s in enumerate(seqs):
+            ev = SeqEvent()
+            if not s.prefilled:
+                n_new_prompt += len(s.prompt_ids)
+                if s.prompt_logprobs:
+                    a, n = spans[i]
+                    ev.prompt_logprobs = self._prompt_logprobs(s, logits[a:a + n])
+                s.prefilled = True
+            tok = picked.get(i)
+            if tok is None:  # max_tokens reached (max_tokens 0: prompt only)
+                self._finish(s, ev, "length")
+                continue
+            info = TokenInfo(tok, None, None)
+            if s.logprobs is not None:
+                lp = logprobs_of(last[i])
+                info.logprob = float(lp[tok])
+                if s.logprobs > 0:
+                    v, ix = torch.topk(lp, s.logprobs)
+                    info.top = list(zip(ix.tolist(), v.tolist()))
+            if tok in s.stop_ids:
+                self._finish(s, ev, "stop")
+                continue
+            s.output.append(tok)
+            ev.tokens.append(info)
+            M.GENERATED_TOKENS.inc()
+            tokenizer = self.model.tokenizer
+            if tokenizer is not None:
+                delta, hit = s.stops.update(tokenizer.decode(s.output))
+                ev.text = delta
+                if hit:
+                    self._finish(s, ev, "stop")
+                    continue
+            if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
+                self._finish(s, ev, "length")
+                continue
+            s.sink(ev)
+        if n_new_prompt:
+            M.PROMPT_TOKENS.inc(n_new_prompt)
+
+    def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
+        if reason != "stop" or not s.stops.stopped:
+            ev.text += s.stops.flush() if s.stops is not None else ""
+        ev.finish_reason = reason
+        self._release(s)
+        s.sink(ev)
+
+    def _prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> list[TokenInfo]:
+        """Logprob of each prompt token given the ones before (the first has none)."""
+        lp = torch.log_softmax(rows.float(), dim=-1)
+        ids = s.prompt_ids
+        out = [TokenInfo(ids[0], None, None)]
+        k = s.logprobs or 0
+        if len(ids) > 1:
+            nxt = torch.tensor(ids[1:])
+            chosen = lp[:-1].gather(1, nxt[:, None]).squeeze(1).tolist()
+            if k > 0:
+                tv, ti = torch.topk(lp[:-1], k, dim=-1)
+                tv, ti = tv.tolist(), ti.tolist()
+            for j, t in enumerate(ids[1:]):
+                out.append(TokenInfo(t, chosen[j], list(zip(ti[j], tv[j])) if k > 0 else None))
+        return out

@@ -1,0 +1,15 @@
+"""HTTP route of POST /v1/chat/completions."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from ....security import require_api_key
+from .serving import create_chat_completion
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_api_key)])
+async def chat_completions(request: Request):
+    return await create_chat_completion(request)

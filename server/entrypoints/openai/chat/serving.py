@@ -1,0 +1,112 @@
+"""The logic of POST /v1/chat/completions: the tokenizer's chat template renders
+the messages into one prompt, then the same engine path as completions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from modeling import TokenizerError
+
+from ....errors import APIError, bad_request
+from ..serving_engine import SSE_DONE, Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from .protocol import ChatCompletionRequest
+
+
+def _logprob_content(state, tokens, k: int | None) -> list[dict]:
+    tok = state.registry.model.tokenizer
+    out = []
+    for info in tokens:
+        s = tok.token_text(info.token_id)
+        top = [{"token": tok.token_text(t), "logprob": lp} for t, lp in (info.top or [])][: k or 0]
+        out.append({"token": s, "logprob": info.logprob, "bytes": list(s.encode()), "top_logprobs": top})
+    return out
+
+
+async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
+    state = request.app.state.emo
+    req = await parse_body(request, ChatCompletionRequest)
+    tok = state.registry.model.tokenizer
+    if tok is None or tok.chat_template is None:
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                       "invalid_request_error", None, "no_chat_template")
+    profile = state.registry.select(req.model, req.profile)
+    try:
+        text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
+                                       add_generation_prompt=req.add_generation_prompt)
+    except TokenizerError as e:
+        raise bad_request(str(e), "messages") from None
+    except Exception as e:  # a template error caused by the messages
+        raise bad_request(f"messages: the chat template failed ({type(e).__name__}: {e})", "messages") from None
+    prompt = tok.encode(text)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    k = req.top_logprobs if req.logprobs else None
+    if req.logprobs and k is None:
+        k = 0
+    max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
+    stop = stop_list(req.stop)
+    specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config)) for j in range(req.n)]
+    run = Run(state, profile, specs, k, False)
+    run.submit()
+    base = state.registry.base_name
+
+    def model_id() -> str:
+        return base if run.profile == "full" else f"{base}:{run.profile}"
+
+    if req.stream:
+        return StreamingResponse(_stream(run, req, request, len(prompt), model_id, k),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        async for _ in run.events(request):
+            pass
+    except (APIError, asyncio.CancelledError):
+        run.finish_metrics()
+        raise
+    run.finish_metrics()
+    choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
+                "logprobs": {"content": _logprob_content(state, r.tokens, k)} if req.logprobs else None,
+                "finish_reason": r.finish_reason} for i, r in enumerate(run.results)]
+    return JSONResponse({"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created,
+                         "model": model_id(), "profile": run.profile, "choices": choices,
+                         "usage": run.usage([len(prompt)])})
+
+
+async def _stream(run: Run, req: ChatCompletionRequest, request: Request, prompt_len: int, model_id,
+                  k) -> AsyncIterator[str]:
+    state = run.state
+    started = [False] * len(run.seqs)
+
+    def chunk(choices, usage=None) -> str:
+        obj = {"id": f"chatcmpl-{run.id}", "object": "chat.completion.chunk", "created": run.created,
+               "model": model_id(), "profile": run.profile, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return sse(obj)
+
+    try:
+        async for i, ev in run.events(request):
+            if not (ev.tokens or ev.finish_reason or ev.text):
+                continue
+            delta = {"content": ev.text}
+            if not started[i]:
+                started[i] = True
+                delta["role"] = "assistant"
+            lp = {"content": _logprob_content(state, ev.tokens, k)} if req.logprobs else None
+            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        run.finish_metrics()
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield chunk([], run.usage([prompt_len]))
+        yield SSE_DONE
+    except APIError as e:
+        run.finish_metrics()
+        yield sse(e.body())
+        yield SSE_DONE
+    finally:
+        if not all(run.done):
+            if run.status == "ok":
+                run.status = "cancelled"
+                run.finish_metrics()
+            run.cancel()

@@ -1,0 +1,175 @@
+"""The logic of POST /v1/completions: prompts to sequences, events to OpenAI's
+`text_completion` objects (whole, or streamed as server-sent events)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ....engine import TokenInfo
+from ....errors import APIError, bad_request
+from ..serving_engine import SSE_DONE, Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from .protocol import CompletionRequest
+
+
+def tokenize_prompts(state, prompt) -> tuple[list[list[int]], bool]:
+    """(token ids per prompt, whether the prompts were given as text)."""
+    tok = state.registry.model.tokenizer
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if isinstance(prompt, list) and not prompt:
+        raise bad_request("prompt: an empty list", "prompt", "empty_prompt")
+    if isinstance(prompt[0], str):
+        if tok is None:
+            raise bad_request("prompt: this model has no tokenizer; send token ids", "prompt")
+        if sum(len(p) for p in prompt) > state.config.max_body_bytes:
+            raise bad_request("prompt: too long", "prompt", "context_length_exceeded")
+        return [tok.encode(p) for p in prompt], True
+    if isinstance(prompt[0], int):
+        return [list(prompt)], False
+    return [list(p) for p in prompt], False
+
+
+class CompletionLogprobBuilder:
+    """OpenAI's completions `logprobs` object, built token by token."""
+
+    def __init__(self, state, offset: int = 0):
+        self.tok = state.registry.model.tokenizer
+        self.offset = offset
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+
+    def _text(self, t: int) -> str:
+        return self.tok.token_text(t) if self.tok is not None else str(t)
+
+    def add(self, infos: list[TokenInfo]) -> dict:
+        start = len(self.tokens)
+        for info in infos:
+            s = self._text(info.token_id)
+            self.tokens.append(s)
+            self.token_logprobs.append(info.logprob)
+            if info.top is None:
+                self.top_logprobs.append(None if info.logprob is None else {s: info.logprob})
+            else:
+                top = {self._text(t): lp for t, lp in info.top}
+                if info.logprob is not None:
+                    top.setdefault(s, info.logprob)
+                self.top_logprobs.append(top)
+            self.text_offset.append(self.offset)
+            self.offset += len(s)
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+
+    def whole(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
+
+
+async def create_completion(request: Request) -> JSONResponse | StreamingResponse:
+    state = request.app.state.emo
+    req = await parse_body(request, CompletionRequest)
+    profile = state.registry.select(req.model, req.profile)
+    if req.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    prompts, as_text = tokenize_prompts(state, req.prompt)
+    max_tokens = check_prompts(state, prompts, req.max_tokens, req.n, req.logprobs)
+    stop = stop_list(req.stop)
+    specs = []
+    for p in prompts:
+        for j in range(req.n):
+            specs.append((p, sampling_params(req, max_tokens, j, stop, state.config)))
+    want_prompt_lp = req.echo and req.logprobs is not None
+    run = Run(state, profile, specs, req.logprobs, want_prompt_lp)
+    run.submit()
+    tok = state.registry.model.tokenizer
+    prompt_texts = [tok.decode(p) if tok is not None else "" for p in prompts]
+    seq_prompt = [k // req.n for k in range(len(specs))]
+    model_name = state.registry.base_name
+
+    def model_id() -> str:
+        return model_name if run.profile == "full" else f"{model_name}:{run.profile}"
+
+    if req.stream:
+        return StreamingResponse(_stream(run, req, request, prompts, prompt_texts, seq_prompt, model_id),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        async for _ in run.events(request):
+            pass
+    except (APIError, asyncio.CancelledError):
+        run.finish_metrics()
+        raise
+    run.finish_metrics()
+    choices = []
+    for k, r in enumerate(run.results):
+        pi = seq_prompt[k]
+        text = r.text
+        lp = None
+        if req.logprobs is not None:
+            b = CompletionLogprobBuilder(state)
+            if req.echo and r.prompt_logprobs is not None:
+                b.add(r.prompt_logprobs)
+            b.add(r.tokens)
+            lp = b.whole()
+        if req.echo:
+            text = prompt_texts[pi] + text
+        choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": r.finish_reason,
+                        "profile": r.profile})
+    body = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": model_id(),
+            "profile": run.profile, "choices": choices, "usage": run.usage([len(p) for p in prompts]),
+            "system_fingerprint": None}
+    return JSONResponse(body)
+
+
+async def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_texts, seq_prompt,
+                  model_id) -> AsyncIterator[str]:
+    state = run.state
+    builders = [CompletionLogprobBuilder(state) for _ in run.seqs]
+    echoed = [False] * len(run.seqs)
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        obj = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": model_id(),
+               "profile": run.profile, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return sse(obj)
+
+    try:
+        async for k, ev in run.events(request):
+            text, lp_parts = "", []
+            if req.echo and not echoed[k] and (ev.tokens or ev.finish_reason or ev.prompt_logprobs is not None):
+                echoed[k] = True
+                text = prompt_texts[seq_prompt[k]]
+                if ev.prompt_logprobs is not None and req.logprobs is not None:
+                    lp_parts.append(ev.prompt_logprobs)
+            if not (ev.tokens or ev.finish_reason or text or ev.text):
+                continue
+            text += ev.text
+            lp = None
+            if req.logprobs is not None:
+                b = builders[k]
+                start = len(b.tokens)
+                for part in lp_parts:
+                    b.add(part)
+                b.add(ev.tokens)
+                w = b.whole()
+                lp = {key: v[start:] for key, v in w.items()}
+            yield chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        run.finish_metrics()
+        if req.stream_options is not None and req.stream_options.include_usage:
+            yield chunk([], run.usage([len(p) for p in prompts]))
+        yield SSE_DONE
+    except APIError as e:
+        run.finish_metrics()
+        yield sse(e.body())
+        yield SSE_DONE
+    finally:
+        if not all(run.done):  # client went away (generator closed) or an error: stop the work
+            if run.status == "ok":
+                run.status = "cancelled"
+                run.finish_metrics()
+            run.cancel()

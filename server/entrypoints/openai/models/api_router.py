@@ -1,0 +1,33 @@
+"""HTTP routes of GET /v1/models, /v1/profiles, /health, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+
+from ....security import require_api_key
+from .serving import health, list_models, list_profiles, render_metrics
+
+router = APIRouter()
+
+
+@router.get("/v1/models", dependencies=[Depends(require_api_key)])
+async def models(request: Request):
+    return list_models(request.app.state.emo)
+
+
+@router.get("/v1/profiles", dependencies=[Depends(require_api_key)])
+async def profiles(request: Request):
+    return await list_profiles(request.app.state.emo)
+
+
+@router.get("/health")
+async def get_health(request: Request):
+    body = health(request.app.state.emo)
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    data, ctype = await render_metrics(request.app.state.emo)
+    return Response(data, media_type=ctype)

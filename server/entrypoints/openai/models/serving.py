@@ -1,0 +1,45 @@
+"""GET /v1/models, /v1/profiles, /health, /metrics: what the server hosts and how it is doing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ....memory import process_rss_bytes
+from .... import metrics as M
+
+
+def list_models(state) -> dict:
+    reg = state.registry
+    created = int(state.started_wall)
+    data = [{"id": reg.base_name, "object": "model", "created": created, "owned_by": "emo-serve",
+             "profile": "full", "max_model_len": state.engine.max_model_len}]
+    for name in [*reg.names(), *(["auto"] if reg.has_auto() else [])]:
+        data.append({"id": f"{reg.base_name}:{name}", "object": "model", "created": created, "owned_by": "emo-serve",
+                     "root": reg.base_name, "parent": reg.base_name, "profile": name,
+                     "max_model_len": state.engine.max_model_len})
+    return {"object": "list", "data": data}
+
+
+async def list_profiles(state) -> dict:
+    # mincore over every expert page: cheap, but off the event loop all the same
+    return await asyncio.to_thread(state.registry.describe)
+
+
+def health(state) -> dict:
+    eng = state.engine
+    alive = eng.thread.is_alive()
+    return {"status": "ok" if alive else "engine stopped", "model": state.registry.base_name,
+            "profiles": state.registry.names(), "uptime_s": round(time.monotonic() - state.started, 3),
+            "running": len(eng.running), "waiting": len(eng.waiting)}
+
+
+async def render_metrics(state) -> tuple[bytes, str]:
+    def update() -> None:
+        for name in [*state.registry.names(), "full"]:
+            b = state.registry.resident_expert_bytes(name)
+            if b is not None:
+                M.PROFILE_RESIDENT.labels(name).set(b)
+        M.PROCESS_RSS.set(process_rss_bytes())
+    await asyncio.to_thread(update)
+    return M.render()

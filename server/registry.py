@@ -1,0 +1,293 @@
+"""The profiles this server hosts, and the model whose loaded experts they share.
+
+A profile is a *name* (never a path a client can give) bound to a pool of
+original expert ids per layer, resolved once to slot masks. Sources:
+
+- a profile folder written by `emo-subset` (a standalone checkpoint plus
+  `profile.json`, read with `modeling.ProfileManifest`): its experts are mapped
+  from its own shards; an expert that several profiles of the same base keep
+  (same layer and original id) exists once (`Model.add_experts_from`);
+- `name=experts.json` over a full `--model`: `{layer: [original ids]}`; only
+  those experts are ever touched.
+
+Two names are reserved: `full` (every loaded expert) and `auto` (the profile
+whose centroid fingerprint is nearest to the prompt's routing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import modeling
+from modeling import Model, ProfileManifest, ResolvedPool, load_model
+
+from .config import ServerConfig
+from .errors import bad_request, not_found
+from .memory import resident_bytes
+
+log = logging.getLogger("emo_serve.registry")
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+FULL, AUTO = "full", "auto"
+RESERVED = {FULL, AUTO}
+BUNDLED = Path(modeling.__file__).resolve().parent / "bundled" / "emo-demo"
+
+
+class StartupError(RuntimeError):
+    """A configuration the server cannot start with (the message says why)."""
+
+
+def valid_name(name: str) -> bool:
+    return isinstance(name, str) and bool(NAME_RE.match(name))
+
+
+@dataclass
+class Profile:
+    name: str
+    kind: str  # "folder", "experts-file" or "full"
+    pool: dict[int, list[int]] | None  # original ids per MoE layer; None: every loaded expert
+    resolved: ResolvedPool | None
+    manifest: ProfileManifest | None = None
+    source: str = ""  # folder or file name (not shown to clients as a path)
+    centroid: torch.Tensor | None = field(default=None, repr=False)  # over loaded experts, all layers
+
+
+def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Path]]]:
+    folders: list[Path] = []
+    lists: list[tuple[str, Path]] = []
+    for spec in cfg.profiles:
+        p = Path(spec).expanduser()
+        if not p.is_dir() and "=" in spec:
+            name, f = spec.split("=", 1)
+            lists.append((name, Path(f).expanduser()))
+            continue
+        if not (p / "profile.json").is_file():
+            raise StartupError(f"--profile {spec}: not a profile folder (no profile.json); "
+                               "use NAME=experts.json for a list of expert ids")
+        folders.append(p)
+    for d in cfg.profiles_dirs:
+        root = Path(d).expanduser()
+        if not root.is_dir():
+            raise StartupError(f"--profiles-dir {d}: not a folder")
+        found = sorted(s for s in root.iterdir() if (s / "profile.json").is_file())
+        if not found:
+            log.warning("--profiles-dir %s: no profile folders in it", d)
+        folders += found
+    return folders, lists
+
+
+def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str) -> Model:
+    """The model that serves `folders`' experts (and the base's, when given).
+
+    This is the one place that decides where experts come from, so a loader
+    that maps profile shards first and lets the base fill the rest replaces
+    only this function's body.
+    """
+    if base is None:
+        if not folders:
+            raise StartupError("no --model and no --profile to serve")
+        model = load_model(folders[0], dtype=dtype, device=device)
+        rest = folders[1:]
+    else:
+        model = load_model(base, dtype=dtype, device=device)
+        rest = folders
+    for f in rest:
+        model.add_experts_from(f)
+    return model
+
+
+class Registry:
+    def __init__(self, model: Model, base_name: str, profiles: list[Profile]):
+        self.model, self.base_name = model, base_name
+        self.profiles: dict[str, Profile] = {}
+        for p in profiles:
+            if p.name in self.profiles:
+                raise StartupError(f"two profiles are named {p.name!r}")
+            self.profiles[p.name] = p
+        self.full = Profile(FULL, "full", None, None)
+        self.moe_layers = [i for i in range(model.config.num_layers) if not model.config.is_dense(i)]
+        for p in profiles:
+            p.centroid = self._centroid_over_loaded(p)
+
+    # -- building ----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: ServerConfig) -> "Registry":
+        folders, lists = _profile_folders(cfg)
+        base = cfg.model
+        if base is None and not folders and not lists:
+            if not (BUNDLED / "config.json").is_file():
+                raise StartupError(f"no --model given and the bundled demo model is missing ({BUNDLED}); "
+                                   "pass --model PATH or --profile DIR")
+            base = str(BUNDLED)
+            pdir = BUNDLED / "profiles"
+            if pdir.is_dir():
+                folders = sorted(s for s in pdir.iterdir() if (s / "profile.json").is_file())
+        if lists and base is None:
+            raise StartupError("a profile given as a list of expert ids needs a full --model")
+        try:
+            model = build_model(base, folders, cfg.dtype, cfg.device)
+        except StartupError:
+            raise
+        except (modeling.ModelNotFound, modeling.ConfigError, modeling.CheckpointError, modeling.PoolError,
+                modeling.ProfileError, OSError, ValueError, RuntimeError) as e:
+            raise StartupError(f"cannot load the model: {e}") from None
+        profiles: list[Profile] = []
+        for f in folders:
+            m = ProfileManifest.read(f)
+            if not valid_name(m.name) or m.name in RESERVED:
+                raise StartupError(f"{f}: profile name {m.name!r} is not a valid name "
+                                   f"({NAME_RE.pattern}, not {sorted(RESERVED)})")
+            profiles.append(cls._make(model, m.name, "folder", m.pool(), m, f.name))
+        for name, path in lists:
+            if not valid_name(name) or name in RESERVED:
+                raise StartupError(f"--profile {name}=...: {name!r} is not a valid profile name")
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+                pool = {int(k): sorted({int(x) for x in v}) for k, v in d.items()}
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                raise StartupError(f"{path}: expected a JSON object {{layer: [expert ids]}} ({e})") from None
+            profiles.append(cls._make(model, name, "experts-file", pool, None, path.name))
+        if base is None:
+            base_name = cfg.served_model_name or ProfileManifest.read(folders[0]).base.get("name") or model.name
+        else:
+            base_name = cfg.served_model_name or Path(str(base)).name
+        if not valid_name(base_name):
+            base_name = re.sub(r"[^A-Za-z0-9._-]", "-", base_name).strip("-._")[:64] or "model"
+        return cls(model, base_name, profiles)
+
+    @staticmethod
+    def _make(model: Model, name: str, kind: str, pool: dict[int, list[int]], manifest: ProfileManifest | None,
+              source: str) -> Profile:
+        cfg = model.config
+        for layer in pool:
+            if not 0 <= layer < cfg.num_layers or cfg.is_dense(layer):
+                raise StartupError(f"profile {name!r}: layer {layer} is not a MoE layer of the model")
+        try:
+            resolved = model.resolve_pool(pool)
+        except modeling.PoolError as e:
+            raise StartupError(f"profile {name!r}: {e}") from None
+        return Profile(name, kind, pool, resolved, manifest, source)
+
+    # -- lookup ------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.profiles)
+
+    def select(self, model_field: str | None, profile_field: str | None) -> str:
+        """The profile name a request asks for (`full`, `auto` or a hosted one)."""
+        from_model = None
+        if model_field is not None and model_field != "":
+            base, sep, suffix = model_field.partition(":")
+            if base != self.base_name:
+                raise not_found(f"model {model_field!r} does not exist; this server serves {self.base_name!r} "
+                                f"(as '{self.base_name}' or '{self.base_name}:<profile>')", "model", "model_not_found")
+            if sep:
+                from_model = self._check(suffix, "model")
+        from_profile = self._check(profile_field, "profile") if profile_field is not None else None
+        if from_model and from_profile and from_model != from_profile:
+            raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile")
+        return from_profile or from_model or FULL
+
+    def _check(self, name: str, param: str) -> str:
+        if not valid_name(name):
+            raise bad_request(f"{param}: {name[:80]!r} is not a profile name (letters, digits, '.', '_', '-'; "
+                              "at most 64)", param, "invalid_profile_name")
+        if name in RESERVED or name in self.profiles:
+            return name
+        raise not_found(f"profile {name!r} does not exist; available: "
+                        f"{', '.join(sorted(self.profiles) + sorted(RESERVED))}", param, "profile_not_found")
+
+    def get(self, name: str) -> Profile:
+        return self.full if name == FULL else self.profiles[name]
+
+    # -- automatic choice ----------------------------------------------------------
+    def _centroid_over_loaded(self, p: Profile) -> torch.Tensor | None:
+        c = p.manifest.centroid if p.manifest is not None else None
+        if not c:
+            return None
+        parts = []
+        for i in self.moe_layers:
+            row = c[i] if i < len(c) else []
+            ids = self.model.expert_ids(i)
+            parts.append(torch.tensor([float(row[e]) if e < len(row) else 0.0 for e in ids]))
+        v = torch.cat(parts)
+        return v / v.norm().clamp_min(1e-12)
+
+    def has_auto(self) -> bool:
+        return any(p.centroid is not None for p in self.profiles.values())
+
+    def choose_auto(self, token_ids: list[int]) -> str:
+        """Nearest centroid (cosine) to the prompt's mean routing softmax, over the
+        loaded experts; `full` when no hosted profile has a centroid. Runs a
+        forward, so only the engine thread calls it."""
+        cands = [p for p in self.profiles.values() if p.centroid is not None]
+        if not cands:
+            return FULL
+        probs = self.model.router_probs(token_ids)
+        v = torch.cat([probs[i].float().mean(0).cpu() for i in self.moe_layers])
+        v = v / v.norm().clamp_min(1e-12)
+        best = max(cands, key=lambda p: float(v @ p.centroid))
+        return best.name
+
+    # -- reporting -----------------------------------------------------------------
+    def _expert_tensors(self, pool: dict[int, list[int]] | None) -> tuple[list[torch.Tensor], dict[int, int], int]:
+        tensors, per_layer, nbytes = [], {}, 0
+        for i in self.moe_layers:
+            le = self.model.layer_experts(i)
+            ids = le.ids if pool is None or pool.get(i) is None else pool[i]
+            per_layer[i] = len(ids)
+            for e in ids:
+                ex = le.experts[le.slot_of(e)]
+                tensors += ex.tensors()
+                nbytes += ex.nbytes()
+        return tensors, per_layer, nbytes
+
+    def describe(self, with_residency: bool = True) -> dict:
+        m = self.model
+        non_expert = m.non_expert_bytes()
+        data = []
+        for p in [*self.profiles.values(), self.full]:
+            tensors, per_layer, nbytes = self._expert_tensors(p.pool)
+            res = resident_bytes(tensors) if with_residency else None
+            cov = p.manifest.coverage if p.manifest else {}
+            entry = {
+                "name": p.name,
+                "id": p.name if p.name == FULL else f"{self.base_name}:{p.name}",
+                "kind": p.kind,
+                "experts_per_layer": {str(k): v for k, v in per_layer.items()},
+                "experts_total": sum(per_layer.values()),
+                "bytes": {"experts": nbytes, "non_expert": non_expert, "total": nbytes + non_expert},
+                "coverage": {str(k): v for k, v in sorted(cov.items())} or None,
+                "mean_coverage": (sum(cov.values()) / len(cov)) if cov else None,
+                "resident": None if res is None else res[0] >= res[1],
+                "resident_bytes": None if res is None else res[0],
+                "has_centroid": p.centroid is not None,
+            }
+            if p.manifest is not None:
+                entry["selection"] = p.manifest.selection
+                entry["manifest_bytes"] = p.manifest.bytes
+                entry["base"] = p.manifest.base
+            data.append(entry)
+        union_tensors, _, union_bytes = self._expert_tensors(
+            None if not self.profiles else self._union_pool())
+        return {"object": "list", "base": self.base_name, "non_expert_bytes": non_expert,
+                "profiles_union_expert_bytes": union_bytes,
+                "loaded_expert_bytes": self._expert_tensors(None)[2], "data": data}
+
+    def _union_pool(self) -> dict[int, list[int]]:
+        union: dict[int, set[int]] = {}
+        for p in self.profiles.values():
+            for i in self.moe_layers:
+                ids = self.model.expert_ids(i) if p.pool is None or p.pool.get(i) is None else p.pool[i]
+                union.setdefault(i, set()).update(ids)
+        return {i: sorted(s) for i, s in union.items()}
+
+    def resident_expert_bytes(self, name: str) -> int | None:
+        p = self.get(name)
+        res = resident_bytes(self._expert_tensors(p.pool)[0])
+        return None if res is None else res[0]
