@@ -422,14 +422,12 @@ def test_disconnect_cancels(servers):
 
 
 def test_startup_errors(ckpt, tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "server.cli", "--port", str(_free_port()), *args], cwd=ROOT,
-                              env=_env(), capture_output=True, text=True, timeout=60)
-
-    r = run("--model", str(tmp_path / "missing"))
-    assert r.returncode != 0 and "missing" in r.stderr
-    r = run("--profile", str(tmp_path))
-    assert r.returncode != 0 and "profile.json" in r.stderr
     (tmp_path / "bad.json").write_text(json.dumps({"0": [99]}))
-    r = run("--model", str(ckpt["base"]), "--profile", f"bad={tmp_path / 'bad.json'}")
-    assert r.returncode != 0 and "99" in r.stderr
+    cases = [(["--model", str(tmp_path / "missing")], "missing"), (["--profile", str(tmp_path)], "profile.json"),
+             (["--model", str(ckpt["base"]), "--profile", f"bad={tmp_path / 'bad.json'}"], "99")]
+    procs = [subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(_free_port()), *args], cwd=ROOT,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for args, _ in cases]
+    for p, (_, word) in zip(procs, cases):
+        _, err = p.communicate(timeout=60)
+        assert p.returncode != 0 and word in err, err
