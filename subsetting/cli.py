@@ -14,7 +14,7 @@ import numpy as np
 from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
 from modeling.tokenizer import TokenizerError
 
-from .corpus import read_corpus, tokenize
+from .corpus import read_corpus, sample, tokenize
 from .discover import DomainDiscovery, summary_markdown
 from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
@@ -61,7 +61,7 @@ def cmd_fingerprint(args) -> int:
         out = out.with_name(out.name + ".npz")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
-    docs = read_corpus(args.corpus, args.domain)
+    docs = sample(read_corpus(args.corpus, args.domain), args.max_docs)
     model = _load(args, args.model)
     t0 = time.time()
     fper = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs)
@@ -109,10 +109,10 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
     if args.corpus and args.fingerprints:
         raise SubsetError("give either --corpus or --fingerprints, not both")
     if args.corpus:
-        docs = read_corpus(args.corpus, args.domain)
+        docs = sample(read_corpus(args.corpus, args.domain), args.max_docs)
         docs, toks = tokenize(docs, model.tokenizer, args.max_tokens)
         fp = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs, toks).fingerprints_
-        return fp, toks, {"corpus": [str(c) for c in args.corpus], "domain": args.domain}
+        return fp, toks, {"corpus": [str(c) for c in args.corpus], "domain": args.domain, "max_docs": args.max_docs}
     if args.fingerprints:
         fp = Fingerprints.load(args.fingerprints)
         want = model.identity.get("id")
@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_opts(p):
         p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (truncated)")
         p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens run together per layer step")
+        p.add_argument("--max-docs", type=int, default=None, help="at most this many calibration documents "
+                       "(evenly spaced per domain)")
 
     p = sub.add_parser("fingerprint", parents=[common], help="per-document routing fingerprints")
     p.add_argument("model", help="checkpoint folder or Hugging Face repo id")
@@ -354,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ERRORS = (SubsetError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
-          PoolError, TokenizerError, FileNotFoundError, PermissionError, ValueError)
+          PoolError, TokenizerError, OSError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

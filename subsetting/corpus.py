@@ -95,3 +95,18 @@ def tokenize(docs: list[Document], tokenizer, max_tokens: int) -> tuple[list[Doc
     if not kept:
         raise SubsetError("no document of the corpus encodes to any token")
     return [d for d, _ in kept], [t for _, t in kept]
+
+
+def sample(docs: list[Document], max_docs: int | None) -> list[Document]:
+    """At most `max_docs` documents, evenly spaced (deterministic), per domain label."""
+    if not max_docs or len(docs) <= max_docs:
+        return docs
+    by: dict[str | None, list[Document]] = {}
+    for d in docs:
+        by.setdefault(d.domain, []).append(d)
+    out = []
+    for group in by.values():
+        n = max(1, round(max_docs * len(group) / len(docs)))
+        step = len(group) / n
+        out.extend(group[int(i * step)] for i in range(n))
+    return out
