@@ -11,7 +11,7 @@
 4. RSS of the server while serving both profiles, next to the ideal
    (non-expert weights + the union of the two profiles' experts).
 
-    python benchmarks/bench_serve.py --workdir /tmp/emo-bench [--device cuda]
+    python benchmarks/bench_serve.py --workdir /tmp/emo-serve-bench [--device cuda]
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def stream_one(url: str, profile: str, prompt: list[int], max_tokens: int) -> tu
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", default="/tmp/emo-bench")
+    ap.add_argument("--workdir", default="/tmp/emo-serve-bench")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--keep", type=int, default=32, help="experts per layer in each profile (shared included)")
     ap.add_argument("--overlap", type=int, default=16, help="routed experts the two profiles share per layer")

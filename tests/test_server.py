@@ -431,3 +431,23 @@ def test_startup_errors(ckpt, tmp_path):
     for p, (_, word) in zip(procs, cases):
         _, err = p.communicate(timeout=60)
         assert p.returncode != 0 and word in err, err
+
+
+def test_shared_experts_exist_once(ckpt):
+    """Two profiles of one base: an expert both keep is mapped once (from the first
+    profile's shard), each profile's own experts come from its own shard."""
+    from modeling import ProfileManifest
+    from server.config import ServerConfig
+    from server.registry import Registry
+
+    reg = Registry.from_config(ServerConfig(profiles=[str(ckpt["code"]), str(ckpt["prose"])]))
+    pools = {n: ProfileManifest.read(ckpt[n]).pool() for n in ("code", "prose")}
+    d = reg.describe(with_residency=False)
+    union = sum(len(set(pools["code"][i]) | set(pools["prose"][i])) for i in range(3))
+    assert d["loaded_expert_bytes"] == d["profiles_union_expert_bytes"] == union * 3 * 16 * 32 * 4
+    for i in range(3):
+        le = reg.model.layer_experts(i)
+        assert le.ids == sorted(set(pools["code"][i]) | set(pools["prose"][i]))
+        for e in le.ids:
+            src = Path(le.sources[le.slot_of(e)]).name
+            assert src == ("code" if e in pools["code"][i] else "prose")
