@@ -1,0 +1,267 @@
+"""Model-core benchmark (issue 2): memory and speed on an EMO-shaped checkpoint.
+
+Writes (once, into --dir) a 4-layer EMO-shaped checkpoint with random bf16
+weights (hidden 2048, 16 heads, 128 experts of intermediate 1024 with 1
+shared, top-8, vocab 100352) and its OLMoE twin (same tensors, OLMoE names,
+q/k norms, no shared expert), then measures in one run, each part in a fresh
+subprocess so resident memory is clean:
+
+  a) RSS after `load_model`, above the bare interpreter with torch imported
+  b) RSS after a forward restricted to a 32-expert pool, against the bytes of
+     base weights + pool experts
+  c) single-sequence prefill and decode tokens/s (bf16, --threads threads) for
+     emo-serve on both checkpoints and for transformers' OLMoE on the OLMoE
+     one, next to the memory-bandwidth floor (bytes read per decoded token /
+     copy bandwidth measured here)
+
+Usage: python benchmarks/bench_model.py --dir /tmp/emo-bench [--threads 2]
+Prints a table; --json FILE also writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, head_dim=128, intermediate_size=1024,
+             num_experts=128, num_experts_per_tok=8, vocab_size=100352, num_hidden_layers=4,
+             max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+             eos_token_id=100257, pad_token_id=100277)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+# -- checkpoint writing ----------------------------------------------------------
+
+def write_checkpoints(root: Path) -> tuple[Path, Path]:
+    import torch
+
+    from modeling.safetensors_io import write_checkpoint
+
+    emo, olmoe = root / "emo-4l", root / "olmoe-4l"
+    cfg_emo = {"model_type": "emo", "architectures": ["EmoForCausalLM"], "num_shared_experts": 1,
+               "norm_topk_prob": False, "torch_dtype": "bfloat16", **SHAPE}
+    cfg_olmoe = {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "norm_topk_prob": False,
+                 "clip_qkv": None, "torch_dtype": "bfloat16", "attention_bias": False, **SHAPE}
+    H, I, E, V, L = 2048, 1024, 128, 100352, 4
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+    def tensors(olmoe_names: bool):
+        g.manual_seed(0)  # both twins get the same numbers
+        an, mn = ("input_layernorm", "post_attention_layernorm") if olmoe_names else ("pre_attention_layernorm", "pre_feedforward_layernorm")
+        yield "model.embed_tokens.weight", rnd(V, H, scale=1.0)
+        for i in range(L):
+            p = f"model.layers.{i}"
+            yield f"{p}.{an}.weight", torch.ones(H, dtype=torch.bfloat16)
+            for n in "qkvo":
+                yield f"{p}.self_attn.{n}_proj.weight", rnd(H, H)
+            if olmoe_names:
+                yield f"{p}.self_attn.q_norm.weight", torch.ones(H, dtype=torch.bfloat16)
+                yield f"{p}.self_attn.k_norm.weight", torch.ones(H, dtype=torch.bfloat16)
+            yield f"{p}.{mn}.weight", torch.ones(H, dtype=torch.bfloat16)
+            yield f"{p}.mlp.gate.weight", rnd(E, H, scale=0.5)
+            for j in range(E):
+                yield f"{p}.mlp.experts.{j}.gate_proj.weight", rnd(I, H)
+                yield f"{p}.mlp.experts.{j}.up_proj.weight", rnd(I, H)
+                yield f"{p}.mlp.experts.{j}.down_proj.weight", rnd(H, I)
+        yield "model.norm.weight", torch.ones(H, dtype=torch.bfloat16)
+        yield "lm_head.weight", rnd(V, H)
+
+    for folder, cfg, ol in ((emo, cfg_emo, False), (olmoe, cfg_olmoe, True)):
+        if (folder / "config.json").is_file():
+            continue
+        t0 = time.time()
+        write_checkpoint(folder, cfg, tensors(ol), max_shard_bytes=2 * 1024**3)
+        print(f"wrote {folder} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return emo, olmoe
+
+
+# -- measurements, each run in a fresh interpreter ---------------------------------
+
+def child_memory(path: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    bare = rss_bytes()
+    from modeling import load_model
+
+    t0 = time.perf_counter()
+    m = load_model(path)
+    load_s = time.perf_counter() - t0
+    after_load = rss_bytes()
+    pool = {i: list(range(96, 128)) for i in range(m.config.num_layers)}  # 31 routed + the shared one
+    ids = list(range(1000, 1000 + 256))
+    m.logits(ids, pool=pool)
+    after_fwd = rss_bytes()
+    pool_bytes = sum(m.expert_bytes(i, e) for i, ids_ in pool.items() for e in ids_)
+    ideal = m.non_expert_bytes() + pool_bytes
+    return {"bare_rss": bare, "load_s": load_s, "rss_after_load": after_load, "rss_after_pool_forward": after_fwd,
+            "base_plus_pool_bytes": ideal, "file_bytes": m.files.total_bytes()}
+
+
+def _time_decode(step, prefill, n_prompt: int, n_decode: int) -> tuple[float, float]:
+    t0 = time.perf_counter()
+    prefill()
+    t1 = time.perf_counter()
+    for _ in range(n_decode):
+        step()
+    t2 = time.perf_counter()
+    return n_prompt / (t1 - t0), n_decode / (t2 - t1)
+
+
+def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from modeling import Batch, load_model
+
+    m = load_model(path)
+    ids = list(range(1000, 1000 + n_prompt))
+    # warm-up: touch every page once so both contenders start from the page cache
+    m.logits(ids[:64])
+    cache = m.new_cache(1, n_prompt + n_decode + 8)
+    state = {"tok": 5}
+
+    def prefill():
+        out = m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache)
+        state["tok"] = int(out.logits[0].argmax())
+
+    def step():
+        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
+        state["tok"] = int(out.logits[0].argmax())
+
+    pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    return {"prefill_tok_s": pf, "decode_tok_s": dc}
+
+
+def child_speed_hf(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    import transformers
+
+    t0 = time.perf_counter()
+    m = transformers.OlmoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    load_s = time.perf_counter() - t0
+    ids = torch.arange(1000, 1000 + n_prompt)[None]
+    with torch.no_grad():
+        m(ids[:, :64])
+        state = {}
+
+        def prefill():
+            out = m(ids, use_cache=True)
+            state["pkv"], state["tok"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+        def step():
+            out = m(state["tok"], past_key_values=state["pkv"], use_cache=True)
+            state["pkv"], state["tok"] = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+
+        pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    return {"prefill_tok_s": pf, "decode_tok_s": dc, "load_s": load_s, "rss": rss_bytes()}
+
+
+def child_bandwidth(threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(512 * 1024**2, dtype=torch.uint8)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        b.copy_(a)
+        best = min(best, time.perf_counter() - t0)
+    return {"copy_GBps": a.numel() / best / 1e9}
+
+
+def run_child(kind: str, *args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bytes_per_decoded_token() -> int:
+    H, I, V, L, k = 2048, 1024, 100352, 4, 8
+    attn = 4 * H * H * 2
+    experts = k * 3 * H * I * 2
+    router = 128 * H * 2
+    return L * (attn + experts + router) + V * H * 2 + H * 2  # + lm_head + one embedding row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/emo-bench", help="where the checkpoints are written (~15 GB)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--skip-hf", action="store_true", help="do not run transformers (needs ~2x the file in RAM)")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        kind, *rest = a.child
+        fn = {"memory": child_memory, "ours": child_speed_ours, "hf": child_speed_hf, "bw": child_bandwidth}[kind]
+        conv = [int(x) if x.isdigit() else x for x in rest]
+        print(json.dumps(fn(*conv)))
+        return
+
+    emo, olmoe = write_checkpoints(Path(a.dir))
+    res: dict = {"threads": a.threads}
+    res["bandwidth"] = run_child("bw", a.threads)
+    res["memory"] = run_child("memory", emo, a.threads)
+    res["ours_emo"] = run_child("ours", emo, a.threads, a.prompt, a.decode)
+    res["ours_olmoe"] = run_child("ours", olmoe, a.threads, a.prompt, a.decode)
+    if not a.skip_hf:
+        res["hf_olmoe"] = run_child("hf", olmoe, a.threads, a.prompt, a.decode)
+    bpt = bytes_per_decoded_token()
+    floor = res["bandwidth"]["copy_GBps"] * 1e9 / bpt
+    res["floor_decode_tok_s"] = floor
+    res["bytes_per_decoded_token"] = bpt
+
+    GiB, MiB = 1024**3, 1024**2
+    m = res["memory"]
+    print(f"\n== emo-serve model core, EMO-shaped 4-layer bf16 checkpoint ({m['file_bytes'] / GiB:.2f} GiB), {a.threads} threads ==")
+    print(f"copy bandwidth                 {res['bandwidth']['copy_GBps']:.1f} GB/s")
+    print(f"(a) load_model                 {m['load_s'] * 1000:.0f} ms, RSS +{(m['rss_after_load'] - m['bare_rss']) / MiB:.0f} MiB "
+          f"above bare torch ({m['bare_rss'] / MiB:.0f} MiB)   target < 100 MiB")
+    ratio = m["rss_after_pool_forward"] / m["base_plus_pool_bytes"]
+    print(f"(b) after 32-expert pool fwd   RSS {m['rss_after_pool_forward'] / GiB:.2f} GiB vs base+pool "
+          f"{m['base_plus_pool_bytes'] / GiB:.2f} GiB = {ratio:.2f}x   target <= 1.15x")
+    print(f"(c) decode floor               {floor:.1f} tok/s ({bpt / MiB:.0f} MiB read per token)")
+    rows = [("emo-serve, EMO ckpt", res["ours_emo"]), ("emo-serve, OLMoE ckpt", res["ours_olmoe"])]
+    if "hf_olmoe" in res:
+        rows.append(("transformers, OLMoE ckpt", res["hf_olmoe"]))
+    for name, r in rows:
+        extra = f"  (load {r['load_s']:.1f} s, RSS {r['rss'] / GiB:.1f} GiB)" if "load_s" in r else ""
+        print(f"    {name:26s} prefill {r['prefill_tok_s']:7.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
+              f"= {r['decode_tok_s'] / floor:.0%} of floor{extra}")
+    if "hf_olmoe" in res:
+        hf = res["hf_olmoe"]
+        print(f"    speed-up vs transformers (OLMoE ckpt): decode {res['ours_olmoe']['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
+              f"prefill {res['ours_olmoe']['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x   target >= 2.5x, within 2x of floor")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
