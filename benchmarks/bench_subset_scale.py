@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -101,16 +101,19 @@ def read_time(folder: Path, names: list[str]) -> tuple[float, int]:
 
 
 def run_child(cmd: list[str]) -> tuple[float, float, dict]:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    if p.returncode:
-        sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if peak_kib <= before:
-        print("warning: an earlier child had a higher peak RSS; this figure is an upper bound", file=sys.stderr)
-    return wall, peak_kib / 1024**2, json.loads(p.stdout)
+    """Wall seconds, the child's own peak RSS in GiB (wait4's ru_maxrss = VmHWM), its JSON summary."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.time()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        wall = time.time() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if p.returncode:
+            sys.exit(f"failed ({p.returncode}): {' '.join(cmd)}\n{err.read()[-3000:]}")
+        return wall, usage.ru_maxrss / 1024**2, json.loads(out.read())
 
 
 def main() -> None:
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=32)
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--docs", type=int, default=8)
+    ap.add_argument("--cleanup", action="store_true", help="remove the checkpoint and profiles at the end")
     a = ap.parse_args()
     folder = Path(a.folder)
     src, corpus = folder / "emo-random-28gb", folder / "calib.jsonl"
@@ -140,6 +144,7 @@ def main() -> None:
                                        str(a.keep), "--max-tokens", "128", "--force", "--json", "--quiet"])
     kept = json.loads((out1 / "profile.json").read_text())["kept_experts"]
     (folder / "experts.json").write_text(json.dumps(kept))
+    shutil.rmtree(out1)  # disk: the second build writes the same bytes again
     drop_cache(src)
     wall2, rss2, s2 = run_child(exe + ["build", str(src), "--out", str(out2), "--experts-file",
                                        str(folder / "experts.json"), "--force", "--json", "--quiet"])
@@ -161,6 +166,9 @@ def main() -> None:
         "coverage_mean": sum(s1["coverage"].values()) / len(s1["coverage"]),
     }
     print(json.dumps(res, indent=1))
+    if a.cleanup:
+        for p in (src, out2, corpus, folder / "experts.json"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

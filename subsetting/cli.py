@@ -110,7 +110,7 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
         raise SubsetError("give either --corpus or --fingerprints, not both")
     if args.corpus:
         docs = sample(read_corpus(args.corpus, args.domain), args.max_docs)
-        docs, toks = tokenize(docs, model.tokenizer, args.max_tokens)
+        docs, toks = tokenize(docs, model.tokenizer, min(args.max_tokens, model.config.max_position_embeddings))
         fp = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs, toks).fingerprints_
         return fp, toks, {"corpus": [str(c) for c in args.corpus], "domain": args.domain, "max_docs": args.max_docs}
     if args.fingerprints:
@@ -146,7 +146,8 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
         fp = fp.subset(idx)
         toks = None
         if args.method in ("layerwise", "output-aware"):
-            toks = [model.tokenizer.encode(t)[: args.max_tokens] for t in fp.texts]
+            limit = min(args.max_tokens, model.config.max_position_embeddings)
+            toks = [model.tokenizer.encode(t)[:limit] for t in fp.texts]
         return fp, toks, source
     return None, None, {}
 
@@ -232,7 +233,7 @@ def cmd_eval(args) -> int:
         by_dom.setdefault(d.domain or "all", []).append(d)
     toks_by_dom = {}
     for dom, ds in sorted(by_dom.items()):
-        _, toks = tokenize(ds, full.tokenizer, args.max_tokens)
+        _, toks = tokenize(ds, full.tokenizer, min(args.max_tokens, full.config.max_position_embeddings))
         toks_by_dom[dom] = toks
     profiles = []
     for p in args.profiles:

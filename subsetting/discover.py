@@ -8,9 +8,6 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.metrics import adjusted_rand_score, silhouette_score
-
 from .errors import SubsetError
 from .fingerprint import Fingerprints
 
@@ -58,12 +55,16 @@ class DomainDiscovery:
         self.k, self.n_components, self.seed, self.k_max = k, n_components, seed, k_max
 
     def _embed(self, fp: Fingerprints) -> np.ndarray:
+        from sklearn.decomposition import PCA
+
         x = fp.vectors().astype(np.float64)
         nc = max(1, min(self.n_components, x.shape[0] - 1, x.shape[1]))
         self.pca_ = PCA(n_components=nc, random_state=self.seed).fit(x)
         return _normalise(self.pca_.transform(x))
 
     def fit(self, fp: Fingerprints) -> "DomainDiscovery":
+        from sklearn.metrics import silhouette_score
+
         n = len(fp)
         z = self._embed(fp)
         self.embedding_ = z
@@ -114,6 +115,8 @@ class DomainDiscovery:
         out: dict[str, Any] = {"k": int(self.k_), "documents": len(fp), "silhouette": self.silhouettes_,
                                "labels": [int(x) for x in labels], "clusters": clusters}
         if all(fp.labels) and len(set(fp.labels)) > 1:
+            from sklearn.metrics import adjusted_rand_score
+
             out["adjusted_rand_index"] = float(adjusted_rand_score(fp.labels, labels))
         return out
 

@@ -263,7 +263,8 @@ class Fingerprinter:
         from .corpus import tokenize
 
         if token_lists is None:
-            documents, token_lists = tokenize(documents, self.model.tokenizer, self.max_tokens)
+            limit = min(self.max_tokens, self.model.config.max_position_embeddings)
+            documents, token_lists = tokenize(documents, self.model.tokenizer, limit)
         layout = Layout.of(self.model)
         if not layout.moe_layers:
             raise SubsetError(f"{self.model.path}: the model has no mixture-of-experts layer")

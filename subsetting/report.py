@@ -37,13 +37,14 @@ def evaluate_twin(path: Path, calib, held, keeps, calib_docs, max_tokens, seeds=
     model = load_model(path, dtype="float32")
     layout = Layout.of(model)
     domains = sorted({d.domain for d in held})
+    max_tokens = min(max_tokens, model.config.max_position_embeddings)
     res = {"path": str(path), "experts": layout.num_original, "top_k": layout.top_k,
            "shared": [len(s) for s in layout.shared], "domains": {}}
     for dom in domains:
         t0 = time.time()
         cdocs = sample([d for d in calib if d.domain == dom], calib_docs)
         cdocs, ctoks = tokenize(cdocs, model.tokenizer, max_tokens)
-        _, htoks = tokenize([d for d in held if d.domain == dom], model.tokenizer, 512)
+        _, htoks = tokenize([d for d in held if d.domain == dom], model.tokenizer, max_tokens)
         fp = Fingerprinter(model, max_tokens).fit(cdocs, ctoks).fingerprints_
         row = {"full": perplexity(model, htoks), "calib_docs": len(cdocs), "calib_tokens": int(fp.tokens.sum()),
                "heldout_docs": len(htoks), "heldout_tokens": sum(len(t) for t in htoks)}
