@@ -126,13 +126,13 @@ def _time_decode(step, prefill, n_prompt: int, n_decode: int) -> tuple[float, fl
     return n_prompt / (t1 - t0), n_decode / (t2 - t1)
 
 
-def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int, quantize: str = "none") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from modeling import Batch, load_model
 
-    m = load_model(path)
+    m = load_model(path, quantize=None if quantize == "none" else quantize)
     ids = list(range(1000, 1000 + n_prompt))
     # warm-up: touch every page once so both contenders start from the page cache
     m.logits(ids[:64])
@@ -231,6 +231,7 @@ def main() -> None:
     res["memory"] = run_child("memory", emo, a.threads)
     res["ours_emo"] = run_child("ours", emo, a.threads, a.prompt, a.decode)
     res["ours_olmoe"] = run_child("ours", olmoe, a.threads, a.prompt, a.decode)
+    res["ours_emo_int8"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "int8")
     if not a.skip_hf:
         res["hf_olmoe"] = run_child("hf", olmoe, a.threads, a.prompt, a.decode)
     bpt = bytes_per_decoded_token()
@@ -248,7 +249,8 @@ def main() -> None:
     print(f"(b) after 32-expert pool fwd   RSS {m['rss_after_pool_forward'] / GiB:.2f} GiB vs base+pool "
           f"{m['base_plus_pool_bytes'] / GiB:.2f} GiB = {ratio:.2f}x   target <= 1.15x")
     print(f"(c) decode floor               {floor:.1f} tok/s ({bpt / MiB:.0f} MiB read per token)")
-    rows = [("emo-serve, EMO ckpt", res["ours_emo"]), ("emo-serve, OLMoE ckpt", res["ours_olmoe"])]
+    rows = [("emo-serve, EMO ckpt", res["ours_emo"]), ("emo-serve, OLMoE ckpt", res["ours_olmoe"]),
+            ("emo-serve int8, EMO ckpt", res["ours_emo_int8"])]
     if "hf_olmoe" in res:
         rows.append(("transformers, OLMoE ckpt", res["hf_olmoe"]))
     for name, r in rows:

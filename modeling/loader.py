@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
+from .quant import Int8Cache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
@@ -63,16 +64,23 @@ class Model:
     """A loaded checkpoint: config, weight views, the forward pass, the tokenizer."""
 
     def __init__(self, path: Path, config: ModelConfig, files: CheckpointFiles, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, quantize: str | None = None):
         self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
         self.name = path.name
+        self.quantize = quantize
         self.weights = read_weights(path, files, config, dtype, device)
-        self.transformer = Transformer(config, self.weights, dtype, device)
+        self.sources: dict[str, CheckpointFiles] = {str(path): files}
+        self._mapped: list[tuple[int, int]] = []
+        self._note_mappings(files)
+        int8 = Int8Cache(dtype, self._mapped) if quantize == "int8" else None
+        self.transformer = Transformer(config, self.weights, dtype, device, int8)
         self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
                           if (path / "tokenizer.json").is_file() else None)
         self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
-        self.sources: dict[str, CheckpointFiles] = {str(path): files}
+
+    def _note_mappings(self, files: CheckpointFiles) -> None:
+        self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
 
     # -- experts ---------------------------------------------------------------
     def expert_ids(self, layer: int) -> list[int]:
@@ -96,8 +104,10 @@ class Model:
         cfg = load_config(folder)
         if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
             raise PoolError(f"{folder}: shape differs from {self.path}")
-        files = self.sources.get(str(folder)) or CheckpointFiles(folder)
-        self.sources[str(folder)] = files
+        files = self.sources.get(str(folder))
+        if files is None:
+            files = self.sources[str(folder)] = CheckpointFiles(folder)
+            self._note_mappings(files)
         reader = _Reader(files, self.dtype, self.device)
         orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
@@ -203,13 +213,20 @@ class Model:
         return Generation(out, text, finish, lps)
 
 
+QUANTIZE_CHOICES = (None, "int8")
+
+
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None) -> Model:
+               revision: str | None = None, quantize: str | None = None) -> Model:
     """Load a checkpoint for inference.
 
     dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
-    the weights (a copy). `path` may be a Hugging Face repo id.
+    the weights (a copy). `path` may be a Hugging Face repo id. `quantize="int8"`
+    makes weight-only int8 copies of the matrices (router excepted) as they are
+    first used: about half the bytes per decoded token, not bit-exact.
     """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
     folder = resolve_checkpoint(path, revision)
     cfg = load_config(folder)
     files = CheckpointFiles(folder)
@@ -220,7 +237,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     # torch_dtype is only a hint); keeping it is what makes loading zero-copy.
     stored = files.info(TensorNames.embed).dtype if TensorNames.embed in files else cfg.dtype
     dt = parse_dtype(dtype) or stored or torch.float32
-    return Model(folder, cfg, files, dt, dev)
+    if quantize == "int8" and dev.type != "cpu":
+        raise ValueError("quantize='int8' is implemented for the CPU only")
+    return Model(folder, cfg, files, dt, dev, quantize)
 
 
 def default_threads() -> None:

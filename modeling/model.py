@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin
+from .quant import Int8Cache
 from .routing import route
 from .weights import Expert, LayerExperts, LayerWeights, ModelWeights
 
@@ -95,8 +96,15 @@ class ForwardOutput:
 
 
 class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, device: torch.device,
+                 int8: Int8Cache | None = None):
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
+        self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
+
+    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.int8 is not None:
+            return self.int8.linear(x, w, bias)
+        return F.linear(x, w, bias)
 
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
@@ -158,7 +166,7 @@ class Transformer:
         else:
             x = x[logits_at.to(self.device)]
         x = rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
-        return ForwardOutput(F.linear(x, self.w.lm_head).float(), probs_out)
+        return ForwardOutput(self._linear(x, self.w.lm_head).float(), probs_out)
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -173,7 +181,7 @@ class Transformer:
                    cache: KVCache) -> Tensor:
         cfg = self.cfg
         T = h.shape[0]
-        q, k, v = F.linear(h, lw.q, lw.q_bias), F.linear(h, lw.k, lw.k_bias), F.linear(h, lw.v, lw.v_bias)
+        q, k, v = self._linear(h, lw.q, lw.q_bias), self._linear(h, lw.k, lw.k_bias), self._linear(h, lw.v, lw.v_bias)
         if lw.q_norm is not None:  # OLMoE: RMSNorm over the whole projection, before the head split
             q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
@@ -203,12 +211,21 @@ class Transformer:
                 qs, keys, vals, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
             off += n
         out = out.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
-        return F.linear(out, lw.o, lw.o_bias)
+        return self._linear(out, lw.o, lw.o_bias)
+
+    def _expert(self, e: Expert, x: Tensor) -> Tensor:
+        lin = self._linear
+        if e.gate_up is not None:  # gate and up stored back to back: one matrix, one pass
+            g, u = lin(x, e.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = lin(x, e.gate), lin(x, e.up)
+        return lin(F.silu(g) * u, e.down)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
         d = lw.dense
         gb, ub, db = lw.dense_bias or (None, None, None)
-        return F.linear(F.silu(F.linear(h, d.gate, gb)) * F.linear(h, d.up, ub), d.down, db)
+        lin = self._linear
+        return lin(F.silu(lin(h, d.gate, gb)) * lin(h, d.up, ub), d.down, db)
 
     def _moe(self, i: int, le: LayerExperts, h: Tensor, allowed: Tensor | None,
              collect: bool) -> tuple[Tensor, Tensor | None]:
@@ -232,16 +249,9 @@ class Transformer:
         for e, c in zip(ids.tolist(), counts.tolist()):
             idx = tok[off:off + c]
             xe = h[idx] if c != T else h
-            y = _expert_forward(le.experts[e], xe)
+            y = self._expert(le.experts[e], xe)
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
         return out.to(h.dtype), (r.probs if collect else None)
 
 
-def _expert_forward(e: Expert, x: Tensor) -> Tensor:
-    if e.gate_up is not None:
-        gu = F.linear(x, e.gate_up)
-        g, u = gu.chunk(2, dim=-1)
-    else:
-        g, u = F.linear(x, e.gate), F.linear(x, e.up)
-    return F.linear(F.silu(g) * u, e.down)

@@ -128,6 +128,12 @@ class MappedSafetensors:
             flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - start, offset=start)
             return flat.view(dtype).view(shape)
 
+    def address_range(self) -> tuple[int, int] | None:
+        """[start, end) of the mapping in this process's address space."""
+        if self._all is None:
+            return None
+        return self._all.data_ptr(), self._all.data_ptr() + self._all.numel()
+
     def adjacent_view(self, first: str, second: str) -> Tensor | None:
         """One view over two tensors stored back to back with the same dtype and
         trailing shape (e.g. an expert's gate and up projections), else None."""

@@ -229,6 +229,20 @@ def test_bf16_runs_close_to_float32(tmp_path):
     assert (la - lb).abs().max() < 0.25
 
 
+def test_int8_option_is_close_and_keeps_the_router(tmp_path):
+    write_checkpoint_dir(tmp_path, emo_config(), seed=13, dtype=torch.bfloat16, tokenizer=False)
+    exact, q8 = load_model(tmp_path), load_model(tmp_path, quantize="int8")
+    a, b = exact.logits(IDS, pool=POOL), q8.logits(IDS, pool=POOL)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    assert (a - b).abs().max() < 0.5
+    assert q8.transformer.int8.nbytes() > 0
+    # the router is never quantized: expert choice is the exact model's
+    assert all(q8.transformer.int8._w.get((lw.experts.router.data_ptr(), tuple(lw.experts.router.shape))) is None
+               for lw in q8.weights.layers)
+    with pytest.raises(ValueError, match="quantize"):
+        load_model(tmp_path, quantize="int4")
+
+
 # -- zero copy -----------------------------------------------------------------
 
 def test_weights_are_views_of_the_mapped_file(tmp_path):
