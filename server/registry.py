@@ -85,9 +85,10 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
 def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str) -> Model:
     """The model that serves `folders`' experts (and the base's, when given).
 
-    This is the one place that decides where experts come from, so a loader
-    that maps profile shards first and lets the base fill the rest replaces
-    only this function's body.
+    Each profile's experts come from its own shards: `add_experts_from` takes
+    over the experts a full base provides, and an expert kept by several
+    profiles is mapped once, from the first profile that holds it. The base
+    serves only the experts no profile keeps (used by profile "full").
     """
     if base is None:
         if not folders:
