@@ -214,12 +214,7 @@ class Transformer:
         return self._linear(out, lw.o, lw.o_bias)
 
     def _expert(self, e: Expert, x: Tensor) -> Tensor:
-        lin = self._linear
-        if e.gate_up is not None:  # gate and up stored back to back: one matrix, one pass
-            g, u = lin(x, e.gate_up).chunk(2, dim=-1)
-        else:
-            g, u = lin(x, e.gate), lin(x, e.up)
-        return lin(F.silu(g) * u, e.down)
+        return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
         d = lw.dense
@@ -255,3 +250,15 @@ class Transformer:
         return out.to(h.dtype), (r.probs if collect else None)
 
 
+
+
+def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
+    """One SwiGLU expert on `x` `[T, H]`: down(silu(gate(x)) * up(x))."""
+    if e.gate_up is not None:  # gate and up stored back to back: one matrix, one pass
+        g, u = linear(x, e.gate_up).chunk(2, dim=-1)
+    else:
+        g, u = linear(x, e.gate), linear(x, e.up)
+    return linear(F.silu(g) * u, e.down)
+
+
+_expert_forward = expert_forward  # the subset builder's name for it

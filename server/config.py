@@ -20,6 +20,7 @@ class ServerConfig:
     max_prefill_tokens: int = 2048  # prompt tokens admitted per engine step (at least one prompt)
     device: str = "cpu"
     dtype: str | None = None
+    quantize: str | None = None  # None (exact) or "int8" (weight-only, lazy)
     max_body_bytes: int = 1 << 20
     max_n: int = 16
     max_logprobs: int = 20

@@ -82,7 +82,8 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
     return folders, lists
 
 
-def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str) -> Model:
+def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str,
+                quantize: str | None = None) -> Model:
     """The model that serves `folders`' experts (and the base's, when given).
 
     Each profile's experts come from its own shards: `add_experts_from` takes
@@ -93,10 +94,10 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
     if base is None:
         if not folders:
             raise StartupError("no --model and no --profile to serve")
-        model = load_model(folders[0], dtype=dtype, device=device)
+        model = load_model(folders[0], dtype=dtype, device=device, quantize=quantize)
         rest = folders[1:]
     else:
-        model = load_model(base, dtype=dtype, device=device)
+        model = load_model(base, dtype=dtype, device=device, quantize=quantize)
         rest = folders
     for f in rest:
         model.add_experts_from(f)
@@ -132,7 +133,7 @@ class Registry:
         if lists and base is None:
             raise StartupError("a profile given as a list of expert ids needs a full --model")
         try:
-            model = build_model(base, folders, cfg.dtype, cfg.device)
+            model = build_model(base, folders, cfg.dtype, cfg.device, cfg.quantize)
         except StartupError:
             raise
         except (modeling.ModelNotFound, modeling.ConfigError, modeling.CheckpointError, modeling.PoolError,
