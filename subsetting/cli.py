@@ -293,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print a JSON summary to stdout")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
     common.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -363,6 +364,10 @@ ERRORS = (SubsetError, ConfigError, CheckpointError, ProfileError, ModelNotFound
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except ERRORS as e:

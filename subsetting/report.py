@@ -166,7 +166,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--keep", default="8,4", help="experts kept per layer, comma-separated levels")
     ap.add_argument("--build-bundled", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is much faster when other jobs share the cores)")
     a = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
     t0 = time.time()
     keeps = [int(k) for k in a.keep.split(",")]
     calib, held = read_corpus([a.calib]), read_corpus([a.heldout])

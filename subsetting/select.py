@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from modeling import Model
-from modeling.model import _expert_forward
 
 from .errors import SubsetError
 from .fingerprint import Fingerprints, LayerObserver, LayerPass, Layout, layer_route
@@ -154,7 +153,7 @@ class _OutputAwareObserver(LayerObserver):
         y, _ = m.transformer._moe(i, le, h, None, False)
         change = (y.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12))  # [T]
         for s, e in enumerate(le.experts):
-            out_norm = _expert_forward(e, h).float().norm(dim=-1)
+            out_norm = m.transformer._expert(e, h).float().norm(dim=-1)
             self.scores[i, le.ids[s]] += float((probs[:, s] * out_norm * change).sum())
 
 

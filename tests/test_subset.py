@@ -37,6 +37,15 @@ def _write_corpus(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models run fastest on one thread, above all on a shared, busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("subset")
@@ -363,7 +372,7 @@ def test_subprocess_build_from_a_hub_repo_id(env, tmp_path, monkeypatch, capsys)
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "subsetting.cli"]
     out = tmp_path / "hubprof"
     p = subprocess.run(cmd + ["build", "acme/tiny-emo", "--out", str(out), "--corpus", str(corpus), "--keep", "4",
-                              "--json", "--quiet"], capture_output=True, text=True, env=envv, cwd=tmp_path, timeout=120)
+                              "--threads", "1", "--json", "--quiet"], capture_output=True, text=True, env=envv, cwd=tmp_path, timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["profile"] == str(out)
     assert p.stderr == ""
