@@ -22,7 +22,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin
 from .quant import Int8Cache
-from .routing import route
+from .routing import Route, route
 from .weights import Expert, LayerExperts, LayerWeights, ModelWeights
 
 # A pool as users write it: {layer: [original expert ids]}; a missing layer or
@@ -133,28 +133,17 @@ class Transformer:
         logits_at: "last" (one row per sequence), "all" (one per token), or an
         index tensor of packed rows.
         """
-        cfg = self.cfg
         T = batch.tokens.numel()
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        cos, sin = rope_cos_sin(cfg.head_dim, positions, cfg.rope_theta)
-        x = F.embedding(batch.tokens.to(self.device), self.w.embed)
+        x, cos, sin = self.embed(batch)
         probs_out: list[Tensor | None] | None = [] if collect_router_probs else None
-        for i, lw in enumerate(self.w.layers):
-            x = x + self._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), cos, sin, batch, cache)
-            h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
-            if lw.experts is None:
-                x = x + self._dense(lw, h)
-                if probs_out is not None:
-                    probs_out.append(None)
-            else:
-                allowed = self._allowed(i, batch, T)
-                y, probs = self._moe(i, lw.experts, h, allowed, collect_router_probs)
-                x = x + y
-                if probs_out is not None:
-                    probs_out.append(probs)
+        for i in range(len(self.w.layers)):
+            x = self.attention_block(i, x, cos, sin, batch, cache)
+            x, probs = self.mlp_block(i, x, self._allowed(i, batch, T), collect_router_probs)
+            if probs_out is not None:
+                probs_out.append(probs)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -165,8 +154,40 @@ class Transformer:
                 raise ValueError(f"logits_at must be 'last', 'all' or an index tensor, not {logits_at!r}")
         else:
             x = x[logits_at.to(self.device)]
-        x = rms_norm(x, self.w.final_norm, cfg.rms_norm_eps)
-        return ForwardOutput(self._linear(x, self.w.lm_head).float(), probs_out)
+        return ForwardOutput(self.head(x), probs_out)
+
+    # -- the pieces of a forward pass, public so that a layer-at-a-time pass over
+    #    a checkpoint larger than memory (the subset builder) runs the same code --
+    def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        """Token embeddings of the packed batch and the RoPE tables of its positions."""
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
+        cos, sin = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
+
+    def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
+        """x + attention(RMSNorm(x)) for layer i; writes the batch's keys and values to `cache`."""
+        lw = self.w.layers[i]
+        return x + self._attention(i, lw, rms_norm(x, lw.attn_norm, self.cfg.rms_norm_eps), cos, sin, batch, cache)
+
+    def mlp_input(self, i: int, x: Tensor) -> Tensor:
+        """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
+        return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+
+    def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
+                  h: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """x + MoE(RMSNorm(x)) (or the dense MLP) for layer i, and the routing
+        softmax when `collect`. `allowed` `[T, S]` restricts routing; `h` is
+        `mlp_input(i, x)` when the caller already has it."""
+        lw = self.w.layers[i]
+        h = self.mlp_input(i, x) if h is None else h
+        if lw.experts is None:
+            return x + self._dense(lw, h), None
+        y, probs = self.moe(i, h, allowed, collect)
+        return x + y, probs
+
+    def head(self, x: Tensor) -> Tensor:
+        """float32 logits of the final hidden states."""
+        return self._linear(rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -213,7 +234,8 @@ class Transformer:
         out = out.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
         return self._linear(out, lw.o, lw.o_bias)
 
-    def _expert(self, e: Expert, x: Tensor) -> Tensor:
+    def expert(self, e: Expert, x: Tensor) -> Tensor:
+        """One expert on `x` `[T, H]` (int8 when the model is quantized)."""
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -222,12 +244,18 @@ class Transformer:
         lin = self._linear
         return lin(F.silu(lin(h, d.gate, gb)) * lin(h, d.up, ub), d.down, db)
 
-    def _moe(self, i: int, le: LayerExperts, h: Tensor, allowed: Tensor | None,
-             collect: bool) -> tuple[Tensor, Tensor | None]:
-        cfg = self.cfg
-        logits = F.linear(h, le.router)
-        r = route(logits, top_k=cfg.top_k, allowed=allowed, shared=le.shared_mask,
-                  always_active=le.always_mask, norm_topk_prob=cfg.norm_topk_prob)
+    def route(self, i: int, h: Tensor, allowed: Tensor | None = None) -> Route:
+        """Layer i's expert choice for normed hidden states `h` (router in the
+        checkpoint's dtype, never quantized; softmax in float32)."""
+        cfg, le = self.cfg, self.w.layers[i].experts
+        return route(F.linear(h, le.router), top_k=cfg.top_k, allowed=allowed, shared=le.shared_mask,
+                     always_active=le.always_mask, norm_topk_prob=cfg.norm_topk_prob)
+
+    def moe(self, i: int, h: Tensor, allowed: Tensor | None = None,
+            collect: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Layer i's mixture of experts on normed hidden states `h` `[T, H]`."""
+        le = self.w.layers[i].experts
+        r = self.route(i, h, allowed)
         T, k = r.indices.shape
         flat_e = r.indices.flatten()
         keep = r.valid.flatten()
@@ -244,7 +272,7 @@ class Transformer:
         for e, c in zip(ids.tolist(), counts.tolist()):
             idx = tok[off:off + c]
             xe = h[idx] if c != T else h
-            y = self._expert(le.experts[e], xe)
+            y = self.expert(le.experts[e], xe)
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
         return out.to(h.dtype), (r.probs if collect else None)
@@ -260,5 +288,3 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
         g, u = linear(x, e.gate), linear(x, e.up)
     return linear(F.silu(g) * u, e.down)
 
-
-_expert_forward = expert_forward  # the subset builder's name for it

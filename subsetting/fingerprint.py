@@ -16,12 +16,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from modeling import Batch, Model, ProfileManifest
-from modeling.layers import rms_norm, rope_cos_sin
-from modeling.routing import route
 
 from .errors import SubsetError
 
@@ -114,9 +111,7 @@ class LayerPass:
             counts = [len(token_lists[d]) for d in docs]
             tokens = torch.tensor([t for d in docs for t in token_lists[d]], dtype=torch.long)
             batch = Batch(tokens, list(range(len(docs))), [0] * len(docs), counts, [])
-            pos = torch.cat([torch.arange(n) for n in counts]).to(m.device)
-            cos, sin = rope_cos_sin(cfg.head_dim, pos, cfg.rope_theta)
-            x = F.embedding(tokens.to(m.device), w.embed)
+            x, cos, sin = tr.embed(batch)
             state.append([batch, cos, sin, x, docs])
         if self.release:
             m.files.release()
@@ -129,33 +124,24 @@ class LayerPass:
                 shape = (n, cfg.num_kv_heads, maxlen, cfg.head_dim)
                 cache = SimpleNamespace(k={i: torch.empty(shape, dtype=x.dtype, device=x.device)},
                                         v={i: torch.empty(shape, dtype=x.dtype, device=x.device)})
-                x = x + tr._attention(i, lw, rms_norm(x, lw.attn_norm, cfg.rms_norm_eps), cos, sin, batch, cache)
+                x = tr.attention_block(i, x, cos, sin, batch, cache)
                 st[3] = x
-                h = rms_norm(x, lw.mlp_norm, cfg.rms_norm_eps)
+                h = tr.mlp_input(i, x)
                 if lw.experts is not None:
                     observer.observe(i, lw.experts, h, x, docs, batch.counts)
                 hs.append(h)
             mask = observer.mask(i, lw.experts) if lw.experts is not None else None
             for st, h in zip(state, hs):
-                x = st[3]
-                if lw.experts is None:
-                    st[3] = x + tr._dense(lw, h)
-                else:
-                    allowed = None if mask is None else mask.to(m.device).unsqueeze(0).expand(h.shape[0], -1)
-                    y, _ = tr._moe(i, lw.experts, h, allowed, False)
-                    st[3] = x + y
+                allowed = None
+                if mask is not None and lw.experts is not None:
+                    allowed = mask.to(m.device).unsqueeze(0).expand(h.shape[0], -1)
+                st[3], _ = tr.mlp_block(i, st[3], allowed, h=h)
             del hs
             if self.release:
                 m.files.release()
             bar.update(1)
         bar.close()
 
-
-def layer_route(model: Model, le, h: torch.Tensor):
-    cfg = model.config
-    logits = F.linear(h, le.router)
-    return route(logits, top_k=cfg.top_k, shared=le.shared_mask, always_active=le.always_mask,
-                 norm_topk_prob=cfg.norm_topk_prob)
 
 
 # -- fingerprints -----------------------------------------------------------------
@@ -241,7 +227,7 @@ class _Collector(LayerObserver):
         self.topk = np.zeros((n_docs, L, E), np.float32)
 
     def observe(self, i, le, h, x, docs, counts):
-        r = layer_route(self.model, le, h)
+        r = self.model.transformer.route(i, h)
         T, S = r.probs.shape
         doc_of = torch.arange(len(docs)).repeat_interleave(torch.tensor(counts)).to(h.device)
         n = torch.tensor(counts, dtype=torch.float32, device=h.device)[:, None]

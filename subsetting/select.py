@@ -9,7 +9,7 @@ import torch
 from modeling import Model
 
 from .errors import SubsetError
-from .fingerprint import Fingerprints, LayerObserver, LayerPass, Layout, layer_route
+from .fingerprint import Fingerprints, LayerObserver, LayerPass, Layout
 
 METHODS = ("mean-prob", "layerwise", "output-aware", "random")
 
@@ -112,7 +112,7 @@ class _LayerwiseObserver(LayerObserver):
         self.tokens: dict[int, int] = {}
 
     def observe(self, i, le, h, x, docs, counts):
-        p = layer_route(self.model, le, h).probs.sum(0).double()
+        p = self.model.transformer.route(i, h).probs.sum(0).double()
         self.sums[i] = self.sums.get(i, 0) + p
         self.tokens[i] = self.tokens.get(i, 0) + h.shape[0]
 
@@ -149,11 +149,11 @@ class _OutputAwareObserver(LayerObserver):
 
     def observe(self, i, le, h, x, docs, counts):
         m = self.model
-        probs = layer_route(m, le, h).probs
-        y, _ = m.transformer._moe(i, le, h, None, False)
+        probs = m.transformer.route(i, h).probs
+        y, _ = m.transformer.moe(i, h)
         change = (y.float().norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12))  # [T]
         for s, e in enumerate(le.experts):
-            out_norm = m.transformer._expert(e, h).float().norm(dim=-1)
+            out_norm = m.transformer.expert(e, h).float().norm(dim=-1)
             self.scores[i, le.ids[s]] += float((probs[:, s] * out_norm * change).sum())
 
 
