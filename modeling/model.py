@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin
 from .quant import Int8Cache
 from .routing import Route, route
-from .weights import Expert, LayerExperts, LayerWeights, ModelWeights
+from .weights import Expert, LayerWeights, ModelWeights
 
 # A pool as users write it: {layer: [original expert ids]}; a missing layer or
 # None means every loaded expert of that layer.

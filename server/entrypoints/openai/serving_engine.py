@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -210,6 +210,40 @@ class Run:
                 r.finish_reason = ev.finish_reason
                 self.done[i] = True
             yield i, ev
+
+    async def collect(self, request: Request | None = None) -> None:
+        """Wait until every sequence finished (see `results`); errors propagate."""
+        try:
+            async for _ in self.events(request):
+                pass
+        finally:
+            self.finish_metrics()
+
+    async def sse_stream(self, request: Request, render: Callable[[int, SeqEvent], str | None],
+                         usage_chunk: Callable[[], str] | None = None) -> AsyncIterator[str]:
+        """Server-sent events: `render(i, event)` per event (None: nothing to send),
+        then the usage chunk when asked and `[DONE]`. An engine error is sent as
+        its error object before `[DONE]`; a client that goes away (the generator
+        is closed) cancels the remaining work."""
+        try:
+            async for i, ev in self.events(request):
+                out = render(i, ev)
+                if out is not None:
+                    yield out
+            self.finish_metrics()
+            if usage_chunk is not None:
+                yield usage_chunk()
+            yield SSE_DONE
+        except APIError as e:
+            self.finish_metrics()
+            yield sse(e.body())
+            yield SSE_DONE
+        finally:
+            if not all(self.done):
+                if self.status == "ok":
+                    self.status = "cancelled"
+                    self.finish_metrics()
+                self.cancel()
 
     def finish_metrics(self) -> None:
         M.REQUESTS.labels(self.profile, self.status).inc()

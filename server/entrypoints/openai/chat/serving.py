@@ -3,7 +3,6 @@ the messages into one prompt, then the same engine path as completions."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from modeling import TokenizerError
 
 from ....errors import APIError, bad_request
-from ..serving_engine import SSE_DONE, Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
 from .protocol import ChatCompletionRequest
 
 
@@ -59,13 +58,7 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     if req.stream:
         return StreamingResponse(_stream(run, req, request, len(prompt), model_id, k),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        async for _ in run.events(request):
-            pass
-    except (APIError, asyncio.CancelledError):
-        run.finish_metrics()
-        raise
-    run.finish_metrics()
+    await run.collect(request)
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                 "logprobs": {"content": _logprob_content(state, r.tokens, k)} if req.logprobs else None,
                 "finish_reason": r.finish_reason} for i, r in enumerate(run.results)]
@@ -74,8 +67,8 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
                          "usage": run.usage([len(prompt)])})
 
 
-async def _stream(run: Run, req: ChatCompletionRequest, request: Request, prompt_len: int, model_id,
-                  k) -> AsyncIterator[str]:
+def _stream(run: Run, req: ChatCompletionRequest, request: Request, prompt_len: int, model_id,
+            k) -> AsyncIterator[str]:
     state = run.state
     started = [False] * len(run.seqs)
 
@@ -86,27 +79,15 @@ async def _stream(run: Run, req: ChatCompletionRequest, request: Request, prompt
             obj["usage"] = usage
         return sse(obj)
 
-    try:
-        async for i, ev in run.events(request):
-            if not (ev.tokens or ev.finish_reason or ev.text):
-                continue
-            delta = {"content": ev.text}
-            if not started[i]:
-                started[i] = True
-                delta["role"] = "assistant"
-            lp = {"content": _logprob_content(state, ev.tokens, k)} if req.logprobs else None
-            yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
-        run.finish_metrics()
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], run.usage([prompt_len]))
-        yield SSE_DONE
-    except APIError as e:
-        run.finish_metrics()
-        yield sse(e.body())
-        yield SSE_DONE
-    finally:
-        if not all(run.done):
-            if run.status == "ok":
-                run.status = "cancelled"
-                run.finish_metrics()
-            run.cancel()
+    def render(i: int, ev) -> str | None:
+        if not (ev.tokens or ev.finish_reason or ev.text):
+            return None
+        delta = {"content": ev.text}
+        if not started[i]:
+            started[i] = True
+            delta["role"] = "assistant"
+        lp = {"content": _logprob_content(state, ev.tokens, k)} if req.logprobs else None
+        return chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    return run.sse_stream(request, render, (lambda: chunk([], run.usage([prompt_len]))) if include_usage else None)

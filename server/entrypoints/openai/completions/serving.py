@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ....engine import TokenInfo
-from ....errors import APIError, bad_request
-from ..serving_engine import SSE_DONE, Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from ....errors import bad_request
+from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
 from .protocol import CompletionRequest
 
 
@@ -97,13 +96,7 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
     if req.stream:
         return StreamingResponse(_stream(run, req, request, prompts, prompt_texts, seq_prompt, model_id),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    try:
-        async for _ in run.events(request):
-            pass
-    except (APIError, asyncio.CancelledError):
-        run.finish_metrics()
-        raise
-    run.finish_metrics()
+    await run.collect(request)
     choices = []
     for k, r in enumerate(run.results):
         pi = seq_prompt[k]
@@ -125,8 +118,8 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
     return JSONResponse(body)
 
 
-async def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_texts, seq_prompt,
-                  model_id) -> AsyncIterator[str]:
+def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_texts, seq_prompt,
+            model_id) -> AsyncIterator[str]:
     state = run.state
     builders = [CompletionLogprobBuilder(state) for _ in run.seqs]
     echoed = [False] * len(run.seqs)
@@ -138,38 +131,26 @@ async def _stream(run: Run, req: CompletionRequest, request: Request, prompts, p
             obj["usage"] = usage
         return sse(obj)
 
-    try:
-        async for k, ev in run.events(request):
-            text, lp_parts = "", []
-            if req.echo and not echoed[k] and (ev.tokens or ev.finish_reason or ev.prompt_logprobs is not None):
-                echoed[k] = True
-                text = prompt_texts[seq_prompt[k]]
-                if ev.prompt_logprobs is not None and req.logprobs is not None:
-                    lp_parts.append(ev.prompt_logprobs)
-            if not (ev.tokens or ev.finish_reason or text or ev.text):
-                continue
-            text += ev.text
-            lp = None
-            if req.logprobs is not None:
-                b = builders[k]
-                start = len(b.tokens)
-                for part in lp_parts:
-                    b.add(part)
-                b.add(ev.tokens)
-                w = b.whole()
-                lp = {key: v[start:] for key, v in w.items()}
-            yield chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}])
-        run.finish_metrics()
-        if req.stream_options is not None and req.stream_options.include_usage:
-            yield chunk([], run.usage([len(p) for p in prompts]))
-        yield SSE_DONE
-    except APIError as e:
-        run.finish_metrics()
-        yield sse(e.body())
-        yield SSE_DONE
-    finally:
-        if not all(run.done):  # client went away (generator closed) or an error: stop the work
-            if run.status == "ok":
-                run.status = "cancelled"
-                run.finish_metrics()
-            run.cancel()
+    def render(k: int, ev) -> str | None:
+        text, lp_parts = "", []
+        if req.echo and not echoed[k] and (ev.tokens or ev.finish_reason or ev.prompt_logprobs is not None):
+            echoed[k] = True
+            text = prompt_texts[seq_prompt[k]]
+            if ev.prompt_logprobs is not None and req.logprobs is not None:
+                lp_parts.append(ev.prompt_logprobs)
+        if not (ev.tokens or ev.finish_reason or text or ev.text):
+            return None
+        text += ev.text
+        lp = None
+        if req.logprobs is not None:
+            b = builders[k]
+            start = len(b.tokens)
+            for part in lp_parts:
+                b.add(part)
+            b.add(ev.tokens)
+            lp = {key: v[start:] for key, v in b.whole().items()}
+        return chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+
+    include_usage = req.stream_options is not None and req.stream_options.include_usage
+    usage = (lambda: chunk([], run.usage([len(p) for p in prompts]))) if include_usage else None
+    return run.sse_stream(request, render, usage)
