@@ -150,7 +150,8 @@ def greedy(model, tok, prompt: str, n: int = 40) -> str:
     return tok.decode(out)
 
 
-PY_PROMPT = "import os\n\n\ndef join_paths(base, name):\n    "
+PY_PROMPT = ("import os\nimport sys\n\n\nclass Reader:\n    def __init__(self, path):\n"
+             "        self.path = path\n\n    def read(self")
 
 
 def evaluate(path: Path, rows) -> dict:
@@ -276,12 +277,16 @@ def write_markdown(res: dict, out: Path, train_info: dict):
 
 REPRO = """python -m training.corpus --out runs/corpus          # corpus + training/data/heldout.jsonl
 python -m training.tokenizer --corpus runs/corpus/train.jsonl --out runs/tokenizer
-OMP_NUM_THREADS=1 nohup python -m training.train --variant emo --out runs/emo --steps 850 > runs/train_emo.log 2>&1 &
-OMP_NUM_THREADS=1 nohup python -m training.train --variant std --out runs/std --steps 850 > runs/train_std.log 2>&1 &
-# when both are done:
+# as run for the bundles: both twins started with --steps 850; the shared machine ran slower than
+# measured, so both were stopped after their step-200 checkpoint and resumed with --steps 650
+# (the cosine schedule switches from an 850- to a 650-step horizon at step 200: lr 1.85e-3 -> 1.74e-3).
+# A single `--steps 650` run is the simpler variant of the same recipe.
+for v in emo std; do
+  OMP_NUM_THREADS=1 nohup python -m training.train --variant $v --out runs/$v --steps 650 --resume \\
+      --no-progress > runs/train_$v.log 2>&1 &
+done; wait
 cp -r runs/emo/bundle modeling/bundled/emo-demo; cp -r runs/std/bundle modeling/bundled/stdmoe-demo
-python -m training.report --emo modeling/bundled/emo-demo --std modeling/bundled/stdmoe-demo \\
-    --emo-log runs/emo/log.jsonl --std-log runs/std/log.jsonl --out reports/training
+python -m training.report --discussion reports/training/discussion.md   # defaults: the bundles and runs/*/log.jsonl
 """
 
 
