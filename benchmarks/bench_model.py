@@ -13,8 +13,13 @@ subprocess so resident memory is clean:
      emo-serve on both checkpoints and for transformers' OLMoE on the OLMoE
      one, next to the memory-bandwidth floor (bytes read per decoded token /
      copy bandwidth measured here)
+  d) optionally (--llama-bench PATH --gguf PATH, both given): llama.cpp's
+     llama-bench on the OLMoE checkpoint converted to a bf16 GGUF, with the same
+     thread count, prompt and decode lengths (build and conversion:
+     benchmarks/llama_cpp.md, benchmarks/build_llama_cpp.sh)
 
 Usage: python benchmarks/bench_model.py --dir /tmp/emo-bench [--threads 2]
+           [--llama-bench .bench/llama.cpp/build/bin/llama-bench --gguf .bench/olmoe-4l-bf16.gguf]
 Prints a table; --json FILE also writes the figures.
 """
 
@@ -200,6 +205,48 @@ def run_child(kind: str, *args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_llama_bench(binary: str, gguf: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    """llama.cpp's llama-bench on `gguf`: prefill (pp) and decode (tg) tokens/s, peak RSS, load time.
+
+    llama-bench times the prompt and the generation as separate tests (tg starts from an empty
+    context) and repeats each 5 times after a warm-up; avg_ts is their mean. The load time is the
+    wall time between its "--progress" lines "starting" and "warmup prompt run" (model load from
+    the mmap'd file + context creation). The peak RSS comes from wait4, like /usr/bin/time -v.
+    """
+    import threading
+
+    cmd = [binary, "-m", gguf, "-t", str(threads), "-p", str(n_prompt), "-n", str(n_decode), "-o", "json", "--progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stamps: dict[str, float] = {}
+    err: list[str] = []
+
+    def read_err() -> None:
+        for line in p.stderr:
+            err.append(line)
+            for key in ("starting", "warmup prompt run"):
+                if line.rstrip().endswith(f": {key}") and key not in stamps:
+                    stamps[key] = time.perf_counter()
+
+    t = threading.Thread(target=read_err, daemon=True)
+    t.start()
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    t.join()
+    if p.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({p.returncode}):\n{''.join(err)[-3000:]}")
+    tests = json.loads(out)
+    pp = next(r for r in tests if r["n_prompt"] == n_prompt and r["n_gen"] == 0)
+    tg = next(r for r in tests if r["n_gen"] == n_decode and r["n_prompt"] == 0)
+    res = {"prefill_tok_s": pp["avg_ts"], "prefill_tok_s_stddev": pp["stddev_ts"],
+           "decode_tok_s": tg["avg_ts"], "decode_tok_s_stddev": tg["stddev_ts"],
+           "rss": usage.ru_maxrss * 1024, "file_bytes": os.path.getsize(gguf), "threads": tg["n_threads"],
+           "model_type": tg.get("model_type"), "build_commit": tg.get("build_commit"), "cpu_info": tg.get("cpu_info")}
+    if "starting" in stamps and "warmup prompt run" in stamps:
+        res["load_s"] = stamps["warmup prompt run"] - stamps["starting"]
+    return res
+
+
 def bytes_per_decoded_token() -> int:
     H, I, V, L, k = 2048, 1024, 100352, 4, 8
     attn = 4 * H * H * 2
@@ -216,8 +263,12 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true", help="do not run transformers (needs ~2x the file in RAM)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (see benchmarks/llama_cpp.md); needs --gguf")
+    ap.add_argument("--gguf", help="the OLMoE checkpoint converted to a bf16 GGUF (benchmarks/build_llama_cpp.sh)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if bool(a.llama_bench) != bool(a.gguf):
+        ap.error("--llama-bench and --gguf go together")
     if a.child:
         kind, *rest = a.child
         fn = {"memory": child_memory, "ours": child_speed_ours, "hf": child_speed_hf, "bw": child_bandwidth}[kind]
@@ -234,6 +285,8 @@ def main() -> None:
     res["ours_emo_int8"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "int8")
     if not a.skip_hf:
         res["hf_olmoe"] = run_child("hf", olmoe, a.threads, a.prompt, a.decode)
+    if a.llama_bench:
+        res["llama_cpp_olmoe"] = run_llama_bench(a.llama_bench, a.gguf, a.threads, a.prompt, a.decode)
     bpt = bytes_per_decoded_token()
     floor = res["bandwidth"]["copy_GBps"] * 1e9 / bpt
     res["floor_decode_tok_s"] = floor
@@ -253,9 +306,15 @@ def main() -> None:
             ("emo-serve int8, EMO ckpt", res["ours_emo_int8"])]
     if "hf_olmoe" in res:
         rows.append(("transformers, OLMoE ckpt", res["hf_olmoe"]))
+    if "llama_cpp_olmoe" in res:
+        rows.append(("llama.cpp, OLMoE ckpt (gguf bf16)", res["llama_cpp_olmoe"]))
+    w = max(26, *(len(n) for n, _ in rows))
     for name, r in rows:
         extra = f"  (load {r['load_s']:.1f} s, RSS {r['rss'] / GiB:.1f} GiB)" if "load_s" in r else ""
-        print(f"    {name:26s} prefill {r['prefill_tok_s']:7.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
+        if "file_bytes" in r:  # llama.cpp: RSS against the GGUF it maps
+            extra = (f"  (load {r['load_s']:.2f} s, " if "load_s" in r else "  (") + \
+                f"RSS {r['rss'] / GiB:.2f} GiB, file {r['file_bytes'] / GiB:.2f} GiB)"
+        print(f"    {name:{w}s} prefill {r['prefill_tok_s']:7.1f} tok/s   decode {r['decode_tok_s']:6.2f} tok/s "
               f"= {r['decode_tok_s'] / floor:.0%} of floor{extra}")
     if "hf_olmoe" in res:
         hf = res["hf_olmoe"]
