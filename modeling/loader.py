@@ -64,7 +64,7 @@ class Model:
     """A loaded checkpoint: config, weight views, the forward pass, the tokenizer."""
 
     def __init__(self, path: Path, config: ModelConfig, files: CheckpointFiles, dtype: torch.dtype,
-                 device: torch.device, quantize: str | None = None):
+                 device: torch.device, quantize: str | None = None, compile: bool = False):
         self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
         self.name = path.name
         self.quantize = quantize
@@ -73,7 +73,7 @@ class Model:
         self._mapped: list[tuple[int, int]] = []
         self._note_mappings(files)
         int8 = Int8Cache(dtype, self._mapped) if quantize == "int8" else None
-        self.transformer = Transformer(config, self.weights, dtype, device, int8)
+        self.transformer = Transformer(config, self.weights, dtype, device, int8, compile_decode=compile)
         self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
                           if (path / "tokenizer.json").is_file() else None)
         self.is_profile = (path / PROFILE_FILE).is_file()
@@ -217,13 +217,16 @@ QUANTIZE_CHOICES = (None, "int8")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None, quantize: str | None = None) -> Model:
+               revision: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
     """Load a checkpoint for inference.
 
     dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
     the weights (a copy). `path` may be a Hugging Face repo id. `quantize="int8"`
     makes weight-only int8 copies of the matrices (router excepted) as they are
     first used: about half the bytes per decoded token, not bit-exact.
+    `compile=True` runs one-row bf16 products (single-sequence decode) through
+    a TorchInductor-compiled GEMV (`modeling.kernels`): faster, compiled on
+    first use per matrix shape.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
@@ -239,7 +242,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     dt = parse_dtype(dtype) or stored or torch.float32
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize='int8' is implemented for the CPU only")
-    return Model(folder, cfg, files, dt, dev, quantize)
+    return Model(folder, cfg, files, dt, dev, quantize, compile)
 
 
 def default_threads() -> None:

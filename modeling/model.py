@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_cos_sin
+from .kernels import linear_decode
 from .quant import Int8Cache
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
@@ -97,13 +98,16 @@ class ForwardOutput:
 
 class Transformer:
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, device: torch.device,
-                 int8: Int8Cache | None = None):
+                 int8: Int8Cache | None = None, compile_decode: bool = False):
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
+        self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
 
     def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.int8 is not None:
             return self.int8.linear(x, w, bias)
+        if self.compile_decode:
+            return linear_decode(x, w, bias)
         return F.linear(x, w, bias)
 
     # -- pools -----------------------------------------------------------------

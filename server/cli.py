@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's; another one copies)")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every matrix but the router, made "
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
+    p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
+                   "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                        served_model_name=args.served_model_name, host=args.host, port=args.port, api_keys=keys,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
-                       quantize=args.quantize,
+                       quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
                        request_timeout=args.request_timeout, log_level=args.log_level)
     try:

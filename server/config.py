@@ -21,6 +21,7 @@ class ServerConfig:
     device: str = "cpu"
     dtype: str | None = None
     quantize: str | None = None  # None (exact) or "int8" (weight-only, lazy)
+    compile: bool = False  # compiled bf16 GEMV for single-row products (modeling.kernels)
     max_body_bytes: int = 1 << 20
     max_n: int = 16
     max_logprobs: int = 20
