@@ -226,8 +226,10 @@ class Transformer:
             keys, vals = kc[slot, :, :s + n], vc[slot, :, :s + n]
             qs = q[:, off:off + n]
             if n == 1:
-                mask, causal = None, False
-            elif s == 0:
+                out[:, off] = _decode_attention(qs[:, 0], keys, vals)
+                off += 1
+                continue
+            if s == 0:
                 mask, causal = None, True
             else:  # new tokens attend to the whole cached prefix and causally among themselves
                 mask = torch.ones(n, s + n, dtype=torch.bool, device=q.device).tril(diagonal=s)
@@ -282,6 +284,21 @@ class Transformer:
         return out.to(h.dtype), (r.probs if collect else None)
 
 
+
+
+def _decode_attention(q: Tensor, keys: Tensor, vals: Tensor) -> Tensor:
+    """One query per head against a cache slot: q `[heads, D]`, keys/values
+    `[kv_heads, L, D]` (strided views of the cache, read in place).
+
+    Two small matmuls and a float32 softmax; for a single query this beats
+    scaled_dot_product_attention on CPU, whose fallback copies the cached keys
+    and values every step. Query heads are grouped over their kv head (GQA).
+    """
+    kvh, L, D = keys.shape
+    qg = q.reshape(kvh, -1, D)  # [kv_heads, group, D]
+    scores = torch.matmul(qg, keys.transpose(1, 2)).float() * (D ** -0.5)  # [kv_heads, group, L]
+    probs = torch.softmax(scores, dim=-1).to(vals.dtype)
+    return torch.matmul(probs, vals).reshape(-1, D)
 
 
 def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
