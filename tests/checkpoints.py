@@ -135,3 +135,19 @@ def write_checkpoint_dir(folder: Path, cfg: dict, seed: int = 0, dtype: torch.dt
     if tokenizer:
         write_tokenizer(folder, cfg["vocab_size"])
     return folder
+
+
+# Two tiny labelled domains: calibration text for profiles built in the tests.
+CODE_DOCS = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
+             "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 1 + 2); return 0; }\n"]
+PROSE_DOCS = ["The quick brown fox jumps over the lazy dog.", "A licence grants permission to copy.",
+              "The lazy dog sleeps; the quick fox jumps over it again."]
+
+
+def write_domain_corpus(path: Path) -> Path:
+    """A .jsonl calibration corpus with the domains "code" and "prose"."""
+    with Path(path).open("w") as f:
+        for domain, docs in (("code", CODE_DOCS), ("prose", PROSE_DOCS)):
+            for d in docs:
+                f.write(json.dumps({"text": d, "domain": domain}) + "\n")
+    return Path(path)

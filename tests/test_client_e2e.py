@@ -17,7 +17,6 @@ server in tests/test_client.py.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import socket
 import subprocess
@@ -50,10 +49,6 @@ START_TIMEOUT = float(os.environ.get("EMO_E2E_START_TIMEOUT", "300"))
 RESERVED = ("full", "auto")
 BUNDLED = ROOT / "modeling" / "bundled" / "emo-demo"
 
-CODE_DOCS = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
-             "#include <stdio.h>\nint main(void) { return 0; }\n"]
-PROSE_DOCS = ["The quick brown fox jumps over the lazy dog.", "A licence grants permission to copy.",
-              "The lazy dog sleeps; the quick fox jumps over it again."]
 
 
 def _env() -> dict:
@@ -68,16 +63,11 @@ def model_args(tmp_path_factory) -> tuple[str, list[str]]:
     """(model name, emo-serve arguments that choose the model and its profiles)."""
     if (BUNDLED / "config.json").is_file():
         return "emo-demo", []
-    from tests.checkpoints import emo_config, write_checkpoint_dir
+    from tests.checkpoints import emo_config, write_checkpoint_dir, write_domain_corpus
 
     root = tmp_path_factory.mktemp("e2e-model")
     base = write_checkpoint_dir(root / "tiny-emo", emo_config())
-    corpus = root / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for d in CODE_DOCS:
-            f.write(json.dumps({"text": d, "domain": "code"}) + "\n")
-        for d in PROSE_DOCS:
-            f.write(json.dumps({"text": d, "domain": "prose"}) + "\n")
+    corpus = write_domain_corpus(root / "corpus.jsonl")
     for name in ("code", "prose"):
         done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
                                "--out", str(root / name), "--name", name, "-q", "--corpus", str(corpus),

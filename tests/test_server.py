@@ -17,15 +17,11 @@ import httpx
 import pytest
 import torch
 
-from tests.checkpoints import emo_config, write_checkpoint_dir
+from tests.checkpoints import CODE_DOCS, PROSE_DOCS, emo_config, write_checkpoint_dir, write_domain_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key-123"
 
-CODE_DOCS = ["def add(a, b):\n    return a + b\n", "class Point:\n    def __init__(self, x, y):\n        self.x = x\n",
-             "#include <stdio.h>\nint main(void) { printf(\"%d\\n\", 1 + 2); return 0; }\n"]
-PROSE_DOCS = ["The quick brown fox jumps over the lazy dog.", "A licence grants permission to copy.",
-              "The lazy dog sleeps; the quick fox jumps over it again."]
 PROMPTS = ["def add(a, b):", "The quick brown fox", "class Point:", "A licence grants", "int main(void) {",
            "12 + 30 = 42;", "    return a", "jumps over the", "#include <stdio.h>", "7 * 6 = ", "self.x = x",
            "permission to copy", "printf(", "The lazy dog", "def __init__(self", "100 - 58"]
@@ -56,12 +52,7 @@ def ckpt(tmp_path_factory):
     """A tiny EMO checkpoint and two overlapping profiles (code, prose) built by emo-subset."""
     root = tmp_path_factory.mktemp("serve")
     base = write_checkpoint_dir(root / "tiny-emo", emo_config())
-    corpus = root / "corpus.jsonl"
-    with corpus.open("w") as f:
-        for d in CODE_DOCS:
-            f.write(json.dumps({"text": d, "domain": "code"}) + "\n")
-        for d in PROSE_DOCS:
-            f.write(json.dumps({"text": d, "domain": "prose"}) + "\n")
+    corpus = write_domain_corpus(root / "corpus.jsonl")
     procs = {name: _emo_subset("build", str(base), "--out", str(root / name), "--name", name, "-q", "--corpus",
                                str(corpus), "--domain", name, "--keep", "4") for name in ("code", "prose")}
     for name, p in procs.items():
