@@ -442,3 +442,24 @@ def test_shared_experts_exist_once(ckpt):
         for e in le.ids:
             src = Path(le.sources[le.slot_of(e)]).name
             assert src == ("code" if e in pools["code"][i] else "prose")
+
+
+def test_request_timeout_gets_504_and_frees_the_slot(ckpt):
+    root = ckpt["root"]
+    s = Server(["--model", str(ckpt["base"]), "--request-timeout", "0.3", "--max-batch", "1"], root / "timeout.log")
+    try:
+        s.wait()
+        # 8 sequences of 115 tokens through one cache slot run one after another:
+        # well past 0.3 s on any machine (ignore_eos: none can end early)
+        t0 = time.monotonic()
+        r = s.post("/v1/completions", {"prompt": [5] * 8, "max_tokens": 115, "n": 8, "ignore_eos": True,
+                                       "temperature": 0})
+        assert r.status_code == 504, r.text
+        assert time.monotonic() - t0 < 30
+        err = r.json()["error"]
+        assert err["type"] == "timeout" and "time limit" in err["message"]
+        # the only cache slot was given back: a short request is served
+        ok = s.post("/v1/completions", {"prompt": [5, 6], "max_tokens": 1, "temperature": 0})
+        assert ok.status_code == 200, ok.text
+    finally:
+        s.stop()
