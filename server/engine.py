@@ -123,8 +123,23 @@ class Engine:
             self.cv.notify_all()
 
     # -- engine thread -----------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """With --compile, compile the decode kernels before the first request
+        (a scratch cache slot of 2 tokens; requests meanwhile wait in the queue)."""
+        if not getattr(self.model.transformer, "compile_decode", False):
+            return
+        t0 = time.monotonic()
+        cache = self.model.new_cache(1, 2)
+        for pos in range(2):
+            self.model.forward(Batch(torch.tensor([0]), [0], [pos], [1]), cache)
+        log.info("compiled the decode kernels in %.1f s", time.monotonic() - t0)
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._warm_up()
+        except Exception:  # a failed warm-up only costs the first request its compile time
+            log.exception("warm-up failed")
         while True:
             with self.cv:
                 while not self.stopped and not self.waiting and not self.running:
