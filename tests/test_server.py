@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import struct
 import socket
 import subprocess
 import sys
@@ -463,3 +464,58 @@ def test_request_timeout_gets_504_and_frees_the_slot(ckpt):
         assert ok.status_code == 200, ok.text
     finally:
         s.stop()
+
+
+def _present_bytes_per_tensor(pid: int, path: Path) -> dict[str, int]:
+    """Bytes of each tensor of a .safetensors file that the process `pid` has
+    mapped in memory (page-present bits of /proc/PID/pagemap; root only)."""
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    start = None
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 6 and parts[5] == str(path) and int(parts[2], 16) == 0:
+            start = int(parts[0].split("-")[0], 16)
+    assert start is not None, f"{path} is not mapped by {pid}"
+    page = 4096
+    out = {}
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for name, meta in header.items():
+            a, b = (8 + n + x for x in meta["data_offsets"])
+            present = 0
+            for vp in range((start + a) // page, (start + b + page - 1) // page):
+                pm.seek(vp * 8)
+                present += (struct.unpack("<Q", pm.read(8))[0] >> 63) & 1
+            out[name] = min(present * page, b - a)
+    return out
+
+
+def test_listed_profile_touches_only_its_experts(tmp_path):
+    if not os.access("/proc/self/pagemap", os.R_OK) or os.geteuid() != 0:
+        pytest.skip("reading page-present bits needs root")
+    # experts large enough to span many pages: 3 x 64 x 2048 x 4 bytes = 1.5 MiB each
+    cfg = emo_config(hidden_size=64, intermediate_size=2048, num_experts=8, num_hidden_layers=2, head_dim=16)
+    base = write_checkpoint_dir(tmp_path / "wide", cfg)
+    pool = {0: [1, 7], 1: [4, 7]}
+    (tmp_path / "pool.json").write_text(json.dumps(pool))
+    s = Server(["--model", str(base), "--profile", f"two={tmp_path / 'pool.json'}"], tmp_path / "wide.log")
+    try:
+        s.wait()
+        r = s.post("/v1/completions", {"prompt": "def add(a, b):\n    return a + b", "profile": "two",
+                                       "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        present = _present_bytes_per_tensor(s.proc.pid, (base / "model.safetensors").resolve())
+    finally:
+        s.stop()
+    for i in range(2):
+        for j in range(8):
+            names = [f"model.layers.{i}.mlp.experts.{j}.{p}_proj.weight" for p in ("gate", "up", "down")]
+            got = sum(present[n] for n in names)
+            if j in pool[i]:
+                assert got == 3 * 64 * 2048 * 4, (i, j, got)  # read in full
+            else:
+                # never computed: at most the edge of a page-cache folio shared with a
+                # neighbouring tensor is mapped by the kernel, never the expert itself
+                assert got < 64 * 2048 * 4, (i, j, got)
