@@ -184,8 +184,9 @@ def test_profile_of_another_base_is_refused(tmp_path):
 
 # -- cache and batching --------------------------------------------------------
 
-def test_kv_cache_decode_and_chunked_prefill_equal_recompute(tmp_path):
-    write_checkpoint_dir(tmp_path, emo_config(), seed=7, tokenizer=False)
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention in the decode path
+def test_kv_cache_decode_and_chunked_prefill_equal_recompute(tmp_path, kv_heads):
+    write_checkpoint_dir(tmp_path, emo_config(num_key_value_heads=kv_heads), seed=7, tokenizer=False)
     m = load_model(tmp_path)
     rp = m.resolve_pool(POOL)
     full = m.logits(IDS, pool=POOL)
