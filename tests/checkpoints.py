@@ -5,6 +5,7 @@ reference implementation of the format."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -151,3 +152,16 @@ def write_domain_corpus(path: Path) -> Path:
             for d in docs:
                 f.write(json.dumps({"text": d, "domain": domain}) + "\n")
     return Path(path)
+
+
+def lay_out_hub_cache(src: Path, cache: Path, repo_id: str, commit: str = "0" * 40) -> Path:
+    """Put checkpoint `src` into a Hugging Face hub cache folder as `repo_id`
+    (models--owner--name/snapshots/COMMIT + refs/main), as a download would;
+    with HF_HUB_CACHE=cache and HF_HUB_OFFLINE=1 it resolves without network.
+    Returns the snapshot folder."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    shutil.copytree(src, snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snap

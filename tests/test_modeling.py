@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 
 from modeling import (Batch, CheckpointError, ConfigError, PoolError, SamplingParams, StopChecker, load_model)
 from modeling.sampling import filter_logits, sample_next
-from tests.checkpoints import emo_config, random_tensors, write_checkpoint_dir
+from tests.checkpoints import emo_config, lay_out_hub_cache, random_tensors, write_checkpoint_dir
 from tests.reference import Reference
 
 IDS = [5, 17, 42, 3, 99, 250, 7, 64, 128, 31, 2, 200]
@@ -350,11 +349,7 @@ def test_sharded_index_errors(tmp_path):
 def test_repo_id_resolves_from_a_local_hub_cache(tmp_path, monkeypatch):
     src = write_checkpoint_dir(tmp_path / "src", emo_config(), seed=11)
     cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-emo"
-    snap = repo / "snapshots" / ("0" * 40)
-    shutil.copytree(src, snap)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("0" * 40)
+    snap = lay_out_hub_cache(src, cache, "acme/tiny-emo")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     m = load_model("acme/tiny-emo")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from subsetting.cli import main
 from subsetting.corpus import read_corpus
 from subsetting.discover import DomainDiscovery
 from subsetting.fingerprint import Fingerprints, Layout
-from tests.checkpoints import emo_config, write_checkpoint_dir
+from tests.checkpoints import emo_config, lay_out_hub_cache, write_checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = list(range(2, 60))
@@ -362,11 +361,7 @@ def test_a_failure_while_writing_leaves_nothing_behind(env, monkeypatch, tmp_pat
 def test_subprocess_build_from_a_hub_repo_id(env, tmp_path, monkeypatch, capsys):
     root, full, corpus = env
     cache = tmp_path / "hub"
-    repo = cache / "models--acme--tiny-emo"
-    snap = repo / "snapshots" / ("a" * 40)
-    shutil.copytree(full, snap)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text("a" * 40)
+    lay_out_hub_cache(full, cache, "acme/tiny-emo", "a" * 40)
     envv = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     exe = ROOT / ".venv" / "bin" / "emo-subset"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "subsetting.cli"]
