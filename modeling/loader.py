@@ -152,20 +152,23 @@ class Model:
 
     def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
         """`[len(token_ids), vocab]` float32 logits of one sequence."""
+        return self._run_one(token_ids, pool, collect_router_probs=False).logits
+
+    def router_probs(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> list[Tensor | None]:
+        """Per layer, the routing softmax `[len(token_ids), S]` over loaded slots."""
+        return self._run_one(token_ids, pool, collect_router_probs=True).router_probs
+
+    def _run_one(self, token_ids, pool, collect_router_probs: bool) -> ForwardOutput:
+        """One sequence through a cache of its own length: every row's logits, or
+        (when collecting router probabilities) only the last row's."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         if ids.numel() == 0:
             raise ValueError("token_ids is empty")
         self.check_tokens(ids.tolist())
         cache = self.new_cache(1, ids.numel())
         batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
-        return self.forward(batch, cache, logits_at="all").logits
-
-    def router_probs(self, token_ids: list[int], pool: Pool | None = None) -> list[Tensor | None]:
-        """Per layer, the routing softmax `[len(token_ids), S]` over loaded slots."""
-        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-        cache = self.new_cache(1, ids.numel())
-        batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
-        return self.forward(batch, cache, logits_at=torch.tensor([ids.numel() - 1]), collect_router_probs=True).router_probs
+        rows = torch.tensor([ids.numel() - 1]) if collect_router_probs else "all"
+        return self.forward(batch, cache, logits_at=rows, collect_router_probs=collect_router_probs)
 
     def check_tokens(self, ids: list[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
