@@ -76,14 +76,6 @@ class ModelConfig:
     def is_dense(self, layer: int) -> bool:
         return self.experts_per_layer[layer] == 0
 
-    def k_for(self, layer: int) -> int:
-        return min(self.top_k, self.experts_per_layer[layer])
-
-    def identity(self) -> dict[str, Any]:
-        """What a profile records to name its base (see `modeling.profile`)."""
-        return {"model_type": self.model_type, "num_layers": self.num_layers,
-                "experts_per_layer": list(self.experts_per_layer)}
-
     # -- parsing ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":

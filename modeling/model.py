@@ -42,10 +42,6 @@ class ResolvedPool:
     masks: list[Tensor | None]
     pool: Pool | None = None
 
-    @property
-    def unrestricted(self) -> bool:
-        return all(m is None for m in self.masks)
-
 
 class KVCache:
     """Keys and values per layer, `[slots, kv_heads, max_len, head_dim]`.
@@ -63,10 +59,6 @@ class KVCache:
         self.max_len = max_len
         self.num_slots = num_slots
         self.lengths = [0] * num_slots
-
-    def bytes_per_token(self) -> int:
-        k = self.k[0]
-        return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.element_size()
 
 
 @dataclass

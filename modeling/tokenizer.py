@@ -44,7 +44,6 @@ class Tokenizer:
             pad_token_id = self._tok.token_to_id(pad_text)
         self.pad_token_id = pad_token_id
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._special_ids = {k for k, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -58,12 +57,6 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """The text one token contributes (for logprobs' `tokens`)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self._tok.id_to_token(token_id)
-
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self.chat_template is None:
