@@ -1,4 +1,4 @@
-"""emo-serve's one implementation of EMO and OLMoE models (see shared/emo-format.md)."""
+"""emo-serve's one implementation of its model families: EMO, OLMoE, Qwen3-MoE, Mixtral, GLM-4.5 (modeling.families)."""
 
 from .config import ConfigError, ModelConfig, load_config
 from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
@@ -7,9 +7,12 @@ from .profile import ProfileError, ProfileManifest, base_identity
 from .safetensors_io import CheckpointError, CheckpointFiles, write_checkpoint
 from .sampling import SamplingParams, StopChecker
 from .tokenizer import Tokenizer, TokenizerError
-from .weights import TensorNames
+from .families import FAMILIES, Family, register
+from .names import TensorNames
+from .routing import Route, RoutingRule
 
 __all__ = [
+    "FAMILIES", "Family", "Route", "RoutingRule", "register",
     "Batch", "CheckpointError", "CheckpointFiles", "ConfigError", "ForwardOutput", "Generation", "KVCache",
     "Model", "ModelConfig", "ModelNotFound", "Pool", "PoolError", "ProfileError", "ProfileManifest",
     "ResolvedPool", "SamplingParams", "StopChecker", "TensorNames", "Tokenizer", "TokenizerError",

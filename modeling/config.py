@@ -1,8 +1,10 @@
-"""`config.json` of EMO (`model_type: "emo"`) and OLMoE (`"olmoe"`) as one dataclass.
+"""`config.json` of every supported family as one dataclass.
 
-Every key of emo-format.md that changes routing is parsed here, once; the rest
-of the code reads only `ModelConfig`. A missing required key or an unknown
-`model_type` is a `ConfigError` that names the file and the key.
+Every key that changes routing or attention is parsed here, once, through the
+family's declaration (`modeling.families`); the rest of the code reads only
+`ModelConfig`. A missing required key, an unknown `model_type` or a feature we
+do not implement (a RoPE type, sliding windows) is a `ConfigError` that names
+the file and the key.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from typing import Any
 
 import torch
 
-SUPPORTED_MODEL_TYPES = ("emo", "olmoe")
+from .families import FAMILIES, Family, FamilyConfigError
+from .layers import ROPE_TYPES, RopeConfig
+from .names import TensorNames
+from .routing import RoutingRule
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -50,9 +55,9 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    intermediate_size: int  # of one expert
-    experts_per_layer: list[int]  # 0 = dense SwiGLU layer
-    shared_per_layer: list[int]
+    intermediate_size: int  # of one routed expert
+    experts_per_layer: list[int]  # routed experts; 0 = dense SwiGLU layer
+    shared_per_layer: list[int]  # shared experts inside the router (EMO's last s slots)
     always_active_per_layer: list[list[int]]
     top_k: int
     norm_topk_prob: bool
@@ -61,26 +66,52 @@ class ModelConfig:
     rope_theta: float
     rms_norm_eps: float
     max_position_embeddings: int
-    qk_norm: bool
+    qk_norm: str | None  # None, "proj" (whole projection, before the head split) or "head" (per head)
     clip_qkv: float | None
-    attention_bias: bool
+    attention_bias: bool  # q/k/v biases
     tie_word_embeddings: bool
     eos_token_ids: list[int]
     pad_token_id: int | None
     bos_token_id: int | None
     dtype: torch.dtype | None  # None: take it from the tensors
+    routing: RoutingRule | None = None  # None: softmax top-k from top_k / norm_topk_prob
+    shared_mlp_size: int = 0  # > 0: a separate always-on shared-expert MLP of this size (GLM)
+    o_bias: bool = False  # o_proj bias
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     source: str = "<dict>"
 
+    def __post_init__(self):
+        if self.routing is None:
+            self.routing = RoutingRule(top_k=self.top_k, renormalise=self.norm_topk_prob)
+
     # -- derived ---------------------------------------------------------------
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.model_type]
+
+    @property
+    def names(self) -> TensorNames:
+        return self.family.names
+
     def is_dense(self, layer: int) -> bool:
         return self.experts_per_layer[layer] == 0
+
+    def expert_groups(self, layer: int) -> list[int]:
+        """The routing group of each of layer i's experts (local ids; all 0 unless group-limited)."""
+        E, g = self.experts_per_layer[layer], self.routing.n_group
+        return [j // (E // g) for j in range(E)] if g > 1 else [0] * E
 
     # -- parsing ---------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "<dict>") -> "ModelConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: config must be a JSON object")
+        mt = d.get("model_type")
+        if mt not in FAMILIES:
+            raise ConfigError(f"{source}: unknown model_type {mt!r}; supported: {', '.join(FAMILIES)}")
+        fam = FAMILIES[mt]
 
         def req(key: str, *alts: str) -> Any:
             for k in (key, *alts):
@@ -88,15 +119,17 @@ class ModelConfig:
                     return d[k]
             raise ConfigError(f"{source}: missing required key {key!r}")
 
-        def opt(key: str, default: Any) -> Any:
+        def opt(key: str, default: Any = None) -> Any:
             v = d.get(key)
+            if v is None:
+                v = fam.defaults.get(key)
             return default if v is None else v
 
-        mt = d.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(f"{source}: unknown model_type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if d.get("rope_scaling"):
-            raise ConfigError(f"{source}: key 'rope_scaling' is not supported (got {d['rope_scaling']!r})")
+        try:
+            fam.check(d)
+        except FamilyConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        rope = _parse_rope(d, fam, source)
 
         L = int(req("num_hidden_layers"))
         H = int(req("hidden_size"))
@@ -106,19 +139,25 @@ class ModelConfig:
         if heads % kv:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
 
+        # Expert counts: our per-layer extension (profiles with per-layer counts), or the
+        # family's own key with its own dense layers.
         per_layer = d.get("num_experts_per_layer")
         if per_layer is not None:
             experts = [int(x) for x in per_layer]
         else:
-            experts = [int(req("num_experts", "num_local_experts"))] * L
+            E = int(req(*fam.expert_count_keys))
+            dense = fam.dense_layers(d, L)
+            experts = [0 if i in dense else E for i in range(L)]
         if len(experts) != L:
             raise ConfigError(f"{source}: 'num_experts_per_layer' has {len(experts)} entries for {L} layers")
 
-        shared_pl = d.get("num_shared_experts_per_layer")
-        shared = [int(x) for x in shared_pl] if shared_pl is not None else [int(opt("num_shared_experts", 0))] * L
-        if len(shared) != L:
-            raise ConfigError(f"{source}: 'num_shared_experts_per_layer' has {len(shared)} entries for {L} layers")
-        shared = [s if e > 0 else 0 for s, e in zip(shared, experts)]
+        shared = [0] * L
+        if fam.shared == "slots":
+            shared_pl = d.get("num_shared_experts_per_layer")
+            shared = [int(x) for x in shared_pl] if shared_pl is not None else [int(opt("num_shared_experts", 0))] * L
+            if len(shared) != L:
+                raise ConfigError(f"{source}: 'num_shared_experts_per_layer' has {len(shared)} entries for {L} layers")
+            shared = [s if e > 0 else 0 for s, e in zip(shared, experts)]
 
         aa_pl = d.get("always_active_experts_per_layer")
         if aa_pl is not None:
@@ -141,15 +180,26 @@ class ModelConfig:
 
         has_moe = any(e > 0 for e in experts)
         has_dense = any(e == 0 for e in experts)
-        inter = int(req("intermediate_size")) if has_moe else int(opt("intermediate_size", 0))
-        dense_inter = d.get("dense_intermediate_size")
+        inter = int(req(*fam.expert_size_keys)) if has_moe else int(opt(fam.expert_size_keys[0], 0))
+        dense_inter = next((d[k] for k in fam.dense_size_keys if d.get(k) is not None), None)
         if has_dense and dense_inter is None:
-            raise ConfigError(f"{source}: missing required key 'dense_intermediate_size' (a layer has 0 experts)")
+            raise ConfigError(f"{source}: missing required key {fam.dense_size_keys[0]!r} (a layer has a dense MLP)")
+
+        routing = _parse_routing(d, fam, opt, top_k, experts, source)
+        shared_mlp = 0
+        if fam.shared == "module" and has_moe:
+            shared_mlp = inter * int(opt(fam.shared_count_key, 0))
 
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
         dtype = parse_dtype(d.get("torch_dtype") or d.get("dtype"))
-        clip = d.get("clip_qkv")
+        clip = d.get("clip_qkv") if fam.clip_qkv else None
+        qk_norm = fam.qk_norm if fam.qk_norm_key is None or opt(fam.qk_norm_key, False) else None
+        attention_bias = bool(opt("attention_bias", False))
+        try:
+            extra = fam.parse_extra(d)
+        except FamilyConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
 
         return cls(
             model_type=mt,
@@ -164,47 +214,115 @@ class ModelConfig:
             shared_per_layer=shared,
             always_active_per_layer=always,
             top_k=top_k,
-            norm_topk_prob=bool(opt("norm_topk_prob", False)),
+            norm_topk_prob=routing.renormalise,
             dense_intermediate_size=None if dense_inter is None else int(dense_inter),
             dense_mlp_bias=bool(opt("dense_mlp_bias", False)),
-            rope_theta=float(opt("rope_theta", 10000.0)),
-            rms_norm_eps=float(opt("rms_norm_eps", 1e-6 if mt == "emo" else 1e-5)),
+            rope_theta=rope.theta,
+            rms_norm_eps=float(opt("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(opt("max_position_embeddings", 4096)),
-            qk_norm=(mt == "olmoe"),
+            qk_norm=qk_norm,
             clip_qkv=None if clip is None else float(clip),
-            attention_bias=bool(opt("attention_bias", False)),
+            attention_bias=attention_bias,
             tie_word_embeddings=bool(opt("tie_word_embeddings", False)),
             eos_token_ids=eos_ids,
             pad_token_id=d.get("pad_token_id"),
             bos_token_id=d.get("bos_token_id"),
             dtype=dtype,
+            routing=routing,
+            shared_mlp_size=shared_mlp,
+            o_bias=attention_bias and fam.o_bias,
+            rope=rope,
+            extra=extra,
             raw=copy.deepcopy(d),
             source=source,
         )
 
     def pruned_dict(self, kept_per_layer: dict[int, list[int]]) -> dict[str, Any]:
-        """config.json of a checkpoint that keeps `kept_per_layer` (original ids).
+        """config.json of a checkpoint that keeps `kept_per_layer` (local expert ids).
 
-        Experts are renumbered 0..n-1 in original order, so the shared experts
+        Experts are renumbered 0..n-1 in original order, so EMO's shared experts
         (the last s) stay last and always-active ids are renumbered to match.
+        When every MoE layer keeps the same count, families that stock tools
+        know get their own keys (the expert count reduced), so transformers loads
+        the profile unchanged; otherwise (and for EMO) the counts go to our
+        extension `num_experts_per_layer` (docs/checkpoint-formats.md).
         """
         d = copy.deepcopy(self.raw)
+        fam = self.family
         counts, always = [], []
         for i in range(self.num_layers):
             kept = sorted(kept_per_layer.get(i, range(self.experts_per_layer[i])))
             counts.append(len(kept))
             pos = {orig: new for new, orig in enumerate(kept)}
             always.append([pos[a] for a in self.always_active_per_layer[i] if a in pos])
-        for key in ("num_experts", "num_local_experts", "always_active_experts"):
+        moe_counts = {c for c, e in zip(counts, self.experts_per_layer) if e > 0}
+        full_dense = fam.dense_layers(self.raw, self.num_layers) if "num_experts_per_layer" not in self.raw else None
+        uniform = (fam.stock_profile_config and len(moe_counts) == 1 and not any(always)
+                   and full_dense == {i for i, e in enumerate(self.experts_per_layer) if e == 0})
+        if uniform:
+            key = fam.expert_count_key(self.raw)
+            d[key] = moe_counts.pop()
+            for k in fam.expert_count_keys:
+                if k != key and k in d and d[k] is not None:
+                    d[k] = d[key]
+            for k in ("num_experts_per_layer", "num_shared_experts_per_layer", "always_active_experts_per_layer"):
+                d.pop(k, None)
+            return d
+        for key in (*fam.expert_count_keys, "num_experts", "num_local_experts", "always_active_experts"):
             d.pop(key, None)
         d["num_experts_per_layer"] = counts
-        d["num_shared_experts_per_layer"] = list(self.shared_per_layer)
-        d["num_shared_experts"] = max(self.shared_per_layer, default=0)
+        if fam.shared == "slots":
+            d["num_shared_experts_per_layer"] = list(self.shared_per_layer)
+            d["num_shared_experts"] = max(self.shared_per_layer, default=0)
         if any(always):
             d["always_active_experts_per_layer"] = always
         else:
             d.pop("always_active_experts_per_layer", None)
         return d
+
+
+def _parse_rope(d: dict[str, Any], fam: Family, source: str) -> RopeConfig:
+    params: dict[str, Any] = {}
+    rtype = "default"
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5's rope_parameters wins
+        v = d.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{source}: key {key!r} must be an object (got {v!r})")
+        t = (v or {}).get("rope_type") or (v or {}).get("type")
+        if t is not None and t not in ROPE_TYPES:  # refused wherever it is stated
+            raise ConfigError(f"{source}: RoPE type {t!r} ({key}) is not supported; supported: {', '.join(ROPE_TYPES)}")
+        params.update(v or {})
+        rtype = t or rtype
+    theta = params.get("rope_theta", d.get("rope_theta", fam.defaults.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor",
+                         d.get("partial_rotary_factor", fam.defaults.get("partial_rotary_factor", 1.0)))
+    if not 0 < float(partial) <= 1:
+        raise ConfigError(f"{source}: partial_rotary_factor {partial} is not in (0, 1]")
+    rest = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+    return RopeConfig(str(rtype), float(theta), float(partial), rest)
+
+
+def _parse_routing(d: dict[str, Any], fam: Family, opt, top_k: int, experts: list[int], source: str) -> RoutingRule:
+    n_group = int(opt("n_group", 1)) if fam.group_limited else 1
+    topk_group = int(opt("topk_group", 1)) if fam.group_limited else 1
+    if n_group < 1 or not 1 <= topk_group <= n_group:
+        raise ConfigError(f"{source}: n_group {n_group} / topk_group {topk_group}: need 1 <= topk_group <= n_group")
+    for i, e in enumerate(experts):
+        if e and e % n_group:
+            raise ConfigError(f"{source}: n_group {n_group} does not divide the {e} routed experts of layer {i}")
+        if e and n_group > 1 and top_k > topk_group * (e // n_group):
+            raise ConfigError(f"{source}: num_experts_per_tok {top_k} is more than the {topk_group * (e // n_group)} "
+                              f"experts of topk_group {topk_group} groups in layer {i}")
+    return RoutingRule(
+        top_k=top_k,
+        scoring=fam.scoring,
+        n_group=n_group,
+        topk_group=topk_group,
+        renormalise=True if fam.always_renormalise else bool(opt("norm_topk_prob", False)),
+        scaling=float(opt(fam.scaling_key, 1.0)) if fam.scaling_key else 1.0,
+        correction_bias=fam.correction_bias,
+        router_float32=fam.router_float32,
+    )
 
 
 def load_config(path: str | Path) -> ModelConfig:

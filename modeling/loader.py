@@ -135,6 +135,8 @@ class Model:
                 ts.append(lw.experts.router)
             if lw.dense is not None:
                 ts += lw.dense.tensors()
+            if lw.shared_mlp is not None:
+                ts += lw.shared_mlp.tensors()
         return sum(t.numel() * t.element_size() for t in ts)
 
     # -- running ---------------------------------------------------------------

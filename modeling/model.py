@@ -1,4 +1,4 @@
-"""The EMO / OLMoE forward pass, in the spirit of gpt-fast: one readable file,
+"""The forward pass of every family (modeling.families), in the spirit of gpt-fast: one readable file,
 an explicit KV cache, no framework magic.
 
 A batch is *packed*: the new tokens of every sequence are concatenated into
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .layers import apply_rope, rms_norm, rope_cos_sin
+from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
 from .quant import Int8Cache
 from .routing import Route, route
@@ -157,7 +157,7 @@ class Transformer:
     def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Token embeddings of the packed batch and the RoPE tables of its positions."""
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
-        cos, sin = rope_cos_sin(self.cfg.head_dim, positions, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.cfg.rope, self.cfg.head_dim, positions)
         return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
 
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
@@ -199,13 +199,17 @@ class Transformer:
         cfg = self.cfg
         T = h.shape[0]
         q, k, v = self._linear(h, lw.q, lw.q_bias), self._linear(h, lw.k, lw.k_bias), self._linear(h, lw.v, lw.v_bias)
-        if lw.q_norm is not None:  # OLMoE: RMSNorm over the whole projection, before the head split
+        if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection, before the head split
             q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(T, cfg.num_heads, cfg.head_dim).transpose(0, 1)  # [heads, T, D]
-        k = k.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
+        q = q.view(T, cfg.num_heads, cfg.head_dim)
+        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":  # Qwen3, GLM: RMSNorm over head_dim, after the head split
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, T, D]
         v = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty(cfg.num_heads, T, cfg.head_dim, dtype=q.dtype, device=q.device)
@@ -244,15 +248,19 @@ class Transformer:
 
     def route(self, i: int, h: Tensor, allowed: Tensor | None = None) -> Route:
         """Layer i's expert choice for normed hidden states `h` (router in the
-        checkpoint's dtype, never quantized; softmax in float32)."""
-        cfg, le = self.cfg, self.w.layers[i].experts
-        return route(F.linear(h, le.router), top_k=cfg.top_k, allowed=allowed, shared=le.shared_mask,
-                     always_active=le.always_mask, norm_topk_prob=cfg.norm_topk_prob)
+        checkpoint's dtype or, where the family says so, float32; never
+        quantized; scores in float32), by the family's routing rule."""
+        rule, le = self.cfg.routing, self.w.layers[i].experts
+        logits = F.linear(h.float(), le.router.float()) if rule.router_float32 else F.linear(h, le.router)
+        return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
+                     bias=le.bias, groups=le.group_ids)
 
     def moe(self, i: int, h: Tensor, allowed: Tensor | None = None,
             collect: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Layer i's mixture of experts on normed hidden states `h` `[T, H]`."""
-        le = self.w.layers[i].experts
+        """Layer i's mixture of experts on normed hidden states `h` `[T, H]`
+        (routed experts, plus the family's always-on shared MLP if it has one)."""
+        lw = self.w.layers[i]
+        le = lw.experts
         r = self.route(i, h, allowed)
         T, k = r.indices.shape
         flat_e = r.indices.flatten()
@@ -273,7 +281,10 @@ class Transformer:
             y = self.expert(le.experts[e], xe)
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
-        return out.to(h.dtype), (r.probs if collect else None)
+        out = out.to(h.dtype)
+        if lw.shared_mlp is not None:
+            out = out + self.expert(lw.shared_mlp, h)
+        return out, (r.probs if collect else None)
 
 
 

@@ -16,61 +16,10 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .names import TensorNames
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 PROFILE_FILE = "profile.json"
-
-
-# -- names ---------------------------------------------------------------------
-
-
-class TensorNames:
-    """Checkpoint tensor names of EMO and OLMoE (emo-format.md, "Tensor names")."""
-
-    embed = "model.embed_tokens.weight"
-    final_norm = "model.norm.weight"
-    lm_head = "lm_head.weight"
-
-    def __init__(self, model_type: str):
-        self.model_type = model_type
-        if model_type == "emo":
-            self._attn_norm, self._mlp_norm = "pre_attention_layernorm", "pre_feedforward_layernorm"
-        else:
-            self._attn_norm, self._mlp_norm = "input_layernorm", "post_attention_layernorm"
-
-    @staticmethod
-    def layer(i: int) -> str:
-        return f"model.layers.{i}"
-
-    def attn_norm(self, i: int) -> str:
-        return f"{self.layer(i)}.{self._attn_norm}.weight"
-
-    def mlp_norm(self, i: int) -> str:
-        return f"{self.layer(i)}.{self._mlp_norm}.weight"
-
-    def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
-        return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
-
-    def qk_norm(self, i: int, p: str) -> str:  # p in q, k
-        return f"{self.layer(i)}.self_attn.{p}_norm.weight"
-
-    def router(self, i: int) -> str:
-        return f"{self.layer(i)}.mlp.gate.weight"
-
-    def expert(self, i: int, j: int, p: str) -> str:  # p in gate, up, down
-        return f"{self.layer(i)}.mlp.experts.{j}.{p}_proj.weight"
-
-    def fused_gate_up(self, i: int) -> str:
-        return f"{self.layer(i)}.mlp.experts.gate_up_proj"
-
-    def fused_down(self, i: int) -> str:
-        return f"{self.layer(i)}.mlp.experts.down_proj"
-
-    def dense(self, i: int, p: str, kind: str = "weight") -> str:
-        return f"{self.layer(i)}.mlp.{p}_proj.{kind}"
-
-    def expert_tensor_names(self, i: int, j: int) -> list[str]:
-        return [self.expert(i, j, p) for p in ("gate", "up", "down")]
 
 
 # -- weights -------------------------------------------------------------------
@@ -103,9 +52,21 @@ class LayerExperts:
     shared: list[bool] = field(default_factory=list)
     always_active: list[bool] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # which checkpoint folder provided the slot
+    bias_rows: list[Tensor] = field(default_factory=list)  # e_score_correction_bias entries (sigmoid routers)
+    groups: list[int] = field(default_factory=list)  # routing group per slot (group-limited routers)
     router: Tensor | None = None  # [S, H], rebuilt when slots change
     shared_mask: Tensor | None = None
     always_mask: Tensor | None = None
+    bias: Tensor | None = None  # [S] float32 correction bias, or None
+    group_ids: Tensor | None = None  # [S] int64
+
+    def rebuild(self, device: torch.device) -> None:
+        """The per-slot tensors routing reads, from the per-slot lists."""
+        self.router = torch.stack(self.router_rows)
+        self.shared_mask = torch.tensor(self.shared, dtype=torch.bool, device=device)
+        self.always_mask = torch.tensor(self.always_active, dtype=torch.bool, device=device)
+        self.bias = torch.stack(self.bias_rows).float() if self.bias_rows else None
+        self.group_ids = torch.tensor(self.groups, dtype=torch.int64, device=device)
 
     def slot_of(self, orig_id: int) -> int | None:
         try:
@@ -130,6 +91,7 @@ class LayerWeights:
     o_bias: Tensor | None = None
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
+    shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
 
 
@@ -198,7 +160,7 @@ def _expert_views(files: CheckpointFiles, names: TensorNames, cfg: ModelConfig, 
         if fused is not None:
             fused = fused.view(2 * I, H)
         return Expert(gate, up, down, fused)
-    gu_name, d_name = names.fused_gate_up(i), names.fused_down(i)
+    gu_name, d_name = names.fused_gate_up(i), names.fused_down(i)  # transformers 5's in-memory layout
     if gu_name not in files:
         raise CheckpointError(f"{files.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing from the checkpoint")
     E = cfg.experts_per_layer[i]
@@ -210,9 +172,18 @@ def _expert_views(files: CheckpointFiles, names: TensorNames, cfg: ModelConfig, 
 def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader,
                        ids: list[int]) -> LayerExperts:
     """The experts of layer i; `ids` are their original ids (see original_expert_ids)."""
-    names = TensorNames(cfg.model_type)
+    names = cfg.names
     E, s = cfg.experts_per_layer[i], cfg.shared_per_layer[i]
-    router = reader.get(names.router(i), (E, cfg.hidden_size))
+    rname = names.router(i) if names.router(i) in files or names.fused_router(i) not in files else names.fused_router(i)
+    router = reader.get(rname, (E, cfg.hidden_size))
+    bias = None
+    if cfg.routing.correction_bias:
+        bname = names.router_bias(i) if names.router_bias(i) in files else names.fused_router_bias(i)
+        if bname not in files:
+            raise CheckpointError(f"{files.folder}: tensor {names.router_bias(i)!r} (the router's correction bias, "
+                                  f"which {cfg.model_type} routing needs) is missing from the checkpoint")
+        bias = reader.get(bname, (E,))
+    groups = cfg.expert_groups(i)
     le = LayerExperts()
     for j in range(E):
         le.ids.append(ids[j])
@@ -221,9 +192,11 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
         le.shared.append(j >= E - s)
         le.always_active.append(j in cfg.always_active_per_layer[i])
         le.sources.append(str(folder))
-    le.router = router
-    le.shared_mask = torch.tensor(le.shared, dtype=torch.bool, device=reader.device)
-    le.always_mask = torch.tensor(le.always_active, dtype=torch.bool, device=reader.device)
+        le.groups.append(groups[j])
+        if bias is not None:
+            le.bias_rows.append(bias[j])
+    le.rebuild(reader.device)
+    le.router = router  # the checkpoint's own view, no copy
     return le
 
 
@@ -231,7 +204,7 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
                  device: torch.device) -> ModelWeights:
     """Views of every tensor the config calls for, shapes checked against it."""
     r = _Reader(files, dtype, device)
-    n = TensorNames(cfg.model_type)
+    n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
     qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     embed = r.get(n.embed, (V, H))
@@ -247,12 +220,17 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
             o=r.get(n.proj(i, "o"), (H, qd)),
             mlp_norm=r.get(n.mlp_norm(i), (H,)),
         )
-        if cfg.qk_norm:
+        if cfg.qk_norm == "proj":  # OLMoE: over the whole projection
             lw.q_norm = r.get(n.qk_norm(i, "q"), (qd,))
             lw.k_norm = r.get(n.qk_norm(i, "k"), (kvd,))
+        elif cfg.qk_norm == "head":  # Qwen3, GLM: one [head_dim] weight shared by every head
+            lw.q_norm = r.get(n.qk_norm(i, "q"), (cfg.head_dim,))
+            lw.k_norm = r.get(n.qk_norm(i, "k"), (cfg.head_dim,))
         if cfg.attention_bias:
             lw.q_bias, lw.k_bias = r.get(n.proj(i, "q", "bias"), (qd,)), r.get(n.proj(i, "k", "bias"), (kvd,))
-            lw.v_bias, lw.o_bias = r.get(n.proj(i, "v", "bias"), (kvd,)), r.get(n.proj(i, "o", "bias"), (H,))
+            lw.v_bias = r.get(n.proj(i, "v", "bias"), (kvd,))
+        if cfg.o_bias:
+            lw.o_bias = r.get(n.proj(i, "o", "bias"), (H,))
         if cfg.is_dense(i):
             D = cfg.dense_intermediate_size
             lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),
@@ -262,6 +240,10 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
                                  r.get(n.dense(i, "down", "bias"), (H,)))
         else:
             lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i])
+            if cfg.shared_mlp_size:
+                S = cfg.shared_mlp_size
+                lw.shared_mlp = Expert(r.get(n.shared(i, "gate"), (S, H)), r.get(n.shared(i, "up"), (S, H)),
+                                       r.get(n.shared(i, "down"), (H, S)))
         layers.append(lw)
     return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)
 
@@ -292,14 +274,16 @@ def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.devi
         target.shared.append(source.shared[j])
         target.always_active.append(source.always_active[j])
         target.sources.append(source.sources[j])
+        target.groups.append(source.groups[j])
+        if source.bias_rows:
+            target.bias_rows.append(source.bias_rows[j])
         added.append(orig)
     if added:
         order = sorted(range(len(target.ids)), key=target.ids.__getitem__)
-        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources"):
+        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources", "groups", "bias_rows"):
             lst = getattr(target, attr)
-            setattr(target, attr, [lst[k] for k in order])
+            if lst:
+                setattr(target, attr, [lst[k] for k in order])
         # The router over the union is small (S x H) and is the one copy made.
-        target.router = torch.stack(target.router_rows)
-        target.shared_mask = torch.tensor(target.shared, dtype=torch.bool, device=device)
-        target.always_mask = torch.tensor(target.always_active, dtype=torch.bool, device=device)
+        target.rebuild(device)
     return added

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modeling import Model, ProfileManifest, TensorNames, load_config
+from modeling import Model, ProfileManifest, load_config
 from modeling.safetensors_io import AtomicFolder, CheckpointFiles, ShardedWriter, sha256_file
 from modeling.profile import shard_files
 
@@ -48,7 +48,7 @@ class _Plan:
     def __init__(self, model: Model, slots: dict[int, list[int]]):
         self.model, self.slots = model, slots
         self.files: CheckpointFiles = model.files
-        self.names = TensorNames(model.config.model_type)
+        self.names = model.config.names
         self.sources: dict[str, list[str]] = {}
         self.expert_bytes = 0
         self.non_expert_bytes = 0

@@ -1,0 +1,133 @@
+"""Model families: what differs between EMO, OLMoE, Qwen3-MoE, Mixtral and GLM-4.5.
+
+Each family is a small declaration: its `config.json` keys (where the expert
+count and sizes live, which layers are dense), its tensor names
+(`modeling.names`), its attention variant (q/k norm over the whole projection
+or per head, biases) and its routing rule (`modeling.routing.RoutingRule`:
+softmax or sigmoid + correction bias, top-k or group-limited, renormalise,
+scale) and where its shared experts live ("slots": EMO's last s experts inside
+the router; "module": GLM's separate always-on `mlp.shared_experts` MLP).
+`ModelConfig.from_dict` reads every family through these declarations, and the
+forward pass, the pool mechanism, the builder and the server stay one
+implementation over them.
+
+Adding a family: subclass `Family` (override `dense_layers`, `check` or
+`parse_extra` where its config needs it), give it a `TensorNames` table, and
+`register()` it. A RoPE variant is added to `modeling.layers.ROPE_TYPES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .names import EMO_NAMES, GLM4_MOE_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
+
+
+class FamilyConfigError(ValueError):
+    """Raised by a family's checks; `config.py` turns it into a ConfigError naming the file."""
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    names: TensorNames
+    architecture: str  # transformers' class name (config.json "architectures")
+    expert_count_keys: tuple[str, ...] = ("num_experts", "num_local_experts")  # the first present is read
+    expert_size_keys: tuple[str, ...] = ("intermediate_size",)  # one routed expert's intermediate size
+    dense_size_keys: tuple[str, ...] = ("dense_intermediate_size",)  # a dense layer's MLP
+    # routing
+    scoring: str = "softmax"
+    always_renormalise: bool = False  # Mixtral renormalises whatever norm_topk_prob says
+    group_limited: bool = False  # reads n_group / topk_group
+    scaling_key: str | None = None  # routed_scaling_factor
+    correction_bias: bool = False  # e_score_correction_bias per MoE layer (required when set)
+    router_float32: bool = False  # the router product runs in float32
+    shared: str = "slots"  # "slots" (num_shared_experts inside the router) | "module" (separate MLP) | "none"
+    shared_count_key: str = "n_shared_experts"  # for shared == "module"
+    # attention
+    qk_norm: str | None = None  # "proj": RMSNorm over the whole q/k projection (OLMoE); "head": per head (Qwen3, GLM)
+    qk_norm_key: str | None = None  # a config key that switches the q/k norm on (GLM's use_qk_norm)
+    clip_qkv: bool = False
+    o_bias: bool = True  # attention_bias applies to o_proj too
+    # defaults of the family's config class, for keys a config.json leaves out
+    defaults: dict[str, Any] = field(default_factory=dict)
+    # profiles keeping the same count per MoE layer use the family's own keys (stock tools load them)
+    stock_profile_config: bool = True
+
+    def dense_layers(self, d: dict, num_layers: int) -> set[int]:
+        """Layers whose MLP is dense in a full checkpoint of this family."""
+        return set()
+
+    def check(self, d: dict) -> None:
+        """Refuse config features the forward pass does not implement."""
+
+    def parse_extra(self, d: dict) -> dict[str, Any]:
+        """Family-specific settings kept on `ModelConfig.extra` (for later families)."""
+        return {}
+
+    def expert_count_key(self, d: dict) -> str:
+        """The key this config.json holds its expert count under (written back in profiles)."""
+        return next((k for k in self.expert_count_keys if d.get(k) is not None), self.expert_count_keys[0])
+
+
+class _Qwen3Moe(Family):
+    def dense_layers(self, d: dict, num_layers: int) -> set[int]:
+        # transformers: sparse where (i not in mlp_only_layers) and (i + 1) % decoder_sparse_step == 0
+        step = int(d.get("decoder_sparse_step") or 1)
+        only = {int(x) for x in d.get("mlp_only_layers") or []}
+        return {i for i in range(num_layers) if i in only or (i + 1) % step != 0}
+
+    def check(self, d: dict) -> None:
+        if d.get("use_sliding_window") and d.get("sliding_window") is not None:
+            raise FamilyConfigError(f"sliding-window attention (sliding_window {d['sliding_window']}) is not supported")
+
+
+class _Mixtral(Family):
+    def check(self, d: dict) -> None:
+        w, n = d.get("sliding_window"), d.get("max_position_embeddings")
+        if w is not None and (n is None or int(w) < int(n)):
+            raise FamilyConfigError(f"sliding-window attention (sliding_window {w}) is not supported")
+
+
+class _Glm4Moe(Family):
+    def dense_layers(self, d: dict, num_layers: int) -> set[int]:
+        return set(range(min(int(d.get("first_k_dense_replace") or 0), num_layers)))
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def supported_model_types() -> tuple[str, ...]:
+    return tuple(FAMILIES)
+
+
+def family_of(model_type: str) -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise KeyError(model_type) from None
+
+
+register(Family("emo", EMO_NAMES, "EmoForCausalLM", stock_profile_config=False,
+                defaults={"rms_norm_eps": 1e-6}))
+register(Family("olmoe", OLMOE_NAMES, "OlmoeForCausalLM", qk_norm="proj", clip_qkv=True,
+                defaults={"rms_norm_eps": 1e-5}))
+register(_Qwen3Moe("qwen3_moe", QWEN3_MOE_NAMES, "Qwen3MoeForCausalLM", expert_size_keys=("moe_intermediate_size",),
+                   dense_size_keys=("intermediate_size",), shared="none", qk_norm="head",
+                   defaults={"rms_norm_eps": 1e-6}))
+register(_Mixtral("mixtral", MIXTRAL_NAMES, "MixtralForCausalLM", expert_count_keys=("num_local_experts", "num_experts"),
+                  always_renormalise=True, shared="none", o_bias=False,
+                  defaults={"rms_norm_eps": 1e-5, "rope_theta": 1e6}))
+register(_Glm4Moe("glm4_moe", GLM4_MOE_NAMES, "Glm4MoeForCausalLM",
+                  expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_keys=("moe_intermediate_size",),
+                  dense_size_keys=("intermediate_size",), scoring="sigmoid", group_limited=True,
+                  scaling_key="routed_scaling_factor", correction_bias=True, router_float32=True, shared="module",
+                  qk_norm="head", qk_norm_key="use_qk_norm", o_bias=False,
+                  defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1,
+                            "partial_rotary_factor": 0.5}))

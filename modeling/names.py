@@ -1,0 +1,98 @@
+"""Checkpoint tensor names, one table per family: the only place that spells them.
+
+A family's checkpoints name the same parts differently (EMO's
+`pre_attention_layernorm` is everyone else's `input_layernorm`, Mixtral keeps
+its experts under `block_sparse_moe.experts.N.{w1,w3,w2}`). `TensorNames` holds
+the Hugging Face hub layout (one tensor per expert), which is also what every
+profile is written in, and the fused 3-D layout that transformers 5 keeps in
+memory (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj`
+[E, H, I]), which readers accept too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXPERT_PARTS = ("gate", "up", "down")  # SwiGLU: down(silu(gate(x)) * up(x))
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """Names of one family's tensors (defaults: the OLMoE / Qwen3-MoE layout)."""
+
+    model_type: str = "olmoe"
+    attn_norm_name: str = "input_layernorm"
+    mlp_norm_name: str = "post_attention_layernorm"
+    moe_module: str = "mlp"  # the MoE block: router `{moe}.gate`, experts `{moe}.experts.N`
+    fused_moe_module: str = "mlp"  # where transformers 5 keeps fused experts and the router in memory
+    expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
+    shared_module: str = "mlp.shared_experts"  # a separate always-on shared-expert MLP (GLM)
+
+    embed = "model.embed_tokens.weight"
+    final_norm = "model.norm.weight"
+    lm_head = "lm_head.weight"
+
+    @staticmethod
+    def layer(i: int) -> str:
+        return f"model.layers.{i}"
+
+    def attn_norm(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.attn_norm_name}.weight"
+
+    def mlp_norm(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.mlp_norm_name}.weight"
+
+    def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
+        return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
+
+    def qk_norm(self, i: int, p: str) -> str:  # p in q, k
+        return f"{self.layer(i)}.self_attn.{p}_norm.weight"
+
+    # -- the mixture of experts ---------------------------------------------------
+    def router(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.moe_module}.gate.weight"
+
+    def router_bias(self, i: int) -> str:
+        """DeepSeek-style `e_score_correction_bias` [E]: shifts the choice, not the weights."""
+        return f"{self.layer(i)}.{self.moe_module}.gate.e_score_correction_bias"
+
+    def fused_router(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.fused_moe_module}.gate.weight"
+
+    def fused_router_bias(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.fused_moe_module}.gate.e_score_correction_bias"
+
+    def expert(self, i: int, j: int, p: str) -> str:  # p in gate, up, down
+        part = self.expert_parts[EXPERT_PARTS.index(p)]
+        return f"{self.layer(i)}.{self.moe_module}.experts.{j}.{part}.weight"
+
+    def expert_tensor_names(self, i: int, j: int) -> list[str]:
+        return [self.expert(i, j, p) for p in EXPERT_PARTS]
+
+    def fused_gate_up(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.fused_moe_module}.experts.gate_up_proj"
+
+    def fused_down(self, i: int) -> str:
+        return f"{self.layer(i)}.{self.fused_moe_module}.experts.down_proj"
+
+    def shared(self, i: int, p: str) -> str:  # p in gate, up, down
+        return f"{self.layer(i)}.{self.shared_module}.{p}_proj.weight"
+
+    def dense(self, i: int, p: str, kind: str = "weight") -> str:
+        return f"{self.layer(i)}.mlp.{p}_proj.{kind}"
+
+    def routed_expert_tensors(self, i: int, num_experts: int) -> set[str]:
+        """Every name (either layout) that holds per-expert rows of layer i: what a
+        profile slices; everything else in the layer is copied unchanged."""
+        out = {self.router(i), self.router_bias(i), self.fused_router(i), self.fused_router_bias(i),
+               self.fused_gate_up(i), self.fused_down(i)}
+        for j in range(num_experts):
+            out.update(self.expert_tensor_names(i, j))
+        return out
+
+
+EMO_NAMES = TensorNames("emo", "pre_attention_layernorm", "pre_feedforward_layernorm")
+OLMOE_NAMES = TensorNames("olmoe")
+QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
+GLM4_MOE_NAMES = TensorNames("glm4_moe")
+MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))

@@ -1,0 +1,94 @@
+"""Tiny checkpoints of every stock-transformers family, written by transformers
+itself (`AutoModelForCausalLM.from_config(...).save_pretrained`), with biases,
+correction biases and norm weights set to non-trivial values first (they are
+zeros and ones at init, which would hide a reader that ignores them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+IDS = [5, 17, 42, 3, 99, 250, 7, 64, 128, 31, 2, 200]
+
+
+def _common(**over) -> dict:
+    d = dict(vocab_size=300, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6, eos_token_id=0,
+             pad_token_id=1, bos_token_id=None)
+    d.update(over)
+    return d
+
+
+# name -> (config class name, keyword arguments)
+FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
+    # Qwen3-MoE: per-head q/k norm, GQA, head_dim != hidden/heads, a dense layer from mlp_only_layers,
+    # biases on q/k/v/o.
+    "qwen3_moe": ("Qwen3MoeConfig", _common(head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+                                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                            mlp_only_layers=[1], decoder_sparse_step=1, attention_bias=True,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Qwen3-MoE with decoder_sparse_step 2 (layers 1, 3 sparse) and no renormalisation.
+    "qwen3_moe-step": ("Qwen3MoeConfig", _common(num_hidden_layers=4, head_dim=8, intermediate_size=24,
+                                                 moe_intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                                 norm_topk_prob=False, decoder_sparse_step=2)),
+    # Mixtral: block_sparse_moe, w1/w3/w2, always renormalised.
+    "mixtral": ("MixtralConfig", _common(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # GLM-4.5 style: sigmoid + correction bias, group-limited choice, scaling, a shared-expert MLP, a dense
+    # first layer, per-head q/k norm, partial RoPE, q/k/v biases.
+    "glm4_moe": ("Glm4MoeConfig", _common(head_dim=16, intermediate_size=40, moe_intermediate_size=16,
+                                          n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3,
+                                          n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True,
+                                          routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "partial_rotary_factor": 0.5})),
+    # GLM-4.5-Air's own settings: one group, no q/k norm, two shared experts.
+    "glm4_moe-air": ("Glm4MoeConfig", _common(head_dim=8, intermediate_size=40, moe_intermediate_size=16,
+                                              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                              n_group=1, topk_group=1, first_k_dense_replace=1,
+                                              norm_topk_prob=True, routed_scaling_factor=1.0, use_qk_norm=False,
+                                              partial_rotary_factor=0.5, rope_theta=10000.0)),
+    "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                                     clip_qkv=None)),
+}
+
+
+def hf_config(name: str, **over):
+    transformers = pytest.importorskip("transformers")
+    cls_name, kw = FAMILY_CONFIGS[name]
+    return getattr(transformers, cls_name)(**{**kw, **over})
+
+
+def perturb(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights with a spread-out router; biases and norms away from 0 / 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() > 1:
+                std = 0.5 if n.endswith("gate.weight") else 0.1
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif "norm" in n:
+                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
+            else:  # biases
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.1)
+
+
+def write_hf_checkpoint(folder: Path, name: str, seed: int = 0, **over):
+    """A checkpoint of family `name` written by transformers; returns the transformers model (float32, eval)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = hf_config(name, **over)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    perturb(model, seed)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
