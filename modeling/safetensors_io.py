@@ -385,12 +385,15 @@ def write_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
     force: bool = False,
     on_flush=None,
+    finish=None,
 ) -> WrittenCheckpoint:
     """Write a loadable checkpoint folder atomically: config.json, shards, extra files.
 
     `tensors` may be a mapping or a generator of (name, tensor) pairs, so a
     caller can stream views of another mapped checkpoint. `extra_files` maps a
-    file name in the output to a source path (tokenizer files, profile.json).
+    file name in the output to a source path (tokenizer files). `finish(tmp,
+    shard_sha256)` runs last inside the temporary folder (a profile writes its
+    manifest there); if it raises, nothing is left behind.
     """
     out = Path(out_dir)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
@@ -403,6 +406,8 @@ def write_checkpoint(
         for fname, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / fname)
         total = sum((tmp / f).stat().st_size for f in hashes)
+        if finish is not None:
+            finish(tmp, hashes)
     return WrittenCheckpoint(out, hashes, total)
 
 

@@ -18,8 +18,7 @@ from .corpus import read_corpus, sample, tokenize
 from .discover import DomainDiscovery, summary_markdown
 from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
-from .select import (METHODS, LayerwiseSelector, MeanProbSelector, OutputAwareSelector, RandomSelector, coverage,
-                     parse_keep, read_experts_file)
+from .select import SELECTORS, Calibration, coverage, parse_keep, read_experts_file
 from .writer import verify_profile, write_profile
 
 PROG = "emo-subset"
@@ -145,7 +144,7 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
             idx = np.arange(len(fp))
         fp = fp.subset(idx)
         toks = None
-        if args.method in ("layerwise", "output-aware"):
+        if args.method in SELECTORS and "token_lists" in SELECTORS[args.method].needs:
             limit = min(args.max_tokens, model.config.max_position_embeddings)
             toks = [model.tokenizer.encode(t)[:limit] for t in fp.texts]
         return fp, toks, source
@@ -160,8 +159,8 @@ def cmd_build(args) -> int:
         raise SubsetError("give --keep N (with calibration text) or --experts-file F")
     if args.experts_file is not None and args.keep is not None:
         raise SubsetError("give either --keep or --experts-file, not both")
-    if args.method not in METHODS:
-        raise SubsetError(f"--method {args.method!r}: choose one of {', '.join(METHODS)}")
+    if args.method not in SELECTORS:
+        raise SubsetError(f"--method {args.method!r}: choose one of {', '.join(SELECTORS)}")
     t0 = time.time()
     model = _load(args, args.model)
     layout = Layout.of(model)
@@ -175,21 +174,12 @@ def cmd_build(args) -> int:
     else:
         keep = parse_keep(args.keep, layout)
         fp, toks, source = _calibration(args, model)
-        if fp is None and args.method != "random":
-            raise SubsetError(f"--method {args.method} needs calibration text: --corpus FILES or --fingerprints FP")
-        params: dict[str, Any] = {"keep": {str(i): n for i, n in keep.items()}, **source}
-        if args.method == "mean-prob":
-            sel = MeanProbSelector(keep).fit(fp)
-        elif args.method == "random":
-            sel = RandomSelector(keep, seed=args.seed).fit(layout)
-            params["seed"] = args.seed
-        elif args.method == "layerwise":
-            sel = LayerwiseSelector(model, keep, args.max_batch_tokens, progress=not args.quiet).fit(toks)
-        else:
-            sel = OutputAwareSelector(model, keep, args.max_batch_tokens, progress=not args.quiet).fit(toks)
+        sel = SELECTORS[args.method](keep, seed=args.seed)
+        cal = Calibration(layout, fp, toks, model, args.max_batch_tokens, progress=not args.quiet)
+        kept = sel.fit(cal).experts_
+        params: dict[str, Any] = {**sel.params(), **source}
         if fp is not None:
             params["max_tokens"] = args.max_tokens
-        kept = sel.experts_
         selection = {"method": args.method, "params": params}
     cov, calib, cent = {}, {}, None
     if fp is not None:
@@ -331,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", default=None, help="clusters file (default: FP.clusters.json)")
     p.add_argument("--keep", default=None, help="experts kept per layer (shared included): N, N%% or a schedule a,b,c")
     p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]}")
-    p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(SELECTORS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
     p.add_argument("--force", action="store_true", help="replace an existing profile")

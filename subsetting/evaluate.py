@@ -10,7 +10,7 @@ import torch
 from modeling import Batch, Model
 
 from .fingerprint import Layout, chunk_documents
-from .select import RandomSelector
+from .select import Calibration, RandomSelector
 
 
 @torch.inference_mode()
@@ -43,7 +43,7 @@ def perplexity(model: Model, token_lists: list[list[int]], pool=None, max_batch_
 
 def random_pool(layout: Layout, kept: dict[int, list[int]], seed: int = 0) -> dict[int, list[int]]:
     """A random subset with the same number of experts per layer (shared experts kept)."""
-    return RandomSelector({i: len(v) for i, v in kept.items()}, seed=seed).fit(layout).experts_
+    return RandomSelector({i: len(v) for i, v in kept.items()}, seed=seed).fit(Calibration(layout)).experts_
 
 
 def retention_rows(full: Model, profiles: list[tuple[str, Model, dict]], token_lists_by_domain: dict[str, list[list[int]]],

@@ -1,4 +1,5 @@
-"""Routing fingerprints: the router's softmax per token and layer, averaged per document.
+"""Routing fingerprints: the router's softmax per token and layer, averaged per document
+(for sigmoid routers, the choice scores normalised to sum 1: `modeling.routing.Route.probs`).
 
 The model runs *layer by layer* over the whole calibration set: the hidden
 states of every document stay in memory, each layer's weights are touched
@@ -34,7 +35,9 @@ class Layout:
     top_k: int
     num_original: list[int]  # original experts per layer (0: dense)
     loaded: list[list[int]]  # original ids the model holds, per layer
-    shared: list[list[int]]  # original ids of its shared experts, per layer
+    shared: list[list[int]]  # original ids of its shared experts (inside the router), per layer
+    n_group: int = 1  # group-limited routers: experts e of a layer with E form groups e // (E / n_group)
+    topk_group: int = 1
 
     @property
     def moe_layers(self) -> list[int]:
@@ -43,6 +46,9 @@ class Layout:
     @property
     def width(self) -> int:
         return max(self.num_original, default=0)
+
+    def group_of(self, layer: int, expert: int) -> int:
+        return expert // (self.num_original[layer] // self.n_group) if self.n_group > 1 else 0
 
     @classmethod
     def of(cls, model: Model) -> "Layout":
@@ -57,11 +63,11 @@ class Layout:
             ids = [] if le is None else list(le.ids)
             loaded.append(ids)
             shared.append([] if le is None else [o for o, s in zip(le.ids, le.shared) if s])
-        return cls(cfg.num_layers, cfg.top_k, num_original, loaded, shared)
+        return cls(cfg.num_layers, cfg.top_k, num_original, loaded, shared, cfg.routing.n_group, cfg.routing.topk_group)
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "top_k": self.top_k, "num_original": self.num_original,
-                "loaded": self.loaded, "shared": self.shared}
+                "loaded": self.loaded, "shared": self.shared, "n_group": self.n_group, "topk_group": self.topk_group}
 
 
 # -- the layer-by-layer pass ----------------------------------------------------

@@ -28,7 +28,7 @@ from .corpus import read_corpus, sample, tokenize
 from .discover import DomainDiscovery
 from .evaluate import perplexity
 from .fingerprint import Fingerprinter, Layout
-from .select import LayerwiseSelector, MeanProbSelector, OutputAwareSelector, RandomSelector, parse_keep
+from .select import Calibration, LayerwiseSelector, MeanProbSelector, OutputAwareSelector, RandomSelector, parse_keep
 
 METHODS = ["mean-prob", "layerwise", "output-aware", "random"]
 
@@ -51,12 +51,13 @@ def evaluate_twin(path: Path, calib, held, keeps, calib_docs, max_tokens, seeds=
         for keep in keeps:
             k = parse_keep(keep, layout)
             out = {}
-            pools = {"mean-prob": MeanProbSelector(k).fit(fp).experts_,
-                     "layerwise": LayerwiseSelector(model, k).fit(ctoks).experts_,
-                     "output-aware": OutputAwareSelector(model, k).fit(ctoks).experts_}
+            cal = Calibration(layout, fp, ctoks, model)
+            pools = {"mean-prob": MeanProbSelector(k).fit(cal).experts_,
+                     "layerwise": LayerwiseSelector(k).fit(cal).experts_,
+                     "output-aware": OutputAwareSelector(k).fit(cal).experts_}
             for m, pool in pools.items():
                 out[m] = perplexity(model, htoks, pool)
-            rnd = [perplexity(model, htoks, RandomSelector(k, seed=s).fit(layout).experts_) for s in range(seeds)]
+            rnd = [perplexity(model, htoks, RandomSelector(k, seed=s).fit(Calibration(layout)).experts_) for s in range(seeds)]
             out["random"] = float(np.mean(rnd))
             out["random_seeds"] = rnd
             row[str(keep)] = out

@@ -1,7 +1,28 @@
-"""Which experts to keep per layer. Every selector: `Selector(keep, ...).fit(...).experts_`
-({layer: sorted original ids}). Shared experts are always kept and count toward `keep`."""
+"""Which experts to keep per layer.
+
+Every selector follows one contract (scikit-learn's estimator shape):
+
+    selector = SELECTORS[method](keep, seed=0)     # keep: {layer: experts to keep}
+    selector.fit(calibration)                      # a `Calibration`; returns the selector
+    selector.experts_                              # {layer: sorted original ids}
+    selector.scores_                               # [layers, experts] what the choice ranked
+
+A selector subclasses `Selector`, names the parts of the `Calibration` it
+`needs` ("fingerprints", "token_lists", "model") and implements `score(cal)`:
+one score per original expert and layer, higher is kept first. `fit` checks
+the needs and turns scores into a kept set with `choose` (shared experts
+always kept; for group-limited routers the same count from every group). A
+new method is a subclass passed to `register`; the CLI offers every entry of
+`SELECTORS`. `validate_kept` is the one check of a kept set (used for
+experts files and by the writer).
+"""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -11,7 +32,18 @@ from modeling import Model
 from .errors import SubsetError
 from .fingerprint import Fingerprints, LayerObserver, LayerPass, Layout
 
-METHODS = ("mean-prob", "layerwise", "output-aware", "random")
+
+@dataclass
+class Calibration:
+    """What a selector may learn from. `layout` is always there; the rest only
+    when the calibration text was given (and the model, for methods that run it)."""
+
+    layout: Layout
+    fingerprints: Fingerprints | None = None
+    token_lists: list[list[int]] | None = None  # token ids of the calibration documents
+    model: Model | None = None
+    max_batch_tokens: int = 16384
+    progress: bool = False
 
 
 def parse_keep(spec: str | int | list, layout: Layout) -> dict[int, int]:
@@ -43,17 +75,31 @@ def parse_keep(spec: str | int | list, layout: Layout) -> dict[int, int]:
             raise SubsetError(f"--keep {n} is smaller than the {k} experts each token uses (top-k) in layer {i}")
         if n > len(layout.loaded[i]):
             raise SubsetError(f"--keep {n} is larger than the {len(layout.loaded[i])} experts of layer {i}")
+        if layout.n_group > 1 and n % layout.n_group:
+            raise SubsetError(f"--keep {n}: the router of layer {i} chooses within {layout.n_group} expert groups; "
+                              f"keep a multiple of {layout.n_group} (the same count from every group)")
     return keep
 
 
 def choose(scores: np.ndarray, layout: Layout, layer: int, keep: int) -> list[int]:
-    """Shared experts, then the best-scoring others (ties by lower id) up to `keep`."""
+    """Shared experts, then the best-scoring others (ties by lower id) up to `keep`;
+    for group-limited routers the best keep / n_group of every group."""
     shared = sorted(layout.shared[layer])
     others = [e for e in layout.loaded[layer] if e not in set(shared)]
     n = keep - len(shared)
     if n < 0 or n > len(others):
         raise SubsetError(f"layer {layer}: cannot keep {keep} experts with {len(shared)} shared of {len(layout.loaded[layer])}")
     ranked = sorted(others, key=lambda e: (-float(scores[e]), e))
+    if layout.n_group > 1:
+        per = n // layout.n_group
+        picked = []
+        for g in range(layout.n_group):
+            members = [e for e in ranked if layout.group_of(layer, e) == g]
+            if len(members) < per:
+                raise SubsetError(f"layer {layer}: expert group {g} has {len(members)} experts loaded, "
+                                  f"fewer than the {per} to keep from every group")
+            picked += members[:per]
+        return sorted(picked + shared)
     return sorted(ranked[:n] + shared)
 
 
@@ -68,8 +114,51 @@ def coverage(mean_probs: np.ndarray, layout: Layout, kept: dict[int, list[int]])
     return out
 
 
-class _Selector:
-    method = ""
+def validate_kept(kept: dict[int, list[int]], layout: Layout, where: str = "") -> dict[int, list[int]]:
+    """The one check of a kept set {layer: original ids}: every MoE layer listed, ids
+    loaded and unique, at least top-k, shared experts kept, group-limited routers
+    keeping the same count from every group. Returns it with sorted ids."""
+    pre = f"{where}: " if where else ""
+    out: dict[int, list[int]] = {}
+    for i, ids in kept.items():
+        if i not in layout.moe_layers:
+            raise SubsetError(f"{pre}layer {i} is not a mixture-of-experts layer of the model (layers {layout.moe_layers})")
+        bad = [e for e in ids if e not in set(layout.loaded[i])]
+        if bad:
+            raise SubsetError(f"{pre}layer {i}: expert id {bad[0]} is out of range (the model has experts "
+                              f"{_ranges(layout.loaded[i])})")
+        if len(set(ids)) != len(ids):
+            raise SubsetError(f"{pre}layer {i} lists an expert twice")
+        out[i] = sorted(int(e) for e in ids)
+    missing = [i for i in layout.moe_layers if i not in out]
+    if missing:
+        raise SubsetError(f"{pre}no experts listed for layer {missing[0]}")
+    for i, ids in out.items():
+        k = min(layout.top_k, layout.num_original[i])
+        if len(ids) < k:
+            raise SubsetError(f"{pre}layer {i} keeps {len(ids)} experts, fewer than top-k {k}")
+        miss = [e for e in layout.shared[i] if e not in ids]
+        if miss:
+            raise SubsetError(f"{pre}layer {i} leaves out shared expert {miss[0]} (shared experts are always kept)")
+        if layout.n_group > 1:
+            counts = [sum(1 for e in ids if layout.group_of(i, e) == g) for g in range(layout.n_group)]
+            if len(set(counts)) != 1:
+                raise SubsetError(f"{pre}layer {i} keeps {counts} experts from its {layout.n_group} expert groups; "
+                                  f"a group-limited router needs the same count from every group")
+            if layout.top_k > layout.topk_group * counts[0]:
+                raise SubsetError(f"{pre}layer {i} keeps {counts[0]} experts per group: fewer than top-k "
+                                  f"{layout.top_k} in the {layout.topk_group} groups a token chooses")
+    return out
+
+
+# -- selectors --------------------------------------------------------------------------
+
+
+class Selector:
+    """Base of every selection method (see the module docstring for the contract)."""
+
+    method: ClassVar[str] = ""
+    needs: ClassVar[tuple[str, ...]] = ()  # of "fingerprints", "token_lists", "model"
 
     def __init__(self, keep: dict[int, int], seed: int = 0):
         self.keep, self.seed = keep, seed
@@ -77,19 +166,41 @@ class _Selector:
     def params(self) -> dict:
         return {"keep": {str(k): v for k, v in self.keep.items()}}
 
+    def score(self, cal: Calibration) -> np.ndarray:  # [layers, experts]
+        raise NotImplementedError
 
-class MeanProbSelector(_Selector):
-    """AllenAI's default: the routing softmax averaged over every calibration token, top-n per layer."""
-
-    method = "mean-prob"
-
-    def fit(self, fp: Fingerprints) -> "MeanProbSelector":
-        self.scores_ = fp.token_mean()
-        self.experts_ = {i: choose(self.scores_[i], fp.layout, i, n) for i, n in self.keep.items()}
+    def fit(self, calibration: Calibration) -> "Selector":
+        missing = [n for n in self.needs if getattr(calibration, n) is None]
+        if missing:
+            raise SubsetError(f"--method {self.method} needs calibration text: --corpus FILES or --fingerprints FP "
+                              f"(missing: {', '.join(missing)})")
+        layout = calibration.layout
+        self.scores_ = self.score(calibration)
+        self.experts_ = {i: choose(self.scores_[i], layout, i, n) for i, n in self.keep.items()}
         return self
 
 
-class RandomSelector(_Selector):
+SELECTORS: dict[str, type[Selector]] = {}
+
+
+def register(cls: type[Selector]) -> type[Selector]:
+    SELECTORS[cls.method] = cls
+    return cls
+
+
+@register
+class MeanProbSelector(Selector):
+    """AllenAI's default: the routing softmax averaged over every calibration token, top-n per layer."""
+
+    method = "mean-prob"
+    needs = ("fingerprints",)
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        return cal.fingerprints.token_mean()
+
+
+@register
+class RandomSelector(Selector):
     """Baseline: a seeded random choice of the non-shared experts."""
 
     method = "random"
@@ -97,12 +208,9 @@ class RandomSelector(_Selector):
     def params(self) -> dict:
         return {**super().params(), "seed": self.seed}
 
-    def fit(self, layout: Layout | Fingerprints) -> "RandomSelector":
-        layout = layout.layout if isinstance(layout, Fingerprints) else layout
+    def score(self, cal: Calibration) -> np.ndarray:
         rng = np.random.default_rng(self.seed)
-        scores = rng.random((layout.num_layers, max(layout.width, 1)))
-        self.experts_ = {i: choose(scores[i], layout, i, n) for i, n in self.keep.items()}
-        return self
+        return rng.random((cal.layout.num_layers, max(cal.layout.width, 1)))
 
 
 class _LayerwiseObserver(LayerObserver):
@@ -110,6 +218,7 @@ class _LayerwiseObserver(LayerObserver):
         self.sel, self.model, self.layout = sel, model, layout
         self.sums: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, int] = {}
+        self.scores = np.zeros((layout.num_layers, max(layout.width, 1)))
 
     def observe(self, i, le, h, x, docs, counts):
         p = self.model.transformer.route(i, h).probs.sum(0).double()
@@ -117,29 +226,23 @@ class _LayerwiseObserver(LayerObserver):
         self.tokens[i] = self.tokens.get(i, 0) + h.shape[0]
 
     def mask(self, i, le):
-        scores = np.zeros(max(self.layout.width, 1))
-        scores[le.ids] = (self.sums[i] / self.tokens[i]).cpu().numpy()
-        ids = choose(scores, self.layout, i, self.sel.keep[i])
-        self.sel.experts_[i] = ids
-        self.sel.scores_[i] = scores
-        return torch.tensor([e in set(ids) for e in le.ids], dtype=torch.bool)
+        self.scores[i, le.ids] = (self.sums[i] / self.tokens[i]).cpu().numpy()
+        ids = set(choose(self.scores[i], self.layout, i, self.sel.keep[i]))
+        return torch.tensor([e in ids for e in le.ids], dtype=torch.bool)
 
 
-class LayerwiseSelector(_Selector):
+@register
+class LayerwiseSelector(Selector):
     """Greedy, layer by layer: each layer's mean routing softmax is measured with the
     earlier layers already pruned to their choice."""
 
     method = "layerwise"
+    needs = ("token_lists", "model")
 
-    def __init__(self, model: Model, keep: dict[int, int], max_batch_tokens: int = 16384, progress: bool = False):
-        super().__init__(keep)
-        self.model, self.max_batch_tokens, self.progress = model, max_batch_tokens, progress
-
-    def fit(self, token_lists: list[list[int]]) -> "LayerwiseSelector":
-        self.experts_, self.scores_ = {}, {}
-        obs = _LayerwiseObserver(self, self.model, Layout.of(self.model))
-        LayerPass(self.model, self.max_batch_tokens, progress=self.progress, desc="layerwise").run(token_lists, obs)
-        return self
+    def score(self, cal: Calibration) -> np.ndarray:
+        obs = _LayerwiseObserver(self, cal.model, cal.layout)
+        LayerPass(cal.model, cal.max_batch_tokens, progress=cal.progress, desc="layerwise").run(cal.token_lists, obs)
+        return obs.scores
 
 
 class _OutputAwareObserver(LayerObserver):
@@ -157,30 +260,25 @@ class _OutputAwareObserver(LayerObserver):
             self.scores[i, le.ids[s]] += float((probs[:, s] * out_norm * change).sum())
 
 
-class OutputAwareSelector(_Selector):
+@register
+class OutputAwareSelector(Selector):
     """Router weight x expert output norm, weighted per token by how much the MoE
     output changes the hidden state (|moe(h)| / |x|), summed over calibration tokens."""
 
     method = "output-aware"
+    needs = ("token_lists", "model")
 
-    def __init__(self, model: Model, keep: dict[int, int], max_batch_tokens: int = 16384, progress: bool = False):
-        super().__init__(keep)
-        self.model, self.max_batch_tokens, self.progress = model, max_batch_tokens, progress
+    def score(self, cal: Calibration) -> np.ndarray:
+        obs = _OutputAwareObserver(cal.model, cal.layout)
+        LayerPass(cal.model, cal.max_batch_tokens, progress=cal.progress, desc="output-aware").run(cal.token_lists, obs)
+        return obs.scores
 
-    def fit(self, token_lists: list[list[int]]) -> "OutputAwareSelector":
-        layout = Layout.of(self.model)
-        obs = _OutputAwareObserver(self.model, layout)
-        LayerPass(self.model, self.max_batch_tokens, progress=self.progress, desc="output-aware").run(token_lists, obs)
-        self.scores_ = obs.scores
-        self.experts_ = {i: choose(obs.scores[i], layout, i, n) for i, n in self.keep.items()}
-        return self
+
+METHODS = tuple(SELECTORS)
 
 
 def read_experts_file(path: str, layout: Layout) -> dict[int, list[int]]:
-    """JSON {layer index: [original expert ids]}; every MoE layer must be listed."""
-    import json
-    from pathlib import Path
-
+    """JSON {layer index: [original expert ids]} (or a profile.json); every MoE layer must be listed."""
     p = Path(path)
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
@@ -195,30 +293,10 @@ def read_experts_file(path: str, layout: Layout) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for k, v in d.items():
         try:
-            i = int(k)
-            ids = [int(x) for x in v]
+            out[int(k)] = [int(x) for x in v]
         except (TypeError, ValueError):
             raise SubsetError(f"{p}: layer {k!r}: expected a list of integer expert ids") from None
-        if i not in layout.moe_layers:
-            raise SubsetError(f"{p}: layer {i} is not a mixture-of-experts layer of the model (layers {layout.moe_layers})")
-        bad = [e for e in ids if e not in set(layout.loaded[i])]
-        if bad:
-            raise SubsetError(f"{p}: layer {i}: expert id {bad[0]} is out of range (the model has experts "
-                              f"{_ranges(layout.loaded[i])})")
-        if len(set(ids)) != len(ids):
-            raise SubsetError(f"{p}: layer {i} lists an expert twice")
-        out[i] = sorted(ids)
-    missing = [i for i in layout.moe_layers if i not in out]
-    if missing:
-        raise SubsetError(f"{p}: no experts listed for layer {missing[0]}")
-    for i, ids in out.items():
-        k = min(layout.top_k, layout.num_original[i])
-        if len(ids) < k:
-            raise SubsetError(f"{p}: layer {i} keeps {len(ids)} experts, fewer than top-k {k}")
-        miss = [e for e in layout.shared[i] if e not in ids]
-        if miss:
-            raise SubsetError(f"{p}: layer {i} leaves out shared expert {miss[0]} (shared experts are always kept)")
-    return out
+    return validate_kept(out, layout, str(p))
 
 
 def _ranges(ids: list[int]) -> str:

@@ -5,8 +5,6 @@ temporary folder renamed at the end."""
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,35 +13,26 @@ import torch
 from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
-from modeling.safetensors_io import AtomicFolder, CheckpointFiles, ShardedWriter, sha256_file
+from modeling.safetensors_io import CheckpointFiles, sha256_file, write_checkpoint
 from modeling.profile import shard_files
 
 from .errors import SubsetError
 from .fingerprint import Layout
+from .select import validate_kept
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def _validate(kept: dict[int, list[int]], layout: Layout) -> None:
-    for i in layout.moe_layers:
-        if i not in kept:
-            raise SubsetError(f"no experts chosen for layer {i}")
-        ids = kept[i]
-        loaded = set(layout.loaded[i])
-        bad = [e for e in ids if e not in loaded]
-        if bad:
-            raise SubsetError(f"layer {i}: expert {bad[0]} is not in the model (out of range)")
-        if len(set(ids)) != len(ids):
-            raise SubsetError(f"layer {i}: an expert is listed twice")
-        if len(ids) < min(layout.top_k, layout.num_original[i]):
-            raise SubsetError(f"layer {i}: {len(ids)} experts kept, fewer than top-k {layout.top_k}")
-        if any(s not in ids for s in layout.shared[i]):
-            raise SubsetError(f"layer {i}: a shared expert is left out")
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
 
 class _Plan:
-    """(output name, source view) in writing order, and output name -> source names."""
+    """(output name, source view) in writing order, and output name -> source names.
+
+    Output names are the family's own per-expert names (modeling.names), whatever
+    layout the source holds; router rows and correction-bias entries are sliced
+    to the kept experts, which are renumbered 0..n-1 in original order. Tensors
+    of layers past num_hidden_layers (GLM's multi-token-prediction layer) are
+    left out: their expert count would no longer match the config.
+    """
 
     def __init__(self, model: Model, slots: dict[int, list[int]]):
         self.model, self.slots = model, slots
@@ -62,102 +51,102 @@ class _Plan:
             self.non_expert_bytes += nb
         return out, t
 
+    def _first(self, *names: str) -> str | None:
+        return next((n for n in names if n in self.files), None)
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         cfg, f, n = self.model.config, self.files, self.names
-        all_names = f.names()
         per_layer: dict[int, list[str]] = {i: [] for i in range(cfg.num_layers)}
         top: list[str] = []
-        for name in all_names:
-            for i in range(cfg.num_layers):
-                if name.startswith(n.layer(i) + "."):
+        for name in f.names():
+            parts = name.split(".")
+            if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
+                i = int(parts[2])
+                if i < cfg.num_layers:
                     per_layer[i].append(name)
-                    break
-            else:
-                top.append(name)
-        first = [x for x in top if x == n.embed]
-        last = [x for x in top if x != n.embed]
-        for name in first:
+                continue  # a layer the config does not have (GLM's MTP layer): left out
+            top.append(name)
+        for name in (x for x in top if x == n.embed):
             yield self._emit(name, f.get(name), [name], False)
         for i in range(cfg.num_layers):
             E = cfg.experts_per_layer[i]
-            expert_names = {n.router(i), n.fused_gate_up(i), n.fused_down(i)}
-            for j in range(E):
-                expert_names.update(n.expert_tensor_names(i, j))
+            routed = n.routed_expert_tensors(i, E) if E else set()
             for name in per_layer[i]:
-                if name not in expert_names:
+                if name not in routed:
                     yield self._emit(name, f.get(name), [name], False)
-            if E == 0:
-                continue
-            kept = self.slots[i]
-            router = f.get(n.router(i))
-            yield self._emit(n.router(i), router[torch.tensor(kept)].clone(), [n.router(i)], False)
-            I = cfg.intermediate_size
-            for new, j in enumerate(kept):
-                per = n.expert_tensor_names(i, j)
-                outs = n.expert_tensor_names(i, new)
-                if per[0] in f:
-                    for o, s in zip(outs, per):
-                        yield self._emit(o, f.get(s), [s], True)
-                else:  # fused source layout: written out per expert
-                    gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
-                    if gu_name not in f or d_name not in f:
-                        raise SubsetError(f"{f.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing")
-                    gu = f.get(gu_name)[j]
-                    yield self._emit(outs[0], gu[:I], [gu_name], True)
-                    yield self._emit(outs[1], gu[I:], [gu_name], True)
-                    yield self._emit(outs[2], f.get(d_name)[j], [d_name], True)
-        for name in last:
+            if E:
+                yield from self._layer_experts(i)
+        for name in (x for x in top if x != n.embed):
             yield self._emit(name, f.get(name), [name], False)
+
+    def _layer_experts(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
+        cfg, f, n = self.model.config, self.files, self.names
+        kept = self.slots[i]
+        idx = torch.tensor(kept)
+        rname = self._first(n.router(i), n.fused_router(i))
+        yield self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
+        bname = self._first(n.router_bias(i), n.fused_router_bias(i))
+        if bname is not None:
+            yield self._emit(n.router_bias(i), f.get(bname)[idx].clone(), [bname], False)
+        I = cfg.intermediate_size
+        for new, j in enumerate(kept):
+            per = n.expert_tensor_names(i, j)
+            outs = n.expert_tensor_names(i, new)
+            if per[0] in f:
+                for o, src in zip(outs, per):
+                    yield self._emit(o, f.get(src), [src], True)
+            else:  # fused source layout: written out per expert
+                gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
+                if gu_name not in f or d_name not in f:
+                    raise SubsetError(f"{f.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing")
+                gu = f.get(gu_name)[j]
+                yield self._emit(outs[0], gu[:I], [gu_name], True)
+                yield self._emit(outs[1], gu[I:], [gu_name], True)
+                yield self._emit(outs[2], f.get(d_name)[j], [d_name], True)
 
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                   coverage: dict[int, float] | None = None, centroid: np.ndarray | None = None,
                   max_shard_bytes: int = 2 * 1000**3, force: bool = False, progress: bool = False) -> ProfileManifest:
-    """Write the profile folder `out` keeping `kept` ({layer: original ids}) of `model`."""
+    """Write the profile folder `out` keeping `kept` ({layer: original ids}) of `model`:
+    `modeling.write_checkpoint` (atomic, streamed) plus profile.json."""
     layout = Layout.of(model)
-    _validate(kept, layout)
-    slots = {i: [model.layer_experts(i).ids.index(e) for e in sorted(ids)] for i, ids in kept.items()}
+    kept = validate_kept(kept, layout)
+    slots = {i: [model.layer_experts(i).ids.index(e) for e in ids] for i, ids in kept.items()}
     cfg = model.config
-    config = cfg.pruned_dict(slots)
     plan = _Plan(model, slots)
     files = model.files
     bar = tqdm(total=None, desc=f"write {name}", unit="B", unit_scale=True, disable=not progress, leave=False)
+    manifest = ProfileManifest(
+        name=name,
+        base=dict(model.identity),
+        kept_experts=dict(sorted(kept.items())),
+        num_experts_original=list(layout.num_original),
+        selection=selection or {},
+        calibration=calibration or {},
+        coverage={i: round(float(c), 6) for i, c in (coverage or {}).items()},
+        centroid=None if centroid is None else
+        [[round(float(v), 7) for v in centroid[i, : layout.num_original[i]]] for i in range(cfg.num_layers)],
+    )
 
     def on_flush(names: list[str]) -> None:
         src = {s for o in names for s in plan.sources.get(o, [])}
         files.release(sorted(src))
         bar.update(sum(files.info(s).nbytes for s in src))
 
-    with AtomicFolder(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes, on_flush)
-        for oname, t in plan.tensors():
-            writer.add(oname, t)
-        hashes = writer.finish()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for fname in TOKENIZER_FILES:
-            if (model.path / fname).is_file():
-                shutil.copyfile(model.path / fname, tmp / fname)
-        cent = None
-        if centroid is not None:
-            cent = [[round(float(v), 7) for v in centroid[i, : layout.num_original[i]]] for i in range(cfg.num_layers)]
-        manifest = ProfileManifest(
-            name=name,
-            base=dict(model.identity),
-            kept_experts={i: sorted(ids) for i, ids in sorted(kept.items())},
-            num_experts_original=list(layout.num_original),
-            selection=selection or {},
-            calibration=calibration or {},
-            coverage={i: round(float(c), 6) for i, c in (coverage or {}).items()},
-            centroid=cent,
-            bytes={"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
-                   "non_expert": plan.non_expert_bytes},
-            shards=hashes,
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        )
+    def finish(tmp: Path, hashes: dict[str, str]) -> None:
+        manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
+                          "non_expert": plan.non_expert_bytes}
+        manifest.shards = hashes
+        manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
         load_config(tmp)  # what we wrote must parse
         CheckpointFiles(tmp)
+
+    extra = {fname: model.path / fname for fname in TOKENIZER_FILES if (model.path / fname).is_file()}
+    write_checkpoint(out, cfg.pruned_dict(slots), plan.tensors(), extra_files=extra, max_shard_bytes=max_shard_bytes,
+                     force=force, on_flush=on_flush, finish=finish)
     bar.close()
     return manifest
 

@@ -140,7 +140,7 @@ def test_random_is_seeded_and_needs_no_corpus(env):
 
 
 def test_layerwise_chooses_layers_on_already_pruned_earlier_layers(env):
-    from subsetting.select import LayerwiseSelector, MeanProbSelector, parse_keep
+    from subsetting.select import Calibration, LayerwiseSelector, MeanProbSelector, parse_keep
     from subsetting.fingerprint import Fingerprinter
 
     root, full, corpus = env
@@ -148,8 +148,9 @@ def test_layerwise_chooses_layers_on_already_pruned_earlier_layers(env):
     docs = read_corpus([corpus])[::3]
     fper = Fingerprinter(model).fit(docs)
     keep = parse_keep(4, Layout.of(model))
-    lw = LayerwiseSelector(model, keep).fit(fper.token_lists_)
-    mp = MeanProbSelector(keep).fit(fper.fingerprints_)
+    cal = Calibration(Layout.of(model), fper.fingerprints_, fper.token_lists_, model)
+    lw = LayerwiseSelector(keep).fit(cal)
+    mp = MeanProbSelector(keep).fit(cal)
     assert lw.experts_[0] == mp.experts_[0]  # layer 0 sees the same inputs
     # layer 1's scores are measured on a pruned layer 0: equal to a pool-restricted forward's router softmax
     pool = {0: lw.experts_[0]}
