@@ -2,7 +2,7 @@
 
 from .config import ConfigError, ModelConfig, load_config
 from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
-from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool
+from .model import Batch, ChosenExperts, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool
 from .profile import ProfileError, ProfileManifest, base_identity
 from .safetensors_io import CheckpointError, CheckpointFiles, write_checkpoint
 from .sampling import SamplingParams, StopChecker
@@ -12,6 +12,7 @@ from .names import TensorNames
 from .routing import Route, RoutingRule
 
 __all__ = [
+    "ChosenExperts",
     "FAMILIES", "Family", "Route", "RoutingRule", "register",
     "Batch", "CheckpointError", "CheckpointFiles", "ConfigError", "ForwardOutput", "Generation", "KVCache",
     "Model", "ModelConfig", "ModelNotFound", "Pool", "PoolError", "ProfileError", "ProfileManifest",

@@ -149,8 +149,8 @@ class Model:
         return KVCache(self.config, num_slots, max_len, self.dtype, self.device)
 
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
-                collect_router_probs: bool = False) -> ForwardOutput:
-        return self.transformer.forward(batch, cache, logits_at, collect_router_probs)
+                collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
+        return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
 
     def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
         """`[len(token_ids), vocab]` float32 logits of one sequence."""
@@ -160,17 +160,24 @@ class Model:
         """Per layer, the routing softmax `[len(token_ids), S]` over loaded slots."""
         return self._run_one(token_ids, pool, collect_router_probs=True).router_probs
 
-    def _run_one(self, token_ids, pool, collect_router_probs: bool) -> ForwardOutput:
+    def routes(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> ForwardOutput:
+        """One forward of one sequence that reports, per layer, the experts it chose
+        for every token (`ForwardOutput.routes`, original ids) and the routing
+        softmax (`router_probs`); logits of the last row only."""
+        return self._run_one(token_ids, pool, collect_router_probs=True, collect_routes=True)
+
+    def _run_one(self, token_ids, pool, collect_router_probs: bool, collect_routes: bool = False) -> ForwardOutput:
         """One sequence through a cache of its own length: every row's logits, or
-        (when collecting router probabilities) only the last row's."""
+        (when collecting routing) only the last row's."""
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         if ids.numel() == 0:
             raise ValueError("token_ids is empty")
         self.check_tokens(ids.tolist())
         cache = self.new_cache(1, ids.numel())
         batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
-        rows = torch.tensor([ids.numel() - 1]) if collect_router_probs else "all"
-        return self.forward(batch, cache, logits_at=rows, collect_router_probs=collect_router_probs)
+        rows = torch.tensor([ids.numel() - 1]) if collect_router_probs or collect_routes else "all"
+        return self.forward(batch, cache, logits_at=rows, collect_router_probs=collect_router_probs,
+                            collect_routes=collect_routes)
 
     def check_tokens(self, ids: list[int]) -> None:
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]

@@ -83,9 +83,19 @@ class Batch:
 
 
 @dataclass
+class ChosenExperts:
+    """What one MoE layer of a forward pass chose, per packed token (`collect_routes`)."""
+
+    experts: Tensor  # [T, k] int64 original expert ids; -1 where the pool had fewer than k experts
+    weights: Tensor  # [T, k] float32 routing weights the expert outputs were summed with (0 where -1)
+    probs: Tensor  # [T, S] float32 routing softmax over the layer's loaded slots (`Route.probs`)
+
+
+@dataclass
 class ForwardOutput:
     logits: Tensor  # float32, rows as asked by `logits_at`
     router_probs: list[Tensor | None] | None = None  # per layer [T, S] float32 (None for dense layers)
+    routes: list[ChosenExperts | None] | None = None  # per layer, with `collect_routes` (None for dense layers)
 
 
 class Transformer:
@@ -123,23 +133,24 @@ class Transformer:
     # -- forward ---------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
-                collect_router_probs: bool = False) -> ForwardOutput:
+                collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
         """Run the new tokens through the model, appending to the cache.
 
         logits_at: "last" (one row per sequence), "all" (one per token), or an
-        index tensor of packed rows.
+        index tensor of packed rows. `collect_routes` reports, per MoE layer,
+        the experts this very pass chose for every packed token and their weights.
         """
         T = batch.tokens.numel()
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
         x, cos, sin = self.embed(batch)
-        probs_out: list[Tensor | None] | None = [] if collect_router_probs else None
+        routes: list[Route | None] = []
+        collect = collect_router_probs or collect_routes
         for i in range(len(self.w.layers)):
             x = self.attention_block(i, x, cos, sin, batch, cache)
-            x, probs = self.mlp_block(i, x, self._allowed(i, batch, T), collect_router_probs)
-            if probs_out is not None:
-                probs_out.append(probs)
+            x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
+            routes.append(r)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -150,7 +161,15 @@ class Transformer:
                 raise ValueError(f"logits_at must be 'last', 'all' or an index tensor, not {logits_at!r}")
         else:
             x = x[logits_at.to(self.device)]
-        return ForwardOutput(self.head(x), probs_out)
+        return ForwardOutput(self.head(x),
+                             [None if r is None else r.probs for r in routes] if collect_router_probs else None,
+                             [self._chosen(i, r) for i, r in enumerate(routes)] if collect_routes else None)
+
+    def _chosen(self, i: int, r: Route | None) -> ChosenExperts | None:
+        if r is None:
+            return None
+        ids = torch.tensor(self.w.layers[i].experts.ids, dtype=torch.int64, device=r.indices.device)
+        return ChosenExperts(ids[r.indices].masked_fill(~r.valid, -1), r.weights, r.probs)
 
     # -- the pieces of a forward pass, public so that a layer-at-a-time pass over
     #    a checkpoint larger than memory (the subset builder) runs the same code --
@@ -170,16 +189,16 @@ class Transformer:
         return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
-                  h: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """x + MoE(RMSNorm(x)) (or the dense MLP) for layer i, and the routing
-        softmax when `collect`. `allowed` `[T, S]` restricts routing; `h` is
+                  h: Tensor | None = None) -> tuple[Tensor, Route | None]:
+        """x + MoE(RMSNorm(x)) (or the dense MLP) for layer i, and the layer's
+        `Route` when `collect`. `allowed` `[T, S]` restricts routing; `h` is
         `mlp_input(i, x)` when the caller already has it."""
         lw = self.w.layers[i]
         h = self.mlp_input(i, x) if h is None else h
         if lw.experts is None:
             return x + self._dense(lw, h), None
-        y, probs = self.moe(i, h, allowed, collect)
-        return x + y, probs
+        y, r = self.moe(i, h, allowed, collect)
+        return x + y, r
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
@@ -256,7 +275,7 @@ class Transformer:
                      bias=le.bias, groups=le.group_ids)
 
     def moe(self, i: int, h: Tensor, allowed: Tensor | None = None,
-            collect: bool = False) -> tuple[Tensor, Tensor | None]:
+            collect: bool = False) -> tuple[Tensor, Route | None]:
         """Layer i's mixture of experts on normed hidden states `h` `[T, H]`
         (routed experts, plus the family's always-on shared MLP if it has one)."""
         lw = self.w.layers[i]
@@ -284,7 +303,7 @@ class Transformer:
         out = out.to(h.dtype)
         if lw.shared_mlp is not None:
             out = out + self.expert(lw.shared_mlp, h)
-        return out, (r.probs if collect else None)
+        return out, (r if collect else None)
 
 
 

@@ -21,6 +21,7 @@ from .engine import Engine
 from .entrypoints.openai.chat.api_router import router as chat_router
 from .entrypoints.openai.completions.api_router import router as completions_router
 from .entrypoints.openai.models.api_router import router as models_router
+from .entrypoints.openai.routing.api_router import router as routing_router
 from .errors import APIError, error_body
 from .registry import Registry
 from .security import BodySizeLimit
@@ -43,7 +44,7 @@ def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     model = registry.model
     max_len = min(config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
     engine = Engine(model, registry, max_batch=config.max_batch, max_queue=config.max_queue, max_model_len=max_len,
-                    max_prefill_tokens=config.max_prefill_tokens)
+                    max_prefill_tokens=config.max_prefill_tokens, expert_metrics=config.expert_metrics)
     state = AppState(config, registry, engine, [k.encode() for k in config.api_keys])
     if t0 is not None:
         state.started = t0
@@ -68,6 +69,7 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(completions_router)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(routing_router)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes)
 
     @app.exception_handler(APIError)

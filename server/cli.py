@@ -41,6 +41,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
+    p.add_argument("--auto-rule", default="affinity", choices=["affinity", "centroid", "perplexity"],
+                   help="how profile 'auto' picks a hosted profile for a prompt: the most router mass inside its "
+                        "pool (affinity, default), the nearest centroid fingerprint, or the least prompt perplexity "
+                        "(one forward per profile); measured side by side in reports/subset")
+    p.add_argument("--no-expert-metrics", dest="expert_metrics", action="store_false",
+                   help="no per-layer expert-load counters at /metrics (layers x experts series; for very large models)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
@@ -73,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
                        quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
-                       request_timeout=args.request_timeout, log_level=args.log_level)
+                       request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
+                       expert_metrics=args.expert_metrics)
     try:
         state = build_state(cfg, t0=_T0)
     except StartupError as e:

@@ -28,3 +28,5 @@ class ServerConfig:
     max_stop: int = 16
     request_timeout: float = 600.0
     log_level: str = "info"
+    auto_rule: str = "affinity"  # how profile "auto" picks: affinity, centroid or perplexity (server.registry)
+    expert_metrics: bool = True  # per-layer expert-load counters at /metrics (layers x experts series)

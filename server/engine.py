@@ -15,6 +15,7 @@ engine calls from its thread (`loop.call_soon_threadsafe`).
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -65,6 +66,7 @@ class Sequence:
     logprobs: int | None = None  # top-n logprobs of generated tokens (None: none)
     prompt_logprobs: bool = False
     deadline: float | None = None  # time.monotonic()
+    return_routing: bool = False  # count the experts its tokens used per layer (`expert_counts`)
     # -- engine state --
     cancelled: bool = False
     pool: ResolvedPool | None = None
@@ -74,6 +76,8 @@ class Sequence:
     stops: StopChecker | None = None
     stop_ids: set[int] = field(default_factory=set)
     prefilled: bool = False
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
+    prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread between steps
@@ -81,7 +85,7 @@ class Sequence:
 
 class Engine:
     def __init__(self, model: Model, registry, max_batch: int = 16, max_queue: int = 256,
-                 max_model_len: int | None = None, max_prefill_tokens: int = 2048):
+                 max_model_len: int | None = None, max_prefill_tokens: int = 2048, expert_metrics: bool = True):
         self.model, self.registry = model, registry
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_model_len = max_model_len or model.config.max_position_embeddings
@@ -90,6 +94,9 @@ class Engine:
         self.free_slots = list(range(max_batch))[::-1]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
+        # work that must run on the model outside a batch (POST /v1/routing): (fn, future)
+        self.tasks: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
+        self.expert_load = M.ExpertLoad(model, registry.moe_layers) if expert_metrics else None
         self.cv = threading.Condition()
         self.stopped = False
         self.steps = 0
@@ -118,6 +125,33 @@ class Engine:
             M.QUEUE_DEPTH.set(len(self.waiting))
             self.cv.notify_all()
 
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine thread between two steps (the engine owns the
+        model); the future holds its result or exception. Counts toward the queue."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cv:
+            if self.stopped:
+                raise EngineStopped("the engine is shutting down")
+            if len(self.waiting) + len(self.tasks) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({len(self.waiting) + len(self.tasks)} waiting, "
+                                f"at most {self.max_queue})")
+            self.tasks.append((fn, fut))
+            self.cv.notify_all()
+        return fut
+
+    def _run_tasks(self) -> None:
+        while True:
+            with self.cv:
+                if not self.tasks:
+                    return
+                fn, fut = self.tasks.popleft()
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the caller, who turns it into an HTTP answer
+                fut.set_exception(e)
+
     def wake(self) -> None:
         with self.cv:
             self.cv.notify_all()
@@ -142,10 +176,11 @@ class Engine:
             log.exception("warm-up failed")
         while True:
             with self.cv:
-                while not self.stopped and not self.waiting and not self.running:
+                while not self.stopped and not self.waiting and not self.running and not self.tasks:
                     self.cv.wait(timeout=1.0)
                 if self.stopped:
                     break
+            self._run_tasks()
             try:
                 self._step()
             except Exception as e:  # a bug must not kill the loop: fail this step's sequences
@@ -154,6 +189,8 @@ class Engine:
                     self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
         for s in list(self.running) + list(self.waiting):
             self._fail(s, 503, "unavailable", "the server is shutting down")
+        for _, fut in self.tasks:
+            fut.set_exception(EngineStopped("the server is shutting down"))
 
     def _release(self, s: Sequence) -> None:
         if s in self.running:
@@ -206,6 +243,9 @@ class Engine:
     def _setup(self, s: Sequence) -> None:
         if s.profile == "auto":
             s.profile = self.registry.choose_auto(s.prompt_ids)
+        if s.return_routing:
+            shares = self.registry.affinity(self.model.router_probs(s.prompt_ids)).mean(0).tolist()
+            s.prompt_affinity = dict(zip(self.registry.names(), shares))
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
         s.stops = StopChecker(s.params.stop)
@@ -243,8 +283,12 @@ class Engine:
             off += len(ids)
         batch = Batch(torch.tensor(tokens, dtype=torch.long), [s.slot for s in seqs], starts, counts,
                       [s.pool for s in seqs])
-        logits = self.model.forward(batch, self.cache, logits_at=torch.tensor(rows, dtype=torch.long)).logits
-        logits = logits.float().cpu()
+        want_routes = self.expert_load is not None or any(s.return_routing for s in seqs)
+        out = self.model.forward(batch, self.cache, logits_at=torch.tensor(rows, dtype=torch.long),
+                                 collect_routes=want_routes)
+        if want_routes:
+            self._count_experts(seqs, counts, out.routes)
+        logits = out.logits.float().cpu()
         self.steps += 1
         last = torch.stack([logits[a + n - 1] for a, n in spans])
         sample_rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > len(s.output)]
@@ -292,6 +336,36 @@ class Engine:
             s.sink(ev)
         if n_new_prompt:
             M.PROMPT_TOKENS.inc(n_new_prompt)
+
+    def _count_experts(self, seqs: list[Sequence], counts: list[int], routes) -> None:
+        """Expert load of this step: per layer, tokens routed to each expert (all
+        sequences, for /metrics) and per sequence that asked for its routing."""
+        bounds = torch.tensor([0, *counts]).cumsum(0).tolist()
+        for i, r in enumerate(routes):
+            if r is None:
+                continue
+            slots = self.model.layer_experts(i).ids
+            S = len(slots)
+            # original ids back to slots: routes report original ids, counts are kept per slot
+            slot_of = torch.full((max(slots) + 2,), S, dtype=torch.long)
+            slot_of[torch.tensor(slots)] = torch.arange(S)
+            chosen = slot_of[r.experts.cpu()]  # -1 (unused) maps to the last entry: S, dropped below
+            if self.expert_load is not None:
+                self.expert_load.add(i, torch.bincount(chosen.flatten(), minlength=S + 1)[:S])
+            for k, s in enumerate(seqs):
+                if s.return_routing:
+                    c = torch.bincount(chosen[bounds[k]:bounds[k + 1]].flatten(), minlength=S + 1)[:S]
+                    s.expert_counts[i] = s.expert_counts.get(i, 0) + c
+
+    def routing_summary(self, s: Sequence) -> dict:
+        """The compact `routing` object of a response: per MoE layer the experts its
+        tokens used (original ids) and how many tokens each; the prompt's profile affinity."""
+        layers = []
+        for i, c in sorted(s.expert_counts.items()):
+            ids = self.model.layer_experts(i).ids
+            used = [(ids[j], int(n)) for j, n in enumerate(c.tolist()) if n]
+            layers.append({"layer": i, "experts": [e for e, _ in used], "tokens": [n for _, n in used]})
+        return {"layers": layers, "profile_affinity": s.prompt_affinity or {}}
 
     def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
         if reason != "stop" or not s.stops.stopped:

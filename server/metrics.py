@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -24,3 +29,45 @@ PROCESS_RSS = Gauge("emo_process_resident_bytes", "Resident set size of the serv
 
 def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class ExpertLoad:
+    """Tokens routed to each expert, per MoE layer, since the server started.
+
+    The engine adds one step's counts at a time (a bincount per layer, cheap);
+    /metrics reads them as one counter family `emo_expert_tokens_total{layer,
+    expert}`: layers x experts series and no per-request or per-profile label,
+    so the cardinality is fixed by the model (`--no-expert-metrics` for very
+    large ones)."""
+
+    def __init__(self, model, moe_layers: list[int]):
+        self.ids = {i: list(model.expert_ids(i)) for i in moe_layers}
+        self.counts = {i: np.zeros(len(ids), dtype=np.int64) for i, ids in self.ids.items()}
+        self.lock = threading.Lock()
+        _EXPERT_LOAD.current = self
+
+    def add(self, layer: int, counts) -> None:
+        with self.lock:
+            self.counts[layer] += np.asarray(counts, dtype=np.int64)
+
+    def snapshot(self) -> dict[int, list[tuple[int, int]]]:
+        with self.lock:
+            return {i: list(zip(self.ids[i], c.tolist())) for i, c in self.counts.items()}
+
+
+class _ExpertLoadCollector(Collector):
+    current: ExpertLoad | None = None
+
+    def collect(self):
+        if self.current is None:  # --no-expert-metrics: not even the family's header
+            return
+        fam = CounterMetricFamily("emo_expert_tokens", "Tokens routed to an expert (original id), per MoE layer",
+                                  labels=["layer", "expert"])
+        for i, pairs in self.current.snapshot().items():
+            for e, n in pairs:
+                fam.add_metric([str(i), str(e)], n)
+        yield fam
+
+
+_EXPERT_LOAD = _ExpertLoadCollector()
+REGISTRY.register(_EXPERT_LOAD)

@@ -35,6 +35,7 @@ log = logging.getLogger("emo_serve.registry")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FULL, AUTO = "full", "auto"
+AUTO_RULES = ("affinity", "centroid", "perplexity")
 RESERVED = {FULL, AUTO}
 BUNDLED = Path(modeling.__file__).resolve().parent / "bundled" / "emo-demo"
 
@@ -105,8 +106,10 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
 
 
 class Registry:
-    def __init__(self, model: Model, base_name: str, profiles: list[Profile]):
-        self.model, self.base_name = model, base_name
+    def __init__(self, model: Model, base_name: str, profiles: list[Profile], auto_rule: str = "affinity"):
+        if auto_rule not in AUTO_RULES:
+            raise StartupError(f"--auto-rule {auto_rule!r}: one of {', '.join(AUTO_RULES)}")
+        self.model, self.base_name, self.auto_rule = model, base_name, auto_rule
         self.profiles: dict[str, Profile] = {}
         for p in profiles:
             if p.name in self.profiles:
@@ -161,7 +164,7 @@ class Registry:
             base_name = cfg.served_model_name or Path(str(base)).name
         if not valid_name(base_name):
             base_name = re.sub(r"[^A-Za-z0-9._-]", "-", base_name).strip("-._")[:64] or "model"
-        return cls(model, base_name, profiles)
+        return cls(model, base_name, profiles, cfg.auto_rule)
 
     @staticmethod
     def _make(model: Model, name: str, kind: str, pool: dict[int, list[int]], manifest: ProfileManifest | None,
@@ -207,7 +210,7 @@ class Registry:
     def get(self, name: str) -> Profile:
         return self.full if name == FULL else self.profiles[name]
 
-    # -- automatic choice ----------------------------------------------------------
+    # -- automatic choice and affinity ------------------------------------------------
     def _centroid_over_loaded(self, p: Profile) -> torch.Tensor | None:
         c = p.manifest.centroid if p.manifest is not None else None
         if not c:
@@ -221,12 +224,34 @@ class Registry:
         return v / v.norm().clamp_min(1e-12)
 
     def has_auto(self) -> bool:
-        return any(p.centroid is not None for p in self.profiles.values())
+        if self.auto_rule == "centroid":
+            return any(p.centroid is not None for p in self.profiles.values())
+        return bool(self.profiles)
 
-    def choose_auto(self, token_ids: list[int]) -> str:
-        """Nearest centroid (cosine) to the prompt's mean routing softmax, over the
-        loaded experts; `full` when no hosted profile has a centroid. Runs a
-        forward, so only the engine thread calls it."""
+    def choose_auto(self, token_ids: list[int], rule: str | None = None) -> str:
+        """The hosted profile `auto` picks for a prompt, by `rule` (default: the
+        server's `auto_rule`): `affinity` (most of the full router's mass inside
+        the profile's pool), `centroid` (nearest centroid fingerprint, cosine) or
+        `perplexity` (least perplexity of the prompt under the profile); `full`
+        when no hosted profile qualifies. Runs forwards: only the engine thread
+        calls it."""
+        rule = rule or self.auto_rule
+        if rule == "affinity":
+            if not self.profiles:
+                return FULL
+            shares = self.affinity(self.model.router_probs(token_ids)).mean(0)
+            return self.names()[int(shares.argmax())]
+        if rule == "perplexity":
+            if not self.profiles or len(token_ids) < 2:
+                return self.choose_auto(token_ids, "affinity")
+            ids = torch.tensor(token_ids)
+            nll = {}
+            for p in self.profiles.values():
+                lp = torch.log_softmax(self.model.logits(ids, pool=p.resolved)[:-1].float(), -1)
+                nll[p.name] = -float(lp.gather(1, ids[1:, None]).mean())
+            return min(nll, key=nll.get)
+        if rule != "centroid":
+            raise ValueError(f"unknown auto rule {rule!r} (one of {', '.join(AUTO_RULES)})")
         cands = [p for p in self.profiles.values() if p.centroid is not None]
         if not cands:
             return FULL
@@ -235,6 +260,23 @@ class Registry:
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))
         return best.name
+
+    def affinity(self, router_probs: list[torch.Tensor | None]) -> torch.Tensor:
+        """`[T, profiles]` (in `names()` order): per token, the share of the routing
+        mass over routed (non-shared) experts that falls inside each hosted
+        profile's pool, averaged over MoE layers. Shared experts are in every
+        pool, so they say nothing about a profile and are left out."""
+        T = next(p.shape[0] for p in router_probs if p is not None)
+        out = torch.zeros(T, len(self.profiles))
+        for i in self.moe_layers:
+            p = router_probs[i].float().cpu()
+            routed = ~self.model.layer_experts(i).shared_mask.cpu()
+            tot = (p * routed).sum(1).clamp_min(1e-12)
+            for j, prof in enumerate(self.profiles.values()):
+                m = prof.resolved.masks[i] if prof.resolved is not None else None
+                inside = routed if m is None else routed & m.cpu()
+                out[:, j] += (p * inside).sum(1) / tot
+        return out / max(len(self.moe_layers), 1)
 
     # -- reporting -----------------------------------------------------------------
     def _expert_tensors(self, pool: dict[int, list[int]] | None) -> tuple[list[torch.Tensor], dict[int, int], int]:

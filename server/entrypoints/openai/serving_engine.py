@@ -139,7 +139,7 @@ class Run:
     """The sequences of one request and the queue their events come back on."""
 
     def __init__(self, state, profile: str, specs: list[tuple[list[int], SamplingParams]], logprobs: int | None,
-                 prompt_logprobs: bool):
+                 prompt_logprobs: bool, return_routing: bool = False):
         self.state = state
         self.started = time.monotonic()
         self.id = uuid.uuid4().hex[:24]
@@ -152,7 +152,8 @@ class Run:
         for i, (ids, params) in enumerate(specs):
             def sink(ev: SeqEvent, i: int = i) -> None:
                 loop.call_soon_threadsafe(self.queue.put_nowait, (i, ev))
-            self.seqs.append(Sequence(ids, params, profile, sink, logprobs, prompt_logprobs, deadline))
+            self.seqs.append(Sequence(ids, params, profile, sink, logprobs, prompt_logprobs, deadline,
+                                      return_routing=return_routing))
         self.results = [SeqResult() for _ in self.seqs]
         self.done = [False] * len(self.seqs)
         self.status = "ok"
@@ -249,6 +250,11 @@ class Run:
         M.REQUESTS.labels(self.profile, self.status).inc()
         if self.status == "ok":
             M.LATENCY.labels(self.profile).observe(time.monotonic() - self.started)
+
+    def routing(self, i: int) -> dict | None:
+        """Sequence i's compact routing summary (`return_routing`), once it finished."""
+        s = self.seqs[i]
+        return self.state.engine.routing_summary(s) if s.return_routing and self.done[i] else None
 
     def usage(self, prompt_lens: list[int]) -> dict[str, int]:
         p = sum(prompt_lens)

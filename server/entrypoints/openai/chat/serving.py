@@ -48,7 +48,7 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
     stop = stop_list(req.stop)
     specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config)) for j in range(req.n)]
-    run = Run(state, profile, specs, k, False)
+    run = Run(state, profile, specs, k, False, req.return_routing)
     run.submit()
     base = state.registry.base_name
 
@@ -62,6 +62,9 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     choices = [{"index": i, "message": {"role": "assistant", "content": r.text},
                 "logprobs": {"content": _logprob_content(state, r.tokens, k)} if req.logprobs else None,
                 "finish_reason": r.finish_reason} for i, r in enumerate(run.results)]
+    if req.return_routing:
+        for c in choices:
+            c["routing"] = run.routing(c["index"])
     return JSONResponse({"id": f"chatcmpl-{run.id}", "object": "chat.completion", "created": run.created,
                          "model": model_id(), "profile": run.profile, "choices": choices,
                          "usage": run.usage([len(prompt)])})
@@ -87,7 +90,10 @@ def _stream(run: Run, req: ChatCompletionRequest, request: Request, prompt_len: 
             started[i] = True
             delta["role"] = "assistant"
         lp = {"content": _logprob_content(state, ev.tokens, k)} if req.logprobs else None
-        return chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+        if req.return_routing and ev.finish_reason:
+            choice["routing"] = run.routing(i)
+        return chunk([choice])
 
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     return run.sse_stream(request, render, (lambda: chunk([], run.usage([prompt_len]))) if include_usage else None)

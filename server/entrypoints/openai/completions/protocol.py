@@ -41,6 +41,7 @@ class SamplingFields(BaseModel):
     user: StrictStr | None = None
     frequency_penalty: Number | None = None
     presence_penalty: Number | None = None
+    return_routing: StrictBool = False  # add a `routing` summary per choice (experts used per layer, affinity)
 
 
 class CompletionRequest(SamplingFields):

@@ -83,7 +83,7 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
         for j in range(req.n):
             specs.append((p, sampling_params(req, max_tokens, j, stop, state.config)))
     want_prompt_lp = req.echo and req.logprobs is not None
-    run = Run(state, profile, specs, req.logprobs, want_prompt_lp)
+    run = Run(state, profile, specs, req.logprobs, want_prompt_lp, req.return_routing)
     run.submit()
     tok = state.registry.model.tokenizer
     prompt_texts = [tok.decode(p) if tok is not None else "" for p in prompts]
@@ -110,8 +110,10 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
             lp = b.whole()
         if req.echo:
             text = prompt_texts[pi] + text
-        choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": r.finish_reason,
-                        "profile": r.profile})
+        choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": r.finish_reason, "profile": r.profile}
+        if req.return_routing:
+            choice["routing"] = run.routing(k)
+        choices.append(choice)
     body = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": model_id(),
             "profile": run.profile, "choices": choices, "usage": run.usage([len(p) for p in prompts]),
             "system_fingerprint": None}
@@ -149,7 +151,10 @@ def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_
                 b.add(part)
             b.add(ev.tokens)
             lp = {key: v[start:] for key, v in b.whole().items()}
-        return chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        choice = {"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}
+        if req.return_routing and ev.finish_reason:
+            choice["routing"] = run.routing(k)
+        return chunk([choice])
 
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     usage = (lambda: chunk([], run.usage([len(p) for p in prompts]))) if include_usage else None
