@@ -6,7 +6,7 @@ PYTHON ?= python3
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup setup-system serve test bench clean
 
 setup: $(STAMP)
 
@@ -20,7 +20,17 @@ $(STAMP): pyproject.toml
 serve: setup
 	$(BIN)/emo-serve $(ARGS)
 
+# System packages the tests need: Debian's chromium and its driver for the
+# browser test of the /ui page (tests/test_ui.py). Needs root (or sudo) and apt;
+# `make test` runs it when chromium is missing.
+setup-system:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver: installed"; \
+	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; fi
+
 test: setup
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || $(MAKE) setup-system || \
+	  echo "make: could not install chromium; tests/test_ui.py will be skipped"
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:

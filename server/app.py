@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import ServerConfig
@@ -27,6 +29,7 @@ from .registry import Registry
 from .security import BodySizeLimit
 
 log = logging.getLogger("emo_serve")
+UI_DIR = Path(__file__).resolve().parent / "ui"
 
 
 @dataclass
@@ -70,6 +73,9 @@ def create_app(state: AppState) -> FastAPI:
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(routing_router)
+    # The routing page: static files, no secrets in them; its API calls carry the key.
+    app.mount("/ui/", StaticFiles(directory=UI_DIR, html=True), name="ui")
+    app.add_api_route("/ui", lambda: RedirectResponse("/ui/"), include_in_schema=False)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes)
 
     @app.exception_handler(APIError)

@@ -304,6 +304,8 @@ class Registry:
                 "id": p.name if p.name == FULL else f"{self.base_name}:{p.name}",
                 "kind": p.kind,
                 "experts_per_layer": {str(k): v for k, v in per_layer.items()},
+                "experts": {str(i): (self.model.expert_ids(i) if p.pool is None or p.pool.get(i) is None
+                                     else list(p.pool[i])) for i in self.moe_layers},
                 "experts_total": sum(per_layer.values()),
                 "bytes": {"experts": nbytes, "non_expert": non_expert, "total": nbytes + non_expert},
                 "coverage": {str(k): v for k, v in sorted(cov.items())} or None,

@@ -104,7 +104,8 @@ class Server:
 def servers(ckpt):
     root = ckpt["root"]
     main = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(ckpt["prose"]),
-                   "--profile", f"listed={ckpt['listed']}", "--served-model-name", "tiny-emo"], root / "main.log")
+                   "--profile", f"listed={ckpt['listed']}", "--served-model-name", "tiny-emo",
+                   "--auto-rule", "centroid"], root / "main.log")
     alone = Server(["--profile", str(ckpt["code"]), "--served-model-name", "tiny-emo"], root / "alone.log")
     keyed = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--api-key", KEY,
                     "--api-key", "second-key", "--max-batch", "1", "--max-queue", "1"], root / "keyed.log")
