@@ -188,7 +188,8 @@ def cmd_build(args) -> int:
         cent = fp.centroid()
     t_sel = time.time() - t0
     man = write_profile(model, out, name, kept, selection=selection, calibration=calib, coverage=cov, centroid=cent,
-                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet)
+                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet,
+                        save_dtype=args.save_dtype)
     summ = {"profile": str(out), "name": man.name, "method": selection["method"],
             "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
             "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(SELECTORS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
+    p.add_argument("--save-dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="store the profile's weights in this dtype (default: the base's), converted tensor by "
+                        "tensor as the shards are written")
     p.add_argument("--force", action="store_true", help="replace an existing profile")
     model_opts(p)
     p.set_defaults(func=cmd_build)
