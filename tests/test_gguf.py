@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from modeling import load_model
 from subsetting.cli import main
