@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
+from modeling.gguf_export import ExportError
 from modeling.tokenizer import TokenizerError
 
 from .corpus import read_corpus, sample, tokenize
@@ -276,6 +277,19 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+# -- export-gguf -------------------------------------------------------------------
+
+
+def cmd_export_gguf(args) -> int:
+    from modeling.gguf_export import export_gguf  # imports the gguf package only when asked
+
+    _say(args, f"exporting {args.profile} to {args.out}")
+    summ = export_gguf(args.profile, args.out, name=args.name, tokenizer_pre=args.tokenizer_pre, force=args.force)
+    _emit(args, summ, f"wrote {summ['gguf']}: {summ['architecture']}, {summ['tensors']} tensors, "
+                      f"{summ['expert_count']} experts (top-{summ['expert_used_count']}), {summ['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------
 
 
@@ -345,13 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroid", action="store_true", help="include the centroid in --json")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export-gguf", parents=[common], help="write a profile (or checkpoint) as one GGUF file "
+                       "for llama.cpp / ollama (olmoe, qwen3_moe, mixtral, glm4_moe)")
+    p.add_argument("profile", help="profile or checkpoint folder (the same expert count in every MoE layer)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")
+    p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the family's)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_export_gguf)
+
     p = sub.add_parser("verify", parents=[common], help="check shard hashes against profile.json")
     p.add_argument("profiles", nargs="+")
     p.set_defaults(func=cmd_verify)
     return ap
 
 
-ERRORS = (SubsetError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
+ERRORS = (SubsetError, ExportError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
           PoolError, TokenizerError, OSError, ValueError)
 
 
