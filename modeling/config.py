@@ -245,7 +245,7 @@ class ModelConfig:
         When every MoE layer keeps the same count, families that stock tools
         know get their own keys (the expert count reduced), so transformers loads
         the profile unchanged; otherwise (and for EMO) the counts go to our
-        extension `num_experts_per_layer` (docs/checkpoint-formats.md).
+        extension `num_experts_per_layer` (docs/families.md).
         """
         d = copy.deepcopy(self.raw)
         fam = self.family

@@ -54,6 +54,7 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)
     # profiles keeping the same count per MoE layer use the family's own keys (stock tools load them)
     stock_profile_config: bool = True
+    gguf_arch: str | None = None  # llama.cpp's architecture name (GGUF export), None: llama.cpp has none
 
     def dense_layers(self, d: dict, num_layers: int) -> set[int]:
         """Layers whose MLP is dense in a full checkpoint of this family."""
@@ -116,18 +117,18 @@ def family_of(model_type: str) -> Family:
 
 register(Family("emo", EMO_NAMES, "EmoForCausalLM", stock_profile_config=False,
                 defaults={"rms_norm_eps": 1e-6}))
-register(Family("olmoe", OLMOE_NAMES, "OlmoeForCausalLM", qk_norm="proj", clip_qkv=True,
+register(Family("olmoe", OLMOE_NAMES, "OlmoeForCausalLM", qk_norm="proj", clip_qkv=True, gguf_arch="olmoe",
                 defaults={"rms_norm_eps": 1e-5}))
 register(_Qwen3Moe("qwen3_moe", QWEN3_MOE_NAMES, "Qwen3MoeForCausalLM", expert_size_keys=("moe_intermediate_size",),
-                   dense_size_keys=("intermediate_size",), shared="none", qk_norm="head",
+                   dense_size_keys=("intermediate_size",), shared="none", qk_norm="head", gguf_arch="qwen3moe",
                    defaults={"rms_norm_eps": 1e-6}))
 register(_Mixtral("mixtral", MIXTRAL_NAMES, "MixtralForCausalLM", expert_count_keys=("num_local_experts", "num_experts"),
-                  always_renormalise=True, shared="none", o_bias=False,
+                  always_renormalise=True, shared="none", o_bias=False, gguf_arch="llama",
                   defaults={"rms_norm_eps": 1e-5, "rope_theta": 1e6}))
 register(_Glm4Moe("glm4_moe", GLM4_MOE_NAMES, "Glm4MoeForCausalLM",
                   expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_keys=("moe_intermediate_size",),
                   dense_size_keys=("intermediate_size",), scoring="sigmoid", group_limited=True,
                   scaling_key="routed_scaling_factor", correction_bias=True, router_float32=True, shared="module",
-                  qk_norm="head", qk_norm_key="use_qk_norm", o_bias=False,
+                  qk_norm="head", qk_norm_key="use_qk_norm", o_bias=False, gguf_arch="glm4moe",
                   defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1,
                             "partial_rotary_factor": 0.5}))

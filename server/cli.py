@@ -1,5 +1,5 @@
 """`emo-serve`: an OpenAI-compatible completion server where each request picks its
-domain profile (see design.md, "HTTP surface")."""
+domain profile (docs/http-api.md in the repository)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-expert-metrics", dest="expert_metrics", action="store_false",
                    help="no per-layer expert-load counters at /metrics (layers x experts series; for very large models)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every profile's files against the sha256 recorded in its profile.json before "
+                        "serving (/health answers only after); a profile that fails is out of service "
+                        "(default: the same check in the background after start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
 
@@ -79,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
                        quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
-                       request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
-                       expert_metrics=args.expert_metrics)
+                       request_timeout=args.request_timeout, log_level=args.log_level, verify=args.verify,
+                       auto_rule=args.auto_rule, expert_metrics=args.expert_metrics)
     try:
         state = build_state(cfg, t0=_T0)
     except StartupError as e:

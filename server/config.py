@@ -27,6 +27,7 @@ class ServerConfig:
     max_logprobs: int = 20
     max_stop: int = 16
     request_timeout: float = 600.0
+    verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"
     auto_rule: str = "affinity"  # how profile "auto" picks: affinity, centroid or perplexity (server.registry)
     expert_metrics: bool = True  # per-layer expert-load counters at /metrics (layers x experts series)

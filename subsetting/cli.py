@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
+from modeling.gguf_export import ExportError
 from modeling.tokenizer import TokenizerError
 
 from .corpus import read_corpus, sample, tokenize
@@ -188,7 +189,8 @@ def cmd_build(args) -> int:
         cent = fp.centroid()
     t_sel = time.time() - t0
     man = write_profile(model, out, name, kept, selection=selection, calibration=calib, coverage=cov, centroid=cent,
-                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet)
+                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet,
+                        save_dtype=args.save_dtype)
     summ = {"profile": str(out), "name": man.name, "method": selection["method"],
             "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
             "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
@@ -275,6 +277,19 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+# -- export-gguf -------------------------------------------------------------------
+
+
+def cmd_export_gguf(args) -> int:
+    from modeling.gguf_export import export_gguf  # imports the gguf package only when asked
+
+    _say(args, f"exporting {args.profile} to {args.out}")
+    summ = export_gguf(args.profile, args.out, name=args.name, tokenizer_pre=args.tokenizer_pre, force=args.force)
+    _emit(args, summ, f"wrote {summ['gguf']}: {summ['architecture']}, {summ['tensors']} tensors, "
+                      f"{summ['expert_count']} experts (top-{summ['expert_used_count']}), {summ['bytes'] / 1e6:.1f} MB")
+    return 0
+
+
 # -- parser -----------------------------------------------------------------------
 
 
@@ -324,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(SELECTORS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of --method random")
     p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
+    p.add_argument("--save-dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="store the profile's weights in this dtype (default: the base's), converted tensor by "
+                        "tensor as the shards are written")
     p.add_argument("--force", action="store_true", help="replace an existing profile")
     model_opts(p)
     p.set_defaults(func=cmd_build)
@@ -341,13 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--centroid", action="store_true", help="include the centroid in --json")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("export-gguf", parents=[common], help="write a profile (or checkpoint) as one GGUF file "
+                       "for llama.cpp / ollama (olmoe, qwen3_moe, mixtral, glm4_moe)")
+    p.add_argument("profile", help="profile or checkpoint folder (the same expert count in every MoE layer)")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")
+    p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the family's)")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.set_defaults(func=cmd_export_gguf)
+
     p = sub.add_parser("verify", parents=[common], help="check shard hashes against profile.json")
     p.add_argument("profiles", nargs="+")
     p.set_defaults(func=cmd_verify)
     return ap
 
 
-ERRORS = (SubsetError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
+ERRORS = (SubsetError, ExportError, ConfigError, CheckpointError, ProfileError, ModelNotFound, FileExistsError, UnicodeDecodeError,
           PoolError, TokenizerError, OSError, ValueError)
 
 

@@ -13,13 +13,16 @@ import torch
 from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
-from modeling.safetensors_io import CheckpointFiles, sha256_file, write_checkpoint
-from modeling.profile import shard_files
+from modeling.config import parse_dtype
+from modeling.safetensors_io import CheckpointFiles, write_checkpoint
+from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.weights import PROFILE_FILE
 
 from .errors import SubsetError
 from .fingerprint import Layout
 from .select import validate_kept
 
+DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
 
@@ -34,15 +37,23 @@ class _Plan:
     left out: their expert count would no longer match the config.
     """
 
-    def __init__(self, model: Model, slots: dict[int, list[int]]):
-        self.model, self.slots = model, slots
+    def __init__(self, model: Model, slots: dict[int, list[int]], save_dtype: torch.dtype | None = None):
+        self.model, self.slots, self.save_dtype = model, slots, save_dtype
         self.files: CheckpointFiles = model.files
         self.names = model.config.names
         self.sources: dict[str, list[str]] = {}
         self.expert_bytes = 0
         self.non_expert_bytes = 0
+        n = self.names
+        # kept in their stored dtype: the correction bias decides expert choice (float32 in GLM's releases)
+        self.keep_dtype = {n.router_bias(i) for i in range(model.config.num_layers)}
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
+        if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
+                and out not in self.keep_dtype:
+            # One tensor at a time, as the writer streams: peak memory is one shard's
+            # worth of converted tensors, never a converted copy of the base.
+            t = t.to(self.save_dtype)
         self.sources[out] = src
         nb = t.numel() * t.element_size()
         if expert:
@@ -108,14 +119,22 @@ class _Plan:
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                   coverage: dict[int, float] | None = None, centroid: np.ndarray | None = None,
-                  max_shard_bytes: int = 2 * 1000**3, force: bool = False, progress: bool = False) -> ProfileManifest:
+                  max_shard_bytes: int = 2 * 1000**3, force: bool = False, progress: bool = False,
+                  save_dtype: str | torch.dtype | None = None) -> ProfileManifest:
     """Write the profile folder `out` keeping `kept` ({layer: original ids}) of `model`:
-    `modeling.write_checkpoint` (atomic, streamed) plus profile.json."""
+    `modeling.write_checkpoint` (atomic, streamed) plus profile.json. `save_dtype`
+    (e.g. "bfloat16") stores floating tensors in that dtype, converted as they are written."""
     layout = Layout.of(model)
     kept = validate_kept(kept, layout)
     slots = {i: [model.layer_experts(i).ids.index(e) for e in ids] for i, ids in kept.items()}
     cfg = model.config
-    plan = _Plan(model, slots)
+    dtype = parse_dtype(save_dtype)
+    plan = _Plan(model, slots, dtype)
+    config = cfg.pruned_dict(slots)
+    if dtype is not None:
+        for key in ("torch_dtype", "dtype"):
+            if key in config or key == "torch_dtype" and "dtype" not in config:
+                config[key] = DTYPE_CONFIG_NAMES[dtype]
     files = model.files
     bar = tqdm(total=None, desc=f"write {name}", unit="B", unit_scale=True, disable=not progress, leave=False)
     manifest = ProfileManifest(
@@ -139,37 +158,27 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
                           "non_expert": plan.non_expert_bytes}
         manifest.shards = hashes
+        manifest.files = file_hashes(tmp, exclude=set(hashes))
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
         load_config(tmp)  # what we wrote must parse
         CheckpointFiles(tmp)
 
     extra = {fname: model.path / fname for fname in TOKENIZER_FILES if (model.path / fname).is_file()}
-    write_checkpoint(out, cfg.pruned_dict(slots), plan.tensors(), extra_files=extra, max_shard_bytes=max_shard_bytes,
+    write_checkpoint(out, config, plan.tensors(), extra_files=extra, max_shard_bytes=max_shard_bytes,
                      force=force, on_flush=on_flush, finish=finish)
     bar.close()
     return manifest
 
 
 def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Recompute every shard's sha256 against profile.json. Returns {ok, shards: {file: ok}, problems}."""
+    """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
+    the manifest's own hash, every shard's and every other file's sha256.
+    Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
     folder = Path(folder)
-    m = ProfileManifest.read(folder)
-    problems, result = [], {}
-    try:
-        on_disk = shard_files(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise SubsetError(f"{folder}: cannot read the shard index ({e})") from None
-    for f in sorted(set(on_disk) - set(m.shards)):
-        problems.append(f"{f}: shard not listed in profile.json")
-    for f, sha in tqdm(sorted(m.shards.items()), desc="verify", disable=not progress, leave=False):
-        p = folder / f
-        if not p.is_file():
-            problems.append(f"{f}: missing")
-            result[f] = False
-            continue
-        ok = sha256_file(p) == sha
-        result[f] = ok
-        if not ok:
-            problems.append(f"{f}: sha256 differs from profile.json")
-    return {"profile": str(folder), "ok": not problems, "shards": result, "problems": problems}
+    if not (folder / PROFILE_FILE).is_file():
+        raise SubsetError(f"{folder}: no {PROFILE_FILE} (not a profile folder)")
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
+    with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()

@@ -166,3 +166,26 @@ def test_fused_mixtral_source_is_written_in_mixtral_names(bases, tmp_path):
     assert not [n for n in names if ".mlp." in n]
     torch.testing.assert_close(hf_logits(stock(prof), IDS), load_model(base).logits(IDS, pool=KEPT["mixtral"]),
                                atol=1e-4, rtol=0)
+
+
+def test_save_dtype_writes_a_bf16_profile_of_a_float32_base(bases, tmp_path):
+    base = bases["glm4_moe"]
+    ef = tmp_path / "e.json"
+    ef.write_text(json.dumps({str(i): ids for i, ids in KEPT["glm4_moe"].items()}))
+    prof = tmp_path / "p"
+    assert run("build", base, "--out", prof, "--experts-file", ef, "--save-dtype", "bfloat16", "-q") == 0
+    files = load_model(prof).files
+    dtypes = {n: files.info(n).dtype for n in files.names()}
+    assert dtypes.pop("model.layers.1.mlp.gate.e_score_correction_bias") == torch.float32  # choice stays exact
+    assert dtypes.pop("model.layers.2.mlp.gate.e_score_correction_bias") == torch.float32
+    assert set(dtypes.values()) == {torch.bfloat16}
+    cfg = json.loads((prof / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16"
+    man = ProfileManifest.read(prof)
+    assert man.bytes["experts"] == 2 * 6 * 3 * 16 * 32 * 2  # layers x kept x (gate, up, down) x I x H x 2 bytes
+    # the same numbers as the base converted on load and restricted to the pool
+    torch.testing.assert_close(load_model(prof).logits(IDS),
+                               load_model(base, dtype="bfloat16").logits(IDS, pool=KEPT["glm4_moe"]), atol=1e-5, rtol=0)
+    # and stock transformers loads it
+    hf = transformers.AutoModelForCausalLM.from_pretrained(prof)
+    assert hf.dtype == torch.bfloat16

@@ -1,0 +1,272 @@
+"""A checkpoint (a profile, above all) as one GGUF file that llama.cpp and ollama run.
+
+Uses the `gguf` package that llama.cpp maintains: its tensor-name map
+(`gguf.get_tensor_name_map`) turns Hugging Face names into llama.cpp's
+(`blk.N.ffn_gate_exps.weight`, ...) and its writer lays the file out. What is
+ours: reading the checkpoint through `modeling.weights` (so either expert
+layout works), stacking a layer's experts into the 3-D tensors llama.cpp
+expects, the metadata of each architecture, and the tokenizer read from
+`tokenizer.json` without transformers. Tensors stream to the file one at a
+time (a layer's stacked experts are the largest copy made).
+
+Families and llama.cpp architectures: olmoe -> `olmoe`, qwen3_moe ->
+`qwen3moe`, mixtral -> `llama` (q/k rows permuted to llama.cpp's interleaved
+RoPE, as its converter does), glm4_moe -> `glm4moe`. llama.cpp keeps one
+expert count per model, so only profiles with the same count in every MoE
+layer export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import ModelConfig, load_config
+from .names import EXPERT_PARTS
+from .safetensors_io import CheckpointFiles
+from .weights import ModelWeights, read_weights
+
+
+class ExportError(ValueError):
+    """A checkpoint that llama.cpp cannot represent, or a broken tokenizer."""
+
+
+# llama.cpp's pre-tokenizer name per architecture, for the families' released tokenizers
+# (llama.cpp identifies it by hashing a tokenization, which needs transformers; ours is a default).
+DEFAULT_PRE = {"qwen3moe": "qwen2", "olmoe": "olmo", "glm4moe": "glm4", "llama": "default"}
+
+
+@dataclass
+class _Item:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], Tensor]
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - a dependency of the project
+        raise ExportError("the `gguf` package is not installed (pip install gguf)") from None
+    return gguf
+
+
+def _arch(gguf, name: str):
+    return next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == name)
+
+
+def _check(cfg: ModelConfig) -> tuple[str, int]:
+    fam = cfg.family
+    if fam.gguf_arch is None:
+        from .families import FAMILIES
+
+        ok = ", ".join(m for m, f in FAMILIES.items() if f.gguf_arch)
+        raise ExportError(f"{cfg.source}: llama.cpp has no architecture for model_type {cfg.model_type!r}; "
+                          f"GGUF export supports {ok}")
+    moe = sorted({e for e in cfg.experts_per_layer if e})
+    if len(moe) != 1:
+        raise ExportError(f"{cfg.source}: MoE layers keep different expert counts {moe}; llama.cpp holds one count "
+                          f"per model (build the profile with the same --keep in every layer)")
+    dense = [i for i, e in enumerate(cfg.experts_per_layer) if e == 0]
+    if fam.gguf_arch == "glm4moe":
+        if dense != list(range(len(dense))):
+            raise ExportError(f"{cfg.source}: dense layers {dense} are not the leading layers llama.cpp's glm4moe expects")
+    elif dense:
+        raise ExportError(f"{cfg.source}: layers {dense} are dense; llama.cpp's {fam.gguf_arch} has MoE layers only")
+    if cfg.routing.n_group > 1:
+        raise ExportError(f"{cfg.source}: group-limited routing (n_group {cfg.routing.n_group}) is not exported")
+    if any(cfg.always_active_per_layer) or any(cfg.shared_per_layer):
+        raise ExportError(f"{cfg.source}: shared or always-active router slots have no llama.cpp equivalent")
+    if cfg.rope.type != "default":
+        raise ExportError(f"{cfg.source}: RoPE type {cfg.rope.type!r} is not exported")
+    return fam.gguf_arch, moe[0]
+
+
+def _permute_for_llama(w: Tensor, heads: int) -> Tensor:
+    """HF's rotate-half rows -> llama.cpp's interleaved pairs (what its llama converter does to q/k)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[_Item]:
+    n = cfg.names
+    tmap = gguf.get_tensor_name_map(_arch(gguf, arch_name), cfg.num_layers)
+
+    def gname(hf: str) -> str:
+        g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if g is None:
+            raise ExportError(f"llama.cpp's {arch_name} has no tensor for {hf!r}")
+        return g
+
+    def item(hf: str, t: Tensor, f32: bool = False, fn: Callable[[Tensor], Tensor] | None = None) -> _Item:
+        dt = torch.float32 if f32 or t.dim() == 1 else t.dtype  # norms, biases and routers stay float32
+        return _Item(gname(hf), tuple(t.shape), dt, lambda: (fn(t) if fn else t).to(dt))
+
+    llama = arch_name == "llama"
+    yield item(n.embed, w.embed)
+    for i, lw in enumerate(w.layers):
+        yield item(n.attn_norm(i), lw.attn_norm)
+        for p, t, b, heads in (("q", lw.q, lw.q_bias, cfg.num_heads), ("k", lw.k, lw.k_bias, cfg.num_kv_heads),
+                               ("v", lw.v, lw.v_bias, 0), ("o", lw.o, lw.o_bias, 0)):
+            perm = (lambda x, h=heads: _permute_for_llama(x, h)) if llama and heads else None
+            yield item(n.proj(i, p), t, fn=perm)
+            if b is not None:
+                yield item(n.proj(i, p, "bias"), b, fn=perm)
+        if lw.q_norm is not None:
+            yield item(n.qk_norm(i, "q"), lw.q_norm)
+            yield item(n.qk_norm(i, "k"), lw.k_norm)
+        yield item(n.mlp_norm(i), lw.mlp_norm)
+        if lw.experts is None:
+            for p, t in zip(EXPERT_PARTS, lw.dense.tensors()):
+                yield item(n.dense(i, p), t)
+            continue
+        le = lw.experts
+        yield item(n.router(i), le.router, f32=True)
+        if le.bias is not None:
+            yield item(f"{n.layer(i)}.mlp.gate.e_score_correction.bias", le.bias)
+        for k, (part, hf_part) in enumerate(zip(EXPERT_PARTS, n.expert_parts)):
+            first = le.experts[0].tensors()[k]
+            merged = f"{n.layer(i)}.{n.moe_module}.experts.{hf_part}.weight"
+            yield _Item(gname(merged), (len(le.experts), *first.shape), first.dtype,
+                        lambda k=k, le=le: torch.stack([e.tensors()[k] for e in le.experts]))
+        if lw.shared_mlp is not None:
+            for p, t in zip(EXPERT_PARTS, lw.shared_mlp.tensors()):
+                yield item(n.shared(i, p), t)
+    yield item(n.final_norm, w.final_norm)
+    if w.lm_head is not w.embed:
+        yield item(n.lm_head, w.lm_head)
+
+
+_RAW = {torch.float32: (np.float32, None), torch.float16: (np.float16, None), torch.bfloat16: (np.int16, "BF16")}
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().contiguous()
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+# -- tokenizer ---------------------------------------------------------------------
+
+
+def _add_tokenizer(writer, gguf, folder: Path, cfg: ModelConfig, arch_name: str, pre: str | None) -> None:
+    f = folder / "tokenizer.json"
+    if not f.is_file():
+        raise ExportError(f"{folder}: no tokenizer.json (llama.cpp needs the tokenizer inside the GGUF file)")
+    try:
+        tok = json.loads(f.read_text(encoding="utf-8"))
+        model = tok["model"]
+        if model.get("type") != "BPE":
+            raise ExportError(f"{f}: tokenizer model {model.get('type')!r} is not exported (BPE only)")
+        vocab: dict[str, int] = dict(model["vocab"])
+        added = {int(a["id"]): a for a in tok.get("added_tokens") or []}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{f}: not a readable tokenizer.json ({type(e).__name__}: {e})") from None
+    byte_level = "ByteLevel" in json.dumps(tok.get("pre_tokenizer")) or "ByteLevel" in json.dumps(tok.get("decoder"))
+    TT = gguf.TokenType
+    size = max(cfg.vocab_size, max(vocab.values(), default=-1) + 1, max(added, default=-1) + 1)
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [TT.UNUSED] * size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = TT.BYTE if (not byte_level and len(text) == 6 and text.startswith("<0x")) else TT.NORMAL
+    for i, a in added.items():
+        tokens[i] = a["content"]
+        types[i] = TT.CONTROL if a.get("special") else TT.USER_DEFINED
+    if byte_level:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(pre or DEFAULT_PRE.get(arch_name, "default"))
+    else:  # sentencepiece-style BPE with byte fallback (Mixtral's tokenizer.json)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre(pre or "default")
+        writer.add_token_scores([-float(i) for i in range(size)])
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=byte_level, n_vocab=size)
+    special.add_to_gguf(writer, quiet=True)
+    if cfg.eos_token_ids and "eos" not in special.special_token_ids:
+        writer.add_eos_token_id(cfg.eos_token_ids[0])
+
+
+# -- metadata -----------------------------------------------------------------------
+
+
+def _add_metadata(writer, gguf, cfg: ModelConfig, arch_name: str, experts: int, name: str, file_type: int) -> None:
+    writer.add_name(name)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.dense_intermediate_size or cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope.theta)
+    writer.add_rope_dimension_count(cfg.rope.rotary_dim(cfg.head_dim))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_expert_count(experts)
+    writer.add_expert_used_count(cfg.top_k)
+    writer.add_expert_feed_forward_length(cfg.intermediate_size)
+    writer.add_expert_weights_norm(bool(cfg.routing.renormalise))
+    writer.add_file_type(file_type)
+    if cfg.clip_qkv is not None:
+        writer.add_clamp_kqv(cfg.clip_qkv)
+    if arch_name == "glm4moe":
+        writer.add_leading_dense_block_count(sum(1 for e in cfg.experts_per_layer if e == 0))
+        writer.add_expert_shared_count(cfg.shared_mlp_size // cfg.intermediate_size if cfg.intermediate_size else 0)
+        writer.add_expert_weights_scale(cfg.routing.scaling)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_nextn_predict_layers(0)  # profiles leave the multi-token-prediction layer out
+
+
+def export_gguf(folder: str | Path, out: str | Path, *, name: str | None = None, tokenizer_pre: str | None = None,
+                force: bool = False, progress: bool = False) -> dict:
+    """Write `folder` (a checkpoint or profile) as the GGUF file `out`; returns a summary.
+    The file is written under a temporary name and renamed when complete."""
+    gguf = _gguf()
+    folder, out = Path(folder), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    cfg = load_config(folder)
+    arch_name, experts = _check(cfg)
+    files = CheckpointFiles(folder)
+    stored = files.info(cfg.names.embed).dtype if cfg.names.embed in files else torch.float32
+    w = read_weights(folder, files, cfg, stored, torch.device("cpu"))
+    items = list(_items(cfg, w, gguf, arch_name))
+    ftype = {torch.float32: gguf.LlamaFileType.ALL_F32, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+             torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16}.get(stored, gguf.LlamaFileType.ALL_F32)
+    writer = gguf.GGUFWriter(None, arch_name)
+    _add_metadata(writer, gguf, cfg, arch_name, experts, name or folder.name, int(ftype))
+    _add_tokenizer(writer, gguf, folder, cfg, arch_name, tokenizer_pre)
+    for it in items:
+        np_dtype, raw = _RAW[it.dtype]
+        nbytes = int(np.prod(it.shape)) * torch.tensor([], dtype=it.dtype).element_size()
+        writer.add_tensor_info(it.name, it.shape, np.dtype(np_dtype), nbytes,
+                               raw_dtype=getattr(gguf.GGMLQuantizationType, raw) if raw else None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = 0
+        for it in items:
+            arr = _numpy(it.make())
+            writer.write_tensor_data(arr)
+            total += arr.nbytes
+            files.release()  # the source pages this tensor came from
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"gguf": str(out), "architecture": arch_name, "tensors": len(items), "expert_count": experts,
+            "expert_used_count": cfg.top_k, "bytes": out.stat().st_size, "tensor_bytes": total}
