@@ -1,6 +1,6 @@
 """Stateless building blocks shared by inference (`modeling.model`) and training.
 
-Each function follows emo-format.md to the letter: RMSNorm computes in float32
+Each function follows docs/formats.md to the letter: RMSNorm computes in float32
 and casts back; RoPE uses the rotate-half convention with float32 frequencies;
 experts are SwiGLU (down(silu(gate(x)) * up(x))).
 """

@@ -1,5 +1,5 @@
 """`emo-serve`: an OpenAI-compatible completion server where each request picks its
-domain profile (see design.md, "HTTP surface")."""
+domain profile (docs/http-api.md in the repository)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
-from modeling.safetensors_io import CheckpointFiles, sha256_file, write_checkpoint
-from modeling.profile import shard_files
+from modeling.safetensors_io import CheckpointFiles, write_checkpoint
+from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.weights import PROFILE_FILE
 
 from .errors import SubsetError
 from .fingerprint import Layout
@@ -157,6 +158,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
                           "non_expert": plan.non_expert_bytes}
         manifest.shards = hashes
+        manifest.files = file_hashes(tmp, exclude=set(hashes))
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
         load_config(tmp)  # what we wrote must parse
@@ -170,24 +172,13 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
 
 
 def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Recompute every shard's sha256 against profile.json. Returns {ok, shards: {file: ok}, problems}."""
+    """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
+    the manifest's own hash, every shard's and every other file's sha256.
+    Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
     folder = Path(folder)
-    m = ProfileManifest.read(folder)
-    problems, result = [], {}
-    try:
-        on_disk = shard_files(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise SubsetError(f"{folder}: cannot read the shard index ({e})") from None
-    for f in sorted(set(on_disk) - set(m.shards)):
-        problems.append(f"{f}: shard not listed in profile.json")
-    for f, sha in tqdm(sorted(m.shards.items()), desc="verify", disable=not progress, leave=False):
-        p = folder / f
-        if not p.is_file():
-            problems.append(f"{f}: missing")
-            result[f] = False
-            continue
-        ok = sha256_file(p) == sha
-        result[f] = ok
-        if not ok:
-            problems.append(f"{f}: sha256 differs from profile.json")
-    return {"profile": str(folder), "ok": not problems, "shards": result, "problems": problems}
+    if not (folder / PROFILE_FILE).is_file():
+        raise SubsetError(f"{folder}: no {PROFILE_FILE} (not a profile folder)")
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
+    with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()
