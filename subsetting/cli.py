@@ -20,6 +20,7 @@ from .discover import DomainDiscovery, summary_markdown
 from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
 from .select import SELECTORS, Calibration, coverage, parse_keep, read_experts_file
+from .stability import resample_stability
 from .writer import verify_profile, write_profile
 
 PROG = "emo-subset"
@@ -122,16 +123,15 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
         if fp.layout.loaded != Layout.of(model).loaded:
             raise SubsetError(f"{args.fingerprints}: fingerprints were taken on a model with other experts loaded")
         source: dict[str, Any] = {"fingerprints": str(args.fingerprints)}
+        if args.exclude_cluster is not None:
+            # every document stays; its domain becomes its cluster, so "exclude cluster N" is "exclude domain"
+            labels = _cluster_labels(args, fp)
+            if not (labels == args.exclude_cluster).any():
+                raise SubsetError(f"cluster {args.exclude_cluster} has no documents (clusters 0..{labels.max()})")
+            fp.labels = [f"cluster {c}" for c in labels]
+            source["exclude_cluster"] = args.exclude_cluster
         if args.cluster is not None:
-            cf = Path(args.clusters) if args.clusters else clusters_path(args.fingerprints)
-            try:
-                labels = np.array(json.loads(cf.read_text())["labels"])
-            except FileNotFoundError:
-                raise SubsetError(f"{cf}: no clusters file (run `emo-subset discover` first)") from None
-            except (KeyError, ValueError) as e:
-                raise SubsetError(f"{cf}: not a clusters file ({e})") from None
-            if len(labels) != len(fp):
-                raise SubsetError(f"{cf}: {len(labels)} labels for {len(fp)} fingerprinted documents")
+            labels = _cluster_labels(args, fp)
             idx = np.flatnonzero(labels == args.cluster)
             if not len(idx):
                 raise SubsetError(f"cluster {args.cluster} has no documents (clusters 0..{labels.max()})")
@@ -152,6 +152,35 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
     return None, None, {}
 
 
+def _cluster_labels(args, fp: Fingerprints) -> np.ndarray:
+    cf = Path(args.clusters) if args.clusters else clusters_path(args.fingerprints)
+    try:
+        labels = np.array(json.loads(cf.read_text())["labels"])
+    except FileNotFoundError:
+        raise SubsetError(f"{cf}: no clusters file (run `emo-subset discover` first)") from None
+    except (KeyError, ValueError) as e:
+        raise SubsetError(f"{cf}: not a clusters file ({e})") from None
+    if len(labels) != len(fp):
+        raise SubsetError(f"{cf}: {len(labels)} labels for {len(fp)} fingerprinted documents")
+    return labels
+
+
+def _exclusion(args) -> str | None:
+    """The domain an exclusion profile leaves out (`--exclude-domain` / `--exclude-cluster`), checked."""
+    if args.exclude_domain is None and args.exclude_cluster is None:
+        return None
+    if args.exclude_domain is not None and args.exclude_cluster is not None:
+        raise SubsetError("give either --exclude-domain or --exclude-cluster, not both")
+    if args.domain is not None or args.cluster is not None:
+        raise SubsetError("an exclusion profile calibrates on every domain: drop --domain / --cluster")
+    if args.method not in ("mean-prob", "exclude-domain"):
+        raise SubsetError(f"--exclude-domain / --exclude-cluster choose by --method exclude-domain, not {args.method}")
+    if args.exclude_cluster is not None and not args.fingerprints:
+        raise SubsetError("--exclude-cluster needs --fingerprints (clustered by `emo-subset discover`)")
+    args.method = "exclude-domain"
+    return args.exclude_domain if args.exclude_domain is not None else f"cluster {args.exclude_cluster}"
+
+
 def cmd_build(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -162,6 +191,9 @@ def cmd_build(args) -> int:
         raise SubsetError("give either --keep or --experts-file, not both")
     if args.method not in SELECTORS:
         raise SubsetError(f"--method {args.method!r}: choose one of {', '.join(SELECTORS)}")
+    exclude = _exclusion(args)
+    if args.method == "exclude-domain" and exclude is None:
+        raise SubsetError("--method exclude-domain needs --exclude-domain X or --exclude-cluster N")
     t0 = time.time()
     model = _load(args, args.model)
     layout = Layout.of(model)
@@ -176,12 +208,19 @@ def cmd_build(args) -> int:
         keep = parse_keep(args.keep, layout)
         fp, toks, source = _calibration(args, model)
         sel = SELECTORS[args.method](keep, seed=args.seed)
+        if exclude is not None:
+            sel.exclude = exclude
         cal = Calibration(layout, fp, toks, model, args.max_batch_tokens, progress=not args.quiet)
         kept = sel.fit(cal).experts_
         params: dict[str, Any] = {**sel.params(), **source}
         if fp is not None:
             params["max_tokens"] = args.max_tokens
         selection = {"method": args.method, "params": params}
+        stab = resample_stability(sel, cal, args.stability, args.seed) if args.stability else None
+        if stab is not None:
+            selection["stability"] = stab.to_dict()
+            if stab.warning():
+                print(f"{PROG}: warning: {stab.warning()}", file=sys.stderr)
     cov, calib, cent = {}, {}, None
     if fp is not None:
         cov = coverage(fp.token_mean(), layout, kept)
@@ -227,9 +266,11 @@ def cmd_eval(args) -> int:
     for dom, ds in sorted(by_dom.items()):
         _, toks = tokenize(ds, full.tokenizer, min(args.max_tokens, full.config.max_position_embeddings))
         toks_by_dom[dom] = toks
-    profiles = []
+    profiles, excluded = [], {}
     for p in args.profiles:
         man = ProfileManifest.read(p)
+        if man.selection.get("method") == "exclude-domain":
+            excluded[man.name] = man.selection.get("params", {}).get("exclude")
         if man.base.get("id") != full.identity.get("id"):
             raise SubsetError(f"{p}: cut from base {man.base.get('name')!r}, not from {base_path}")
         profiles.append((man.name, load_model(p, dtype=args.dtype), man.pool()))
@@ -239,8 +280,34 @@ def cmd_eval(args) -> int:
     for r in rows:
         lines.append(f"| {r['profile']} | {r['domain']} | {r['experts']} | {r['ppl_profile']:.3f} | {r['ppl_full']:.3f} "
                      f"| {r['ppl_random']:.3f} | {r['retention']:.3f} | {r['retention_random']:.3f} |")
-    _emit(args, {"base": base_path, "rows": rows}, "\n".join(lines))
+    summary = exclusion_summary(rows, excluded)
+    if summary:
+        lines += ["", "Exclusion profiles: perplexity rise (profile / full - 1) of the excluded domain against the "
+                      "kept domains'", "",
+                  "| profile | excluded | its rise | worst kept domain | its rise | excluded / worst kept |",
+                  "|---|---|---|---|---|---|"]
+        for e in summary:
+            lines.append(f"| {e['profile']} | {e['excluded']} | {100 * e['rise_excluded']:+.1f}% | {e['worst_kept']} "
+                         f"| {100 * e['rise_worst_kept']:+.1f}% | {e['ratio']:.1f}x |")
+    _emit(args, {"base": base_path, "rows": rows, "exclusion": summary}, "\n".join(lines))
     return 0
+
+
+def exclusion_summary(rows: list[dict], excluded: dict[str, str | None]) -> list[dict]:
+    """Per exclusion profile: how much the excluded domain's perplexity rises against
+    the kept domains' (a rise is profile / full - 1; the ratio is the excluded one's
+    over the largest kept one's)."""
+    out = []
+    for name, dom in excluded.items():
+        mine = {r["domain"]: r["ppl_profile"] / r["ppl_full"] - 1 for r in rows if r["profile"] == name}
+        if dom not in mine or len(mine) < 2:
+            continue
+        kept = {d: v for d, v in mine.items() if d != dom}
+        worst = max(kept, key=kept.get)
+        out.append({"profile": name, "excluded": dom, "rise_excluded": mine[dom], "worst_kept": worst,
+                    "rise_worst_kept": kept[worst], "rises": mine,
+                    "ratio": mine[dom] / kept[worst] if kept[worst] > 0 else float("inf")})
+    return out
 
 
 def cmd_inspect(args) -> int:
@@ -337,7 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", default=None, help="experts kept per layer (shared included): N, N%% or a schedule a,b,c")
     p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]}")
     p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(SELECTORS)}")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random (and of the stability resamples)")
+    p.add_argument("--exclude-domain", default=None, metavar="X",
+                   help="an exclusion profile: keep every expert but those most specific to domain X (calibration "
+                        "on every domain; --keep bounds the count; --method exclude-domain)")
+    p.add_argument("--exclude-cluster", type=int, default=None, metavar="N",
+                   help="the same with cluster N of `emo-subset discover` (needs --fingerprints)")
+    p.add_argument("--stability", type=int, default=8, metavar="N",
+                   help="refit the selection on N bootstrap resamples of the calibration documents and record how "
+                        "many kept experts change (warns when unstable; 0: skip; fingerprint-only methods)")
     p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
     p.add_argument("--save-dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="store the profile's weights in this dtype (default: the base's), converted tensor by "

@@ -274,6 +274,43 @@ class OutputAwareSelector(Selector):
         return obs.scores
 
 
+@register
+class ExcludeDomainSelector(Selector):
+    """Everything but domain X (a control profile: "no python here").
+
+    Calibration holds every domain, labelled (or clusters, relabelled by the
+    CLI). An expert's score is how much more X's tokens route to it than the
+    tokens of the kept domain that uses it most: p_X(e) - max over d != X of
+    p_d(e), with p the routing softmax averaged over a domain's calibration
+    tokens. The lowest-scoring `keep` experts are kept, so the experts dropped
+    are those X leans on and no other domain needs as much."""
+
+    method = "exclude-domain"
+    needs = ("fingerprints",)
+
+    def __init__(self, keep: dict[int, int], seed: int = 0, exclude: str | None = None):
+        super().__init__(keep, seed)
+        self.exclude = exclude
+
+    def params(self) -> dict:
+        return {**super().params(), "exclude": self.exclude}
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        fp = cal.fingerprints
+        labels = np.array(fp.labels)
+        if self.exclude is None:
+            raise SubsetError("--method exclude-domain needs the domain to leave out (--exclude-domain X)")
+        domains = sorted({lab for lab in fp.labels if lab})
+        if self.exclude not in domains:
+            raise SubsetError(f"no calibration documents of {self.exclude!r} to exclude (domains: {', '.join(domains)})")
+        others = [d for d in domains if d != self.exclude]
+        if not others:
+            raise SubsetError(f"calibration holds only {self.exclude!r}: excluding it needs documents of the "
+                              "domains to keep as well")
+        mean = {d: fp.subset(np.flatnonzero(labels == d)).token_mean().astype(np.float64) for d in domains}
+        return -(mean[self.exclude] - np.max([mean[d] for d in others], axis=0))
+
+
 METHODS = tuple(SELECTORS)
 
 
