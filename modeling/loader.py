@@ -22,6 +22,7 @@ from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_exp
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "profile.json",
+                "chat_template.jinja",
                 "kept_experts.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
