@@ -21,20 +21,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BLOCK = 32  # values per scale
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 SCALE_BIAS = 127
 
-_LUT: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+_PAIRS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 
-def _lut(dtype: torch.dtype, device: torch.device) -> Tensor:
+def _pairs(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[256, 2]: the (low nibble, high nibble) values of every byte."""
     key = (dtype, device)
-    if key not in _LUT:
-        _LUT[key] = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
-    return _LUT[key]
+    if key not in _PAIRS:
+        lut = torch.tensor(FP4_VALUES, dtype=dtype, device=device)
+        _PAIRS[key] = torch.stack([lut.repeat(16), lut.repeat_interleave(16)], -1).contiguous()
+    return _PAIRS[key]
 
 
 class Mxfp4Error(ValueError):
@@ -42,14 +45,17 @@ class Mxfp4Error(ValueError):
 
 
 def dequantize(blocks: Tensor, scales: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """`[..., rows, G, 16]` codes and `[..., rows, G]` scales -> `[..., rows, G * 32]` in `dtype`."""
+    """`[..., rows, G, 16]` codes and `[..., rows, G]` scales -> `[..., rows, G * 32]` in `dtype`.
+
+    One gather of both values of each byte (a 256-row table), then the block's
+    power of two, multiplied in float32 and rounded to `dtype` once: the same
+    numbers as transformers' lookup per nibble + `torch.ldexp` (which is
+    `x * 2.0 ** e`), several times faster on CPU.
+    """
     *prefix, G, B = blocks.shape
-    lut = _lut(dtype, blocks.device)
-    out = torch.empty(*prefix, G, B * 2, dtype=dtype, device=blocks.device)
-    out[..., 0::2] = lut[(blocks & 0x0F).to(torch.int)]
-    out[..., 1::2] = lut[(blocks >> 4).to(torch.int)]
-    torch.ldexp(out, (scales.to(torch.int32) - SCALE_BIAS).unsqueeze(-1), out=out)
-    return out.reshape(*prefix, G * B * 2)
+    out = F.embedding(blocks.long(), _pairs(dtype, blocks.device)).view(*prefix, G, 2 * B)
+    out.mul_(torch.pow(2.0, scales.float() - SCALE_BIAS).unsqueeze(-1))
+    return out.view(*prefix, G * B * 2)
 
 
 def quantize(w: Tensor) -> tuple[Tensor, Tensor]:
