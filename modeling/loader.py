@@ -180,9 +180,11 @@ class Model:
         ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
         for lw in w.layers:
             ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias) if t is not None]
+                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias, lw.sinks) if t is not None]
             if lw.experts is not None:
                 ts.append(lw.experts.router)
+                if lw.experts.logit_bias is not None:
+                    ts.append(lw.experts.logit_bias)
             if lw.dense is not None:
                 ts += lw.dense.tensors()
             if lw.shared_mlp is not None:
