@@ -144,10 +144,11 @@ def shard_files(folder: str | Path) -> list[str]:
 
 
 def file_hashes(folder: str | Path, exclude: set[str]) -> dict[str, str]:
-    """sha256 of every plain file in `folder` but profile.json and `exclude` (the shards)."""
+    """sha256 of every plain file in `folder` but profile.json, `exclude` (the shards) and
+    hidden files (the atomic writer's marker)."""
     folder = Path(folder)
     return {f.name: sha256_file(f) for f in sorted(folder.iterdir())
-            if f.is_file() and f.name != PROFILE_FILE and f.name not in exclude}
+            if f.is_file() and f.name != PROFILE_FILE and f.name not in exclude and not f.name.startswith(".")}
 
 
 @dataclass

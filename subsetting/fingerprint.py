@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from modeling import Batch, KVCache, Model, ProfileManifest
+from modeling.safetensors_io import make_parents, remove_created
 
 from .errors import SubsetError
 
@@ -192,13 +193,20 @@ class Fingerprints:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "labels": self.labels, "texts": self.texts, "layout": self.layout.to_dict(),
                 "model": self.model}
+        created = make_parents(path.parent)
+        # written beside its final name and renamed: a reader never sees half a file, and a
+        # failure (disk full, interrupt) removes the partial file and the folders made for it
         tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, probs=self.probs, topk_freq=self.topk_freq, tokens=self.tokens,
-                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        tmp.replace(path)
+        try:
+            np.savez_compressed(tmp, probs=self.probs, topk_freq=self.topk_freq, tokens=self.tokens,
+                                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            remove_created(created)
+            raise
         return path
 
     @classmethod
