@@ -31,3 +31,12 @@ class ServerConfig:
     log_level: str = "info"
     auto_rule: str = "affinity"  # how profile "auto" picks: affinity, centroid or perplexity (server.registry)
     expert_metrics: bool = True  # per-layer expert-load counters at /metrics (layers x experts series)
+
+
+def context_length(config: ServerConfig, model_limit: int) -> tuple[int, bool]:
+    """(the context length to serve, whether --max-model-len was capped to the model's limit).
+    One rule for the engine and for deploy/memory_request.py, which sizes its KV cache."""
+    asked = config.max_model_len
+    if asked is None:
+        return model_limit, False
+    return min(asked, model_limit), asked > model_limit

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from modeling import Batch, Model, ProfileManifest
+from modeling import Batch, KVCache, Model, ProfileManifest
 from modeling.safetensors_io import make_parents, remove_created
 
 from .errors import SubsetError
@@ -127,10 +126,7 @@ class LayerPass:
             hs = []
             for st in state:
                 batch, cos, sin, x, docs = st
-                n, maxlen = batch.num_seqs, max(batch.counts)
-                shape = (n, cfg.num_kv_heads, maxlen, cfg.head_dim)
-                cache = SimpleNamespace(k={i: torch.empty(shape, dtype=x.dtype, device=x.device)},
-                                        v={i: torch.empty(shape, dtype=x.dtype, device=x.device)})
+                cache = KVCache(cfg, batch.num_seqs, max(batch.counts), x.dtype, x.device, layers=[i])
                 x = tr.attention_block(i, x, cos, sin, batch, cache)
                 st[3] = x
                 h = tr.mlp_input(i, x)
