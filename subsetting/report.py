@@ -229,10 +229,6 @@ def main(argv=None) -> None:
     print(f"wrote {a.out}/README.md in {time.time() - t0:.0f} s")
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- the shipped profiles, exclusion profiles, "auto" -------------------------------------------
 
 
@@ -361,3 +357,7 @@ def control_markdown(c: dict, meta: dict) -> list[str]:
               "The server's default is the rule with the most right over both sets: `--auto-rule`.", "",
               auto_rules.markdown(c["auto"]), ""]
     return lines
+
+
+if __name__ == "__main__":
+    main()
