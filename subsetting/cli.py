@@ -208,6 +208,7 @@ def cmd_build(args) -> int:
     if not layout.moe_layers:
         raise SubsetError(f"{args.model}: the model has no mixture-of-experts layer")
     name = args.name or out.name
+    stab = None
     if args.experts_file is not None:
         kept = read_experts_file(args.experts_file, layout)
         fp, toks, source = _calibration(args, model)
@@ -227,15 +228,15 @@ def cmd_build(args) -> int:
         stab = resample_stability(sel, cal, args.stability, args.seed) if args.stability else None
         if stab is not None:
             selection["stability"] = stab.to_dict()
-            if stab.warning():
-                print(f"{PROG}: warning: {stab.warning()}", file=sys.stderr)
     cov, calib, cent = {}, {}, None
     warnings: list[str] = []
+    if stab is not None and stab.warning():
+        warnings.append(stab.warning())
     if fp is not None:
         label = args.domain if args.domain is not None else (
             f"cluster {args.cluster}" if args.cluster is not None else "calibration")
-        warnings = [w.replace("domain ", "", 1) if label.startswith(("cluster", "calibration")) else w
-                    for w in small_calibration([label] * len(fp), fp.tokens.tolist())]
+        warnings += [w.replace("domain ", "", 1) if label.startswith(("cluster", "calibration")) else w
+                     for w in small_calibration([label] * len(fp), fp.tokens.tolist())]
         _warn(args, warnings)
         cov = coverage(fp.token_mean(), layout, kept)
         calib = {**fp.calibration(), **({"source": source} if source else {})}

@@ -328,7 +328,7 @@ def control_markdown(c: dict, meta: dict) -> list[str]:
         lines.append(f"| {r['profile']} | {r['calib_docs']} | **{r['ratio']:.2f}x** | {r['remade_changed']}, "
                      f"{r['remade_ratio']:.2f}x | {r['half_changed']}, {r['half_ratio']:.2f}x | "
                      f"{st['changed_mean']:.2f} / {st['changed_max']} of {st['kept_routed']} | "
-                     f"{'stable' if st['stable'] else '**unstable**'} |")
+                     f"{'stable' if st['changed_share'] <= UNSTABLE_SHARE else '**unstable**'} |")
     lines += ["", "## Exclusion profiles: everything but one domain (EMO twin)", "",
               "`emo-subset build MODEL --corpus CALIB --exclude-domain X --keep N`: calibration on every domain "
               f"({c['calib_docs']} documents each); an expert's score is how much more X's tokens route to it than "

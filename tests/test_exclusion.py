@@ -130,3 +130,18 @@ def test_stability_flags_a_selection_that_moves_with_the_sample():
     st = resample_stability(sel, Calibration(fp.layout, fp), resamples=20, seed=1)
     assert not st.stable and 0 < st.changed_mean <= 1 and st.changed_max == 1
     assert "unstable" in st.warning() and st.to_dict()["most_changed"].keys() <= {"0:0", "0:1"}
+
+
+def test_build_records_stability_and_warns_when_unstable(setup, capsys):
+    out = setup["root"] / "code-only"
+    assert main(["build", str(setup["base"]), "--corpus", str(setup["corpus"]), "--domain", "code", "--keep", "4",
+                 "--out", str(out), "--json", "--stability", "12"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    stab = json.loads((out / "profile.json").read_text())["selection"]["stability"]
+    assert stab["resamples"] == 12
+    unstable = [w for w in summary["warnings"] if w.startswith("unstable selection")]
+    assert bool(unstable) == (not stab["stable"]) and bool(unstable) == ("unstable selection" in captured.err)
+    assert main(["build", str(setup["base"]), "--corpus", str(setup["corpus"]), "--domain", "code", "--keep", "4",
+                 "--out", str(out), "--force", "-q", "--stability", "0"]) == 0
+    assert "stability" not in json.loads((out / "profile.json").read_text())["selection"]
