@@ -230,13 +230,13 @@ def cmd_build(args) -> int:
             selection["stability"] = stab.to_dict()
     cov, calib, cent = {}, {}, None
     warnings: list[str] = []
-    if stab is not None and stab.warning():
-        warnings.append(stab.warning())
     if fp is not None:
         label = args.domain if args.domain is not None else (
             f"cluster {args.cluster}" if args.cluster is not None else "calibration")
         warnings += [w.replace("domain ", "", 1) if label.startswith(("cluster", "calibration")) else w
                      for w in small_calibration([label] * len(fp), fp.tokens.tolist())]
+        if stab is not None and stab.warning():
+            warnings.append(stab.warning())
         _warn(args, warnings)
         cov = coverage(fp.token_mean(), layout, kept)
         calib = {**fp.calibration(), **({"source": source} if source else {})}
