@@ -46,6 +46,10 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > 4096:
+            # `encode_batch` releases the GIL while the Rust side works (`encode` holds it): a long text
+            # tokenized on a worker thread must not stall the server's event loop for seconds
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:

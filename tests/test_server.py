@@ -405,7 +405,7 @@ def test_disconnect_cancels(servers):
         next(resp.iter_lines())
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        m = s.get("/metrics").text
+        m = s.get("/metrics", headers=h).text  # /metrics follows the key
         if 'status="cancelled"' in m:
             break
         time.sleep(0.05)
