@@ -14,18 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.test_server import KEY, ROOT, Server, _env, _free_port, _openai, ckpt  # noqa: F401  (ckpt: a fixture)
+from tests.test_server import KEY, ROOT, Server, _env, _free_port, _openai
 
 MODEL = "tiny-emo"
 
 
 @pytest.fixture(scope="module")
-def srv(ckpt):  # noqa: F811
+def srv(ckpt):
     s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(ckpt["prose"]),
                 "--served-model-name", MODEL, "--log-level", "info"], ckpt["root"] / "hardening.log")
     try:
@@ -141,7 +140,7 @@ def test_seed_at_the_top_of_the_range_with_n_choices(srv):
 
 # -- 10: penalties, bias, min_tokens are applied, not ignored ---------------------------------
 
-def test_penalties_and_bias_equal_the_core(srv, ckpt):  # noqa: F811
+def test_penalties_and_bias_equal_the_core(srv, ckpt):
     from modeling import SamplingParams, load_model
 
     model = load_model(ckpt["base"])
@@ -237,7 +236,7 @@ def _start_fail_all(cases: list[tuple[list[str], int | None]]) -> list[str]:
     return errs
 
 
-def test_startup_errors_name_the_option(ckpt, tmp_path):  # noqa: F811
+def test_startup_errors_name_the_option(ckpt, tmp_path):
     base = str(ckpt["base"])
     pdir = tmp_path / "profiles"  # a symlink in --profiles-dir that leads outside it
     pdir.mkdir()
@@ -258,7 +257,7 @@ def test_startup_errors_name_the_option(ckpt, tmp_path):  # noqa: F811
     assert not re.search(r"ready in [0-9]", errs[-1]) and "listening on" not in errs[-1]
 
 
-def test_startup_summary_and_access_lines(ckpt):  # noqa: F811
+def test_startup_summary_and_access_lines(ckpt):
     s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--served-model-name", MODEL,
                 "--max-model-len", "100000", "--log-level", "info"], ckpt["root"] / "summary.log")
     try:
@@ -279,7 +278,7 @@ def test_startup_summary_and_access_lines(ckpt):  # noqa: F811
     assert "latency=" in access[0] and '"POST /v1/completions" 404' in access[1]
 
 
-def test_metrics_follow_the_key_and_health_is_open(ckpt):  # noqa: F811
+def test_metrics_follow_the_key_and_health_is_open(ckpt):
     keyed = Server(["--model", str(ckpt["base"]), "--api-key", KEY], ckpt["root"] / "metrics-keyed.log")
     public = Server(["--model", str(ckpt["base"]), "--api-key", KEY, "--public-metrics"],
                     ckpt["root"] / "metrics-public.log")
@@ -294,7 +293,7 @@ def test_metrics_follow_the_key_and_health_is_open(ckpt):  # noqa: F811
         keyed.stop(), public.stop()
 
 
-def test_disconnect_is_quiet_and_sigterm_ends_streams_with_an_error(ckpt):  # noqa: F811
+def test_disconnect_is_quiet_and_sigterm_ends_streams_with_an_error(ckpt):
     s = Server(["--model", str(ckpt["base"]), "--max-batch", "1", "--shutdown-timeout", "0"],
                ckpt["root"] / "sigterm.log")
     try:
@@ -383,7 +382,7 @@ class InProcessServer:
         self.thread.join(15)
 
 
-def test_dead_engine_refuses_work_with_503(ckpt):  # noqa: F811
+def test_dead_engine_refuses_work_with_503(ckpt):
     s = InProcessServer(model=str(ckpt["base"]), request_timeout=0)
     try:
         s.stall(60)
@@ -405,7 +404,7 @@ def test_dead_engine_refuses_work_with_503(ckpt):  # noqa: F811
         s.stop()
 
 
-def test_deadline_holds_when_the_engine_stalls(ckpt):  # noqa: F811
+def test_deadline_holds_when_the_engine_stalls(ckpt):
     s = InProcessServer(model=str(ckpt["base"]), request_timeout=0.5)
     try:
         s.stall(4)
@@ -423,7 +422,7 @@ def test_deadline_holds_when_the_engine_stalls(ckpt):  # noqa: F811
 
 # -- 9: vLLM's tokenizer endpoints --------------------------------------------------------------------
 
-def test_tokenizer_endpoints_have_vllms_shapes(srv, ckpt):  # noqa: F811
+def test_tokenizer_endpoints_have_vllms_shapes(srv, ckpt):
     from modeling import load_model
 
     tok = load_model(ckpt["base"]).tokenizer
