@@ -1,4 +1,4 @@
-"""Typed results of the emo-serve HTTP API (design.md, "HTTP surface").
+"""Typed results of the emo-serve HTTP API (docs/http-api.md).
 
 Every model keeps fields it does not know (`extra="allow"`), so a server that
 adds a field never breaks an older client; the field is on `model_extra`.

@@ -4,7 +4,7 @@
     python deploy/memory_request.py --max-batch 8 --max-model-len 4096 \
         /data/profiles/code/python /data/profiles/code/c
 
-A server process keeps resident (design.md, "Performance model"):
+A server process keeps resident (docs/architecture.md, "Performance model"):
 
     base       the non-expert weights (embeddings, attention, norms, routers,
                lm_head): every token touches them.

@@ -6,7 +6,7 @@ A family declares its rule (`RoutingRule`): how router logits become scores
 `n_group` groups, the best `topk_group` of them by the sum of their two best
 scores, then top-k inside those) and how the chosen are weighted (renormalised
 to sum 1, then multiplied by `scaling`). Shared experts that live *inside* the
-router (EMO's last s slots, see emo-format.md) are a mask here; shared experts
+router (EMO's last s slots, see docs/formats.md) are a mask here; shared experts
 that are a separate always-on MLP (GLM's `mlp.shared_experts`) never reach the
 router at all.
 

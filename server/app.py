@@ -26,7 +26,7 @@ from .entrypoints.openai.models.api_router import router as models_router
 from .entrypoints.openai.serving_engine import ClientDisconnected
 from .entrypoints.openai.tokenize.api_router import router as tokenize_router
 from .errors import APIError, error_body
-from .registry import Registry
+from .registry import Registry, StartupError
 from .security import BodySizeLimit
 from .state import AppState
 
@@ -46,6 +46,10 @@ def context_length(config: ServerConfig, model_limit: int) -> tuple[int, bool]:
 
 def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     registry = Registry.from_config(config)
+    if config.verify:  # before the server listens: /health answers only once every profile is checked
+        registry.verify_all()
+        if registry.unavailable is not None:
+            raise StartupError(f"--verify: {registry.unavailable}")
     model = registry.model
     max_len, _ = context_length(config, model.config.max_position_embeddings)
     engine = Engine(model, registry, max_batch=config.max_batch, max_queue=config.max_queue, max_model_len=max_len,
@@ -103,6 +107,7 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
+        state.registry.start_verification()  # profiles still unchecked (without --verify): in the background
         yield
         state.engine.stop()
 

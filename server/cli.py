@@ -1,5 +1,5 @@
 """`emo-serve`: an OpenAI-compatible completion server where each request picks its
-domain profile (see design.md, "HTTP surface")."""
+domain profile (docs/http-api.md in the repository)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use: its "
                    "affinity mask and cgroup CPU quota; OMP_NUM_THREADS, when set, wins)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every profile's files against the sha256 recorded in its profile.json before "
+                        "serving (/health answers only after); a profile that fails is out of service "
+                        "(default: the same check in the background after start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="(default info: start-up summary and one access line per request)")
     return p.parse_args(argv)
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                        quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
                        max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
-                       shutdown_timeout=args.shutdown_timeout,
+                       shutdown_timeout=args.shutdown_timeout, verify=args.verify,
                        request_timeout=args.request_timeout, log_level=args.log_level)
     try:
         state = build_state(cfg, t0=_T0)

@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
-from modeling.safetensors_io import CheckpointFiles, sha256_file, write_checkpoint
-from modeling.profile import shard_files
+from modeling.safetensors_io import CheckpointFiles, write_checkpoint
+from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.weights import PROFILE_FILE
 
 from .errors import SubsetError
 from .fingerprint import Layout
@@ -46,6 +47,7 @@ class _Plan:
         n = self.names
         # kept in their stored dtype: the correction bias decides expert choice (float32 in GLM's releases)
         self.keep_dtype = {n.router_bias(i) for i in range(model.config.num_layers)}
+        self.mxfp4: list[str] = []  # MXFP4 tensors written (as stored in the base)
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
         if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
@@ -93,6 +95,9 @@ class _Plan:
         cfg, f, n = self.model.config, self.files, self.names
         kept = self.slots[i]
         idx = torch.tensor(kept)
+        if n.stacked_experts:  # gpt-oss: the family's own layout keeps experts stacked on dim 0
+            yield from self._stacked(i, idx)
+            return
         rname = self._first(n.router(i), n.fused_router(i))
         yield self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
         bname = self._first(n.router_bias(i), n.fused_router_bias(i))
@@ -114,6 +119,16 @@ class _Plan:
                 yield self._emit(outs[1], gu[I:], [gu_name], True)
                 yield self._emit(outs[2], f.get(d_name)[j], [d_name], True)
 
+
+    def _stacked(self, i: int, idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every per-expert tensor of layer i sliced to the kept experts along dim 0,
+        in its stored dtype and layout: MXFP4 blocks and scales are the base's bytes."""
+        f, n = self.files, self.names
+        router = {n.router(i), n.router_logit_bias(i)}
+        for name in sorted(x for x in n.routed_expert_tensors(i, 0) if x in f):
+            if name.endswith(("_blocks", "_scales")):
+                self.mxfp4.append(name)
+            yield self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
@@ -157,6 +172,9 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
                           "non_expert": plan.non_expert_bytes}
         manifest.shards = hashes
+        if plan.mxfp4:
+            manifest.quantization = {"experts": "mxfp4", "requantized": False, "tensors": plan.mxfp4}
+        manifest.files = file_hashes(tmp, exclude=set(hashes))
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
         load_config(tmp)  # what we wrote must parse
@@ -170,24 +188,13 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
 
 
 def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
-    """Recompute every shard's sha256 against profile.json. Returns {ok, shards: {file: ok}, problems}."""
+    """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
+    the manifest's own hash, every shard's and every other file's sha256.
+    Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
     folder = Path(folder)
-    m = ProfileManifest.read(folder)
-    problems, result = [], {}
-    try:
-        on_disk = shard_files(folder)
-    except (OSError, ValueError, KeyError) as e:
-        raise SubsetError(f"{folder}: cannot read the shard index ({e})") from None
-    for f in sorted(set(on_disk) - set(m.shards)):
-        problems.append(f"{f}: shard not listed in profile.json")
-    for f, sha in tqdm(sorted(m.shards.items()), desc="verify", disable=not progress, leave=False):
-        p = folder / f
-        if not p.is_file():
-            problems.append(f"{f}: missing")
-            result[f] = False
-            continue
-        ok = sha256_file(p) == sha
-        result[f] = ok
-        if not ok:
-            problems.append(f"{f}: sha256 differs from profile.json")
-    return {"profile": str(folder), "ok": not problems, "shards": result, "problems": problems}
+    if not (folder / PROFILE_FILE).is_file():
+        raise SubsetError(f"{folder}: no {PROFILE_FILE} (not a profile folder)")
+    total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
+    with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
+              leave=False) as bar:
+        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()

@@ -47,7 +47,7 @@ def emo_config(**over) -> dict:
 
 
 def random_tensors(cfg: dict, seed: int = 0, dtype: torch.dtype = torch.float32, fused: bool = False) -> dict:
-    """Every tensor an EMO/OLMoE config calls for, random, with emo-format names."""
+    """Every tensor an EMO/OLMoE config calls for, random, with docs/formats.md names."""
     g = torch.Generator().manual_seed(seed)
     H, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     heads = cfg["num_attention_heads"]

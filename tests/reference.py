@@ -1,4 +1,4 @@
-"""An independent float64 reference of EMO / OLMoE, written from emo-format.md.
+"""An independent float64 reference of EMO / OLMoE, written from docs/formats.md.
 
 It shares no code with `modeling/`: it reads tensors with the `safetensors`
 library, parses config.json itself, and computes token by token in numpy

@@ -2,7 +2,7 @@
 
 The stand-in is a small FastAPI app run by uvicorn in a thread on 127.0.0.1 (a
 real HTTP server, no mocking library). It speaks emo-serve's HTTP surface as
-design.md fixes it, and adds what the real server cannot be made to do on
+docs/http-api.md fixes it, and adds what the real server cannot be made to do on
 demand: answer 429 twice then 200, always 503, fail in the middle of a stream,
 close connections. It tests the client's own logic: retries and backoff,
 error surfacing, SSE parsing, API keys, timeouts, the command.

@@ -276,6 +276,46 @@ def test_eval_inspect_verify_and_force(env, capsys):
     assert code == 1 and json.loads(stdout)["ok"] is False and "sha256 differs" in err
 
 
+def test_verify_finds_edits_of_the_manifest_and_of_config_json(env, capsys, tmp_path):
+    """profile.json itself is covered: changing the kept ids (what the server routes by) or
+    config.json fails `verify`, not only a changed shard byte; re-indenting the manifest does not."""
+    import shutil
+
+    root, full, corpus = env
+    out = tmp_path / "p-man"
+    assert run(["build", full, "--out", out, "--keep", 4, "--method", "random", "-q"], capsys)[0] == 0
+    man = json.loads((out / "profile.json").read_text())
+    assert set(man["files"]) >= {"config.json", "tokenizer.json"} and len(man["manifest_sha256"]) == 64
+    assert run(["verify", out, "-q"], capsys)[0] == 0
+
+    reindented = tmp_path / "p-reindent"
+    shutil.copytree(out, reindented)
+    (reindented / "profile.json").write_text(json.dumps(man, indent=4, sort_keys=True))
+    assert run(["verify", reindented, "-q"], capsys)[0] == 0
+
+    edited = tmp_path / "p-edit"
+    shutil.copytree(out, edited)
+    m = dict(man, kept_experts={**man["kept_experts"], "0": [0, 1, 2, 7]})
+    assert m["kept_experts"] != man["kept_experts"]
+    (edited / "profile.json").write_text(json.dumps(m, indent=1))
+    code, stdout, err = run(["verify", edited, "--json", "-q"], capsys)
+    assert code == 1 and json.loads(stdout)["ok"] is False and "edited after it was written" in err
+
+    cfg_edit = tmp_path / "p-cfg"
+    shutil.copytree(out, cfg_edit)
+    cfg = json.loads((cfg_edit / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 1
+    (cfg_edit / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run(["verify", cfg_edit, "-q"], capsys)
+    assert code == 1 and "config.json: sha256 differs" in err
+
+    unsealed = tmp_path / "p-old"
+    shutil.copytree(out, unsealed)
+    (unsealed / "profile.json").write_text(json.dumps({k: v for k, v in man.items() if k != "manifest_sha256"}))
+    code, _, err = run(["verify", unsealed, "-q"], capsys)
+    assert code == 1 and "no manifest_sha256" in err
+
+
 # -- bad input ---------------------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ routing from `modeling.routing.route`, so training and inference route the
 same way. What is training-only lives here:
 
 - experts stored stacked (`[E, I, H]`) for speed, exported one tensor per
-  expert in the EMO naming of emo-format.md;
+  expert in the EMO naming of docs/formats.md;
 - the EMO document pool: the router softmax over the non-shared experts is
   averaged over each document's tokens, the top-N experts of that average form
   the document's pool (N drawn per document), everything else gets -inf for
@@ -198,7 +198,7 @@ class EmoTrainModel(nn.Module):
         return logits, {"lb": lb / L, "z": z / L, "probs": probs}
 
     def export_tensors(self, dtype=torch.bfloat16) -> dict[str, Tensor]:
-        """Tensors named as emo-format.md's EMO section, one tensor per expert."""
+        """Tensors named as docs/formats.md's EMO section, one tensor per expert."""
         out = {
             "model.embed_tokens.weight": self.embed_tokens.weight,
             "model.norm.weight": self.norm.weight,

@@ -37,6 +37,8 @@ def health(state: AppState) -> dict:
         status = "shutting down"
     else:
         status = f"engine stopped ({eng.failure or 'thread ended'})"
+    if state.registry.unavailable is not None:
+        status = f"weights failed verification: {state.registry.unavailable}"
     return {"status": status, "model": state.registry.base_name,
             "profiles": state.registry.names(), "uptime_s": round(time.monotonic() - state.started, 3),
             "running": len(eng.running), "waiting": len(eng.waiting)}
