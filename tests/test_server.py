@@ -359,7 +359,8 @@ def test_api_keys(servers):
         r = s.post("/v1/completions", body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     assert s.get("/v1/models").status_code == 401
-    assert s.get("/health").status_code == 200
+    assert s.get("/metrics").status_code == 401  # /metrics follows the key (--public-metrics opens it)
+    assert s.get("/health").status_code == 200  # /health stays open for probes
     for key in (KEY, "second-key"):
         assert s.post("/v1/completions", body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
     import openai

@@ -259,11 +259,16 @@ def test_startup_errors_name_the_option(ckpt, tmp_path):
 
 def test_startup_summary_and_access_lines(ckpt):
     s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--served-model-name", MODEL,
-                "--max-model-len", "100000", "--log-level", "info"], ckpt["root"] / "summary.log")
+                "--max-model-len", "100000", "--log-level", "info", "--api-key", KEY, "--public-metrics"],
+               ckpt["root"] / "summary.log")
+    h = {"Authorization": f"Bearer {KEY}"}
     try:
         s.wait()
-        assert _complete(s, profile="code", max_tokens=4, ignore_eos=True).status_code == 200
-        assert _complete(s, profile="nope").status_code == 404
+        assert _complete(s, profile="code", max_tokens=4, ignore_eos=True).status_code == 401
+        assert s.get("/metrics").status_code == 200  # --public-metrics (tests/test_server.py: keyed by default)
+        assert s.post("/v1/completions", {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 4,
+                                          "ignore_eos": True, "profile": "code"}, headers=h).status_code == 200
+        assert s.post("/v1/completions", {"prompt": "hi", "profile": "nope"}, headers=h).status_code == 404
         time.sleep(0.3)
     finally:
         s.stop()
@@ -273,24 +278,10 @@ def test_startup_summary_and_access_lines(ckpt):
                   (f"listening on {s.url}",), ("--max-model-len 100000 is more than the model's limit",)):
         assert any(all(w in line for w in words) for line in log.splitlines()), (words, log)
     access = [line for line in log.splitlines() if "emo_serve.access" in line and "/v1/completions" in line]
-    assert len(access) == 2, log
-    assert "200 profile=code prompt_tokens=" in access[0] and "completion_tokens=4" in access[0]
-    assert "latency=" in access[0] and '"POST /v1/completions" 404' in access[1]
-
-
-def test_metrics_follow_the_key_and_health_is_open(ckpt):
-    keyed = Server(["--model", str(ckpt["base"]), "--api-key", KEY], ckpt["root"] / "metrics-keyed.log")
-    public = Server(["--model", str(ckpt["base"]), "--api-key", KEY, "--public-metrics"],
-                    ckpt["root"] / "metrics-public.log")
-    try:
-        keyed.wait(), public.wait()
-        assert keyed.get("/health").status_code == 200
-        assert keyed.get("/metrics").status_code == 401
-        assert keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-        assert public.get("/metrics").status_code == 200
-        assert public.get("/v1/models").status_code == 401
-    finally:
-        keyed.stop(), public.stop()
+    assert len(access) == 3, log
+    assert '"POST /v1/completions" 401' in access[0]
+    assert "200 profile=code prompt_tokens=" in access[1] and "completion_tokens=4" in access[1]
+    assert "latency=" in access[1] and '"POST /v1/completions" 404' in access[2]
 
 
 def test_disconnect_is_quiet_and_sigterm_ends_streams_with_an_error(ckpt):
