@@ -65,12 +65,23 @@ class KVCache:
         self.windows = list(cfg.sliding_windows)
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
+        sizes = self.positions(cfg, max_len)
         for i in range(cfg.num_layers) if layers is None else layers:
-            w = self.windows[i]
-            size = max_len if w is None else min(w, max_len)
-            shape = (num_slots, cfg.num_kv_heads, size, cfg.head_dim)
+            shape = (num_slots, cfg.num_kv_heads, sizes[i], cfg.head_dim)
             self.k[i] = torch.empty(shape, dtype=dtype, device=device)
             self.v[i] = torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def positions(cfg: ModelConfig, max_len: int) -> list[int]:
+        """Positions each layer holds per slot: `max_len`, or a sliding window's size."""
+        return [max_len if w is None else min(w, max_len) for w in cfg.sliding_windows]
+
+    @classmethod
+    def nbytes_for(cls, cfg: ModelConfig, num_slots: int, max_len: int, itemsize: int) -> int:
+        """Bytes a cache of `num_slots` x `max_len` allocates for keys and values
+        (what deploy/memory_request.py sizes a container by)."""
+        per_position = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return num_slots * per_position * sum(cls.positions(cfg, max_len))
 
     def write(self, layer: int, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int | None]:
         """Store `k`, `v` `[kv_heads, n, head_dim]` of positions start..start+n-1 and

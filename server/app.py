@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import ServerConfig
+from .config import ServerConfig, context_length
 from .engine import Engine
 from .entrypoints.openai import openapi
 from .entrypoints.openai.chat.api_router import router as chat_router
