@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import ServerConfig
+from .config import ServerConfig, context_length
 from .engine import Engine
 from .entrypoints.openai.chat.api_router import router as chat_router
 from .entrypoints.openai.completions.api_router import router as completions_router
@@ -45,7 +45,7 @@ def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
         if registry.unavailable is not None:
             raise StartupError(f"--verify: {registry.unavailable}")
     model = registry.model
-    max_len = min(config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    max_len, _ = context_length(config, model.config.max_position_embeddings)
     engine = Engine(model, registry, max_batch=config.max_batch, max_queue=config.max_queue, max_model_len=max_len,
                     max_prefill_tokens=config.max_prefill_tokens)
     state = AppState(config, registry, engine, [k.encode() for k in config.api_keys])

@@ -29,3 +29,12 @@ class ServerConfig:
     request_timeout: float = 600.0
     verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"
+
+
+def context_length(config: ServerConfig, model_limit: int) -> tuple[int, bool]:
+    """(the context length to serve, whether --max-model-len was capped to the model's limit).
+    One rule for the engine and for deploy/memory_request.py, which sizes its KV cache."""
+    asked = config.max_model_len
+    if asked is None:
+        return model_limit, False
+    return min(asked, model_limit), asked > model_limit

@@ -47,6 +47,7 @@ class _Plan:
         n = self.names
         # kept in their stored dtype: the correction bias decides expert choice (float32 in GLM's releases)
         self.keep_dtype = {n.router_bias(i) for i in range(model.config.num_layers)}
+        self.mxfp4: list[str] = []  # MXFP4 tensors written (as stored in the base)
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
         if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
@@ -94,6 +95,9 @@ class _Plan:
         cfg, f, n = self.model.config, self.files, self.names
         kept = self.slots[i]
         idx = torch.tensor(kept)
+        if n.stacked_experts:  # gpt-oss: the family's own layout keeps experts stacked on dim 0
+            yield from self._stacked(i, idx)
+            return
         rname = self._first(n.router(i), n.fused_router(i))
         yield self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
         bname = self._first(n.router_bias(i), n.fused_router_bias(i))
@@ -115,6 +119,16 @@ class _Plan:
                 yield self._emit(outs[1], gu[I:], [gu_name], True)
                 yield self._emit(outs[2], f.get(d_name)[j], [d_name], True)
 
+
+    def _stacked(self, i: int, idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every per-expert tensor of layer i sliced to the kept experts along dim 0,
+        in its stored dtype and layout: MXFP4 blocks and scales are the base's bytes."""
+        f, n = self.files, self.names
+        router = {n.router(i), n.router_logit_bias(i)}
+        for name in sorted(x for x in n.routed_expert_tensors(i, 0) if x in f):
+            if name.endswith(("_blocks", "_scales")):
+                self.mxfp4.append(name)
+            yield self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
@@ -152,12 +166,13 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     def on_flush(names: list[str]) -> None:
         src = {s for o in names for s in plan.sources.get(o, [])}
         files.release(sorted(src))
-        bar.update(sum(files.info(s).nbytes for s in src))
 
     def finish(tmp: Path, hashes: dict[str, str]) -> None:
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
                           "non_expert": plan.non_expert_bytes}
         manifest.shards = hashes
+        if plan.mxfp4:
+            manifest.quantization = {"experts": "mxfp4", "requantized": False, "tensors": plan.mxfp4}
         manifest.files = file_hashes(tmp, exclude=set(hashes))
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)
@@ -166,7 +181,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
 
     extra = {fname: model.path / fname for fname in TOKENIZER_FILES if (model.path / fname).is_file()}
     write_checkpoint(out, config, plan.tensors(), extra_files=extra, max_shard_bytes=max_shard_bytes,
-                     force=force, on_flush=on_flush, finish=finish)
+                     force=force, on_flush=on_flush, finish=finish, on_write=bar.update)
     bar.close()
     return manifest
 
