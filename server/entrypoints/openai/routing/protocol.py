@@ -14,3 +14,17 @@ class RoutingRequest(BaseModel):
     model: StrictStr | None = None
     profile: StrictStr | None = None
     prompt: StrictStr | list[StrictInt]
+
+
+class LayerUse(BaseModel):
+    layer: int
+    experts: list[int]  # original ids the sequence's tokens were routed to
+    tokens: list[int]  # how many tokens each
+
+
+class RoutingSummary(BaseModel):
+    """`return_routing` on completions and chat: per choice, the experts its tokens
+    (prompt and generated) used per MoE layer, and the prompt's profile affinity."""
+
+    layers: list[LayerUse]
+    profile_affinity: dict[str, float]
