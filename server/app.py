@@ -36,14 +36,6 @@ access_log = logging.getLogger("emo_serve.access")
 __all__ = ["AppState", "build_state", "create_app", "context_length"]
 
 
-def context_length(config: ServerConfig, model_limit: int) -> tuple[int, bool]:
-    """(the context length to serve, whether --max-model-len was capped to the model's)."""
-    asked = config.max_model_len
-    if asked is None:
-        return model_limit, False
-    return min(asked, model_limit), asked > model_limit
-
-
 def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     registry = Registry.from_config(config)
     if config.verify:  # before the server listens: /health answers only once every profile is checked
