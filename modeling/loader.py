@@ -11,13 +11,13 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
-from .quant import Int8Cache
+from .quant import Int8Cache, read_quantization_config
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
 from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
 from .tokenizer import Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights
+from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -108,7 +108,8 @@ class Model:
         if files is None:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = _Reader(files, self.dtype, self.device)
+        reader = _Reader(files, self.dtype, self.device,
+                         read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
         orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
@@ -134,10 +135,10 @@ class Model:
             if lw.experts is not None:
                 ts.append(lw.experts.router)
             if lw.dense is not None:
-                ts += lw.dense.tensors()
+                ts += lw.dense.matrices()
             if lw.shared_mlp is not None:
-                ts += lw.shared_mlp.tensors()
-        return sum(t.numel() * t.element_size() for t in ts)
+                ts += lw.shared_mlp.matrices()
+        return sum(weight_bytes(t) for t in ts)
 
     # -- running ---------------------------------------------------------------
     def resolve_pool(self, pool: Pool | ResolvedPool | None) -> ResolvedPool | None:

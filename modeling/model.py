@@ -22,7 +22,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
-from .quant import Int8Cache
+from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
 
@@ -95,7 +95,9 @@ class Transformer:
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
 
-    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
+            return w.linear(x, bias)
         if self.int8 is not None:
             return self.int8.linear(x, w, bias)
         if self.compile_decode:
