@@ -9,8 +9,10 @@ fresh process so resident memory is clean:
   a) `emo-subset build --keep 32 --method random`: wall time and peak RSS
      (ru_maxrss of the process), next to the base's and the profile's size
   b) single-sequence prefill and decode tokens/s of the profile: emo-serve's
-     model core and transformers (AutoModelForCausalLM on the same folder, which
-     is a stock Qwen3-MoE checkpoint), bf16, --threads threads, with RSS
+     model core (eager, run before and after transformers since the cores are
+     shared, and with --compile's GEMV) and transformers (AutoModelForCausalLM
+     on the same folder, a stock Qwen3-MoE checkpoint), bf16, --threads
+     threads, with RSS
   c) llama.cpp's llama-bench on the profile exported with `emo-subset
      export-gguf` when a llama-bench binary is given or found (--llama-bench,
      default: /work/llama-build/bin/llama-bench); otherwise it says so
@@ -94,7 +96,12 @@ def write_base(folder: Path, layers: int) -> Path:
 # -- parts, each in a fresh interpreter ---------------------------------------------------
 
 
-def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+def child_write(folder: str, layers: int) -> dict:
+    write_base(Path(folder), layers)
+    return {}
+
+
+def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, compile: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -102,8 +109,12 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     from modeling import Batch, load_model
 
     t0 = time.perf_counter()
-    m = load_model(path)
+    m = load_model(path, compile=bool(compile))
     load_s = time.perf_counter() - t0
+    if compile:  # compile every decode shape before timing (cached by Inductor afterwards)
+        cache = m.new_cache(1, 8)
+        for pos, t in enumerate([1000, 1001]):
+            m.forward(Batch(torch.tensor([t]), [0], [pos], [1]), cache)
     ids = list(range(1000, 1000 + n_prompt))
     m.logits(ids[:64])  # warm-up: both contenders start from the page cache
     cache = m.new_cache(1, n_prompt + n_decode + 8)
@@ -196,29 +207,36 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="no row for load_model(compile=True)")
     ap.add_argument("--llama-bench", default="/work/llama-build/bin/llama-bench")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        fn = {"ours": child_ours, "hf": child_hf, "bandwidth": child_bandwidth}[kind]
-        conv = [str] + [int] * 3 if kind != "bandwidth" else [int]
+        fn = {"ours": child_ours, "hf": child_hf, "bandwidth": child_bandwidth, "write": child_write}[kind]
+        conv = {"bandwidth": [int], "write": [str, int]}.get(kind, [str] + [int] * 4)
         print(json.dumps(fn(*[c(x) for c, x in zip(conv, rest)])))
         return
 
     root = Path(args.dir)
-    base = write_base(root / f"qwen3-30b-a3b-shape-{args.layers}l", args.layers)
+    base = root / f"qwen3-30b-a3b-shape-{args.layers}l"
+    # in a child: a parent grown by writing 16 GB would count in the build child's ru_maxrss (fork copies it)
+    run_child("write", base, args.layers)
     prof = root / f"qwen3-{args.layers}l-keep{KEEP}"
     res: dict = {"layers": args.layers, "threads": args.threads, "prompt": args.prompt, "decode": args.decode,
                  "base_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors"))}
     res["build"] = build_profile(base, prof, args.threads)
     print(f"build: {res['build']}", file=sys.stderr)
+    # ours before and after transformers: the cores are shared, so the spread shows the noise
     res["ours"] = run_child("ours", prof, args.threads, args.prompt, args.decode)
     print(f"ours: {res['ours']}", file=sys.stderr)
     if not args.skip_hf:
         res["transformers"] = run_child("hf", prof, args.threads, args.prompt, args.decode)
         print(f"transformers: {res['transformers']}", file=sys.stderr)
+    res["ours (again)"] = run_child("ours", prof, args.threads, args.prompt, args.decode)
+    if not args.skip_compile:
+        res["ours --compile"] = run_child("ours", prof, args.threads, args.prompt, args.decode, 1)
     if args.llama_bench and Path(args.llama_bench).is_file():
         gg = root / f"qwen3-{args.layers}l-keep{KEEP}.gguf"
         res["gguf_export"] = export(prof, gg)
@@ -237,7 +255,7 @@ def main() -> None:
           f"built in {b['wall_s']:.1f} s, peak RSS {b['peak_rss'] / gb:.2f} GB")
     print("| engine | prefill tok/s | decode tok/s | load s | RSS GB |")
     print("|---|---|---|---|---|")
-    for key in ("ours", "transformers", "llama.cpp"):
+    for key in ("ours", "ours (again)", "ours --compile", "transformers", "llama.cpp"):
         r = res.get(key)
         if isinstance(r, dict):
             print(f"| {key} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {r.get('load_s', float('nan')):.1f} "

@@ -70,6 +70,7 @@ class Model:
         self.quantize = quantize
         self.weights = read_weights(path, files, config, dtype, device)
         self.sources: dict[str, CheckpointFiles] = {str(path): files}
+        self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
         self._mapped: list[tuple[int, int]] = []
         self._note_mappings(files)
         int8 = Int8Cache(dtype, self._mapped) if quantize == "int8" else None
@@ -121,6 +122,54 @@ class Model:
             src = read_layer_experts(folder, files, cfg, i, reader, orig[i])
             added[i] = merge_experts(lw.experts, src, self.device, take_over)
         return added
+
+    def withdraw(self, folder: str | Path) -> dict[int, list[int]]:
+        """Stop using the bytes of `folder` (an added profile found corrupt): every
+        expert slot it provides is re-pointed, with its router row, to the same
+        expert of another mapped source (the base first, then profiles in the order
+        they were added) that has not been withdrawn. Returns {layer: original ids}
+        that no sound source holds (they keep the withdrawn bytes; callers must not
+        route to them). The model's own checkpoint cannot be withdrawn: its
+        non-expert weights are the ones every forward runs on."""
+        key = str(Path(folder))
+        if key == str(self.path):
+            raise PoolError(f"{folder}: the model's own checkpoint cannot be withdrawn")
+        self._withdrawn.add(key)
+        alternatives = [s for s in self.sources if s not in self._withdrawn]
+        orphans: dict[int, list[int]] = {}
+        for i, lw in enumerate(self.weights.layers):
+            le = lw.experts
+            if le is None or key not in le.sources:
+                continue
+            wanted = {le.ids[k] for k, s in enumerate(le.sources) if s == key}
+            for alt in alternatives:
+                if not wanted:
+                    break
+                src = self._layer_experts_of(alt, i)
+                if src is None:
+                    continue
+                for j, orig in enumerate(src.ids):
+                    if orig in wanted:
+                        slot = le.ids.index(orig)
+                        le.experts[slot], le.router_rows[slot] = src.experts[j], src.router_rows[j]
+                        if src.bias_rows:
+                            le.bias_rows[slot] = src.bias_rows[j]
+                        le.sources[slot] = alt
+                        wanted.discard(orig)
+            if wanted:
+                orphans[i] = sorted(wanted)
+            le.rebuild(self.device)
+        return orphans
+
+    def _layer_experts_of(self, source: str, layer: int) -> LayerExperts | None:
+        """Views of layer `layer`'s experts in one mapped source (None: it has none there)."""
+        folder = Path(source)
+        cfg = self.config if source == str(self.path) else load_config(folder)
+        if not cfg.experts_per_layer[layer]:
+            return None
+        reader = _Reader(self.sources[source], self.dtype, self.device)
+        return read_layer_experts(folder, self.sources[source], cfg, layer, reader,
+                                  original_expert_ids(folder, cfg)[layer])
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
         le = self.weights.layers[layer].experts

@@ -22,7 +22,7 @@ from .entrypoints.openai.chat.api_router import router as chat_router
 from .entrypoints.openai.completions.api_router import router as completions_router
 from .entrypoints.openai.models.api_router import router as models_router
 from .errors import APIError, error_body
-from .registry import Registry
+from .registry import Registry, StartupError
 from .security import BodySizeLimit
 
 log = logging.getLogger("emo_serve")
@@ -40,6 +40,10 @@ class AppState:
 
 def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     registry = Registry.from_config(config)
+    if config.verify:  # before the server listens: /health answers only once every profile is checked
+        registry.verify_all()
+        if registry.unavailable is not None:
+            raise StartupError(f"--verify: {registry.unavailable}")
     model = registry.model
     max_len = min(config.max_model_len or model.config.max_position_embeddings, model.config.max_position_embeddings)
     engine = Engine(model, registry, max_batch=config.max_batch, max_queue=config.max_queue, max_model_len=max_len,
@@ -59,6 +63,7 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
+        state.registry.start_verification()  # profiles still unchecked (without --verify): in the background
         yield
         state.engine.stop()
 

@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every profile's files against the sha256 recorded in its profile.json before "
+                        "serving (/health answers only after); a profile that fails is out of service "
+                        "(default: the same check in the background after start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
                        quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
-                       request_timeout=args.request_timeout, log_level=args.log_level)
+                       request_timeout=args.request_timeout, log_level=args.log_level, verify=args.verify)
     try:
         state = build_state(cfg, t0=_T0)
     except StartupError as e:

@@ -27,4 +27,5 @@ class ServerConfig:
     max_logprobs: int = 20
     max_stop: int = 16
     request_timeout: float = 600.0
+    verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"

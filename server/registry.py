@@ -12,13 +12,22 @@ original expert ids per layer, resolved once to slot masks. Sources:
 
 Two names are reserved: `full` (every loaded expert) and `auto` (the profile
 whose centroid fingerprint is nearest to the prompt's routing).
+
+Verification (docs/profiles.md): every profile folder is checked against its
+profile.json (manifest hash, sha256 of every file), in a background thread
+after start or before serving (`--verify`). A profile that fails is taken out
+of service (requests naming it get 503) and the model stops using its bytes
+(`Model.withdraw`): the experts it provided to `full` and to other profiles
+come from a sound source again, and those only it held leave `full`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +35,10 @@ import torch
 
 import modeling
 from modeling import Model, ProfileManifest, ResolvedPool, load_model
+from modeling.profile import verify_profile
 
 from .config import ServerConfig
-from .errors import bad_request, not_found
+from .errors import APIError, bad_request, not_found
 from .memory import resident_bytes
 
 log = logging.getLogger("emo_serve.registry")
@@ -56,6 +66,10 @@ class Profile:
     manifest: ProfileManifest | None = None
     source: str = ""  # folder or file name (not shown to clients as a path)
     centroid: torch.Tensor | None = field(default=None, repr=False)  # over loaded experts, all layers
+    folder: Path | None = None  # a profile folder: where its files are (verified against profile.json)
+    # "verifying" -> "verified" | "failed"; "unchecked": nothing recorded to check (experts files, full)
+    state: str = "unchecked"
+    problems: list[str] = field(default_factory=list)  # why it failed verification
 
 
 def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Path]]]:
@@ -116,6 +130,9 @@ class Registry:
         self.moe_layers = [i for i in range(model.config.num_layers) if not model.config.is_dense(i)]
         for p in profiles:
             p.centroid = self._centroid_over_loaded(p)
+        # Set when the weights every forward runs on failed verification: nothing is served.
+        self.unavailable: str | None = None
+        self._verifier: threading.Thread | None = None
 
     # -- building ----------------------------------------------------------------
     @classmethod
@@ -145,7 +162,9 @@ class Registry:
             if not valid_name(m.name) or m.name in RESERVED:
                 raise StartupError(f"{f}: profile name {m.name!r} is not a valid name "
                                    f"({NAME_RE.pattern}, not {sorted(RESERVED)})")
-            profiles.append(cls._make(model, m.name, "folder", m.pool(), m, f.name))
+            prof = cls._make(model, m.name, "folder", m.pool(), m, f.name)
+            prof.folder, prof.state = f, "verifying"
+            profiles.append(prof)
         for name, path in lists:
             if not valid_name(name) or name in RESERVED:
                 raise StartupError(f"--profile {name}=...: {name!r} is not a valid profile name")
@@ -193,7 +212,16 @@ class Registry:
         from_profile = self._check(profile_field, "profile") if profile_field is not None else None
         if from_model and from_profile and from_model != from_profile:
             raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile")
-        return from_profile or from_model or FULL
+        name = from_profile or from_model or FULL
+        if self.unavailable is not None:
+            raise APIError(503, f"the server's weights failed verification, nothing is served: {self.unavailable}",
+                           "unavailable", None, "model_unavailable")
+        p = self.profiles.get(name)
+        if p is not None and p.state == "failed":
+            raise APIError(503, f"profile {name!r} is out of service: its files failed verification "
+                                f"({'; '.join(p.problems[:3])})", "unavailable",
+                           "profile" if from_profile else "model", "profile_unavailable")
+        return name
 
     def _check(self, name: str, param: str) -> str:
         if not valid_name(name):
@@ -206,6 +234,62 @@ class Registry:
 
     def get(self, name: str) -> Profile:
         return self.full if name == FULL else self.profiles[name]
+
+    # -- verification ----------------------------------------------------------------
+    def verify_all(self) -> None:
+        """Check every profile folder against its profile.json; take failures out of service."""
+        for p in list(self.profiles.values()):
+            if p.folder is None or p.state != "verifying":
+                continue
+            try:
+                res = verify_profile(p.folder)
+                problems = res.problems
+            except Exception as e:  # a verifier bug must not pass a profile
+                log.exception("verifying profile %r failed", p.name)
+                problems = [f"verification could not run ({type(e).__name__})"]
+            if problems:
+                self.take_out_of_service(p, problems)
+            else:
+                p.state = "verified"
+                log.info("profile %r verified (%d shards)", p.name, len(res.shards))
+
+    def start_verification(self) -> threading.Thread:
+        """`verify_all` in a background thread at the lowest CPU priority (hashing
+        competes with decoding for cores; requests are served meanwhile)."""
+        def run() -> None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
+            except (AttributeError, OSError):
+                pass
+            self.verify_all()
+
+        self._verifier = threading.Thread(target=run, name="emo-verify", daemon=True)
+        self._verifier.start()
+        return self._verifier
+
+    def take_out_of_service(self, p: Profile, problems: list[str]) -> None:
+        p.state, p.problems = "failed", list(problems)
+        log.error("profile %r is out of service, its files failed verification: %s", p.name, "; ".join(problems))
+        if str(p.folder) == str(self.model.path):
+            # No --model: this profile's checkpoint holds the attention, embeddings and
+            # router every request runs on. Nothing sound is left to serve.
+            self.unavailable = f"profile {p.name!r} (the checkpoint the server runs on): {'; '.join(problems[:3])}"
+            self.full.state, self.full.problems = "failed", [self.unavailable]
+            log.error("nothing is served: %s", self.unavailable)
+            return
+        orphans = self.model.withdraw(p.folder)
+        if not orphans:
+            return
+        # Experts only this profile held: `full` routes without them from now on, and so must
+        # any other profile that keeps them (none can be sound: a sound one would have held them).
+        pool = {i: [e for e in self.model.expert_ids(i) if e not in orphans.get(i, ())] for i in self.moe_layers}
+        self.full.pool, self.full.resolved = pool, self.model.resolve_pool(pool)
+        self.full.problems = [f"left out {sum(len(v) for v in orphans.values())} experts that only the failed "
+                              f"profile {p.name!r} held"]
+        for other in self.profiles.values():
+            if other is not p and other.state != "failed" and any(
+                    set(other.pool.get(i) or ()) & set(ids) for i, ids in orphans.items()):
+                self.take_out_of_service(other, [f"uses experts that only the failed profile {p.name!r} held"])
 
     # -- automatic choice ----------------------------------------------------------
     def _centroid_over_loaded(self, p: Profile) -> torch.Tensor | None:
@@ -227,7 +311,7 @@ class Registry:
         """Nearest centroid (cosine) to the prompt's mean routing softmax, over the
         loaded experts; `full` when no hosted profile has a centroid. Runs a
         forward, so only the engine thread calls it."""
-        cands = [p for p in self.profiles.values() if p.centroid is not None]
+        cands = [p for p in self.profiles.values() if p.centroid is not None and p.state != "failed"]
         if not cands:
             return FULL
         probs = self.model.router_probs(token_ids)
@@ -269,7 +353,10 @@ class Registry:
                 "resident": None if res is None else res[0] >= res[1],
                 "resident_bytes": None if res is None else res[0],
                 "has_centroid": p.centroid is not None,
+                "state": p.state,
             }
+            if p.problems:
+                entry["problems"] = p.problems
             if p.manifest is not None:
                 entry["selection"] = p.manifest.selection
                 entry["manifest_bytes"] = p.manifest.bytes

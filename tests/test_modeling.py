@@ -174,6 +174,54 @@ def test_profile_experts_served_from_own_shards_and_shared_once(tmp_path):
     assert torch.allclose(p.logits(IDS), after, atol=1e-5)
 
 
+def _corrupt_expert(folder: Path, layer: int, local: int) -> None:
+    """Overwrite one expert's gate matrix in a profile's shard, in place (what a bad disk does)."""
+    from modeling.safetensors_io import MappedSafetensors
+
+    path = folder / "model.safetensors"
+    info = MappedSafetensors(path).tensors[f"model.layers.{layer}.mlp.experts.{local}.gate_proj.weight"]
+    data = bytearray(path.read_bytes())
+    data[info.start:info.end] = torch.full((info.nbytes // 4,), 3.0).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_withdrawing_a_corrupt_profile_puts_sound_bytes_back(tmp_path):
+    """A profile's experts take over the base's and are shared with later profiles: once it is found
+    corrupt, `withdraw` re-points them to the base (or another profile), so `full` and the other
+    profiles compute what they would have without it; experts only it held are reported."""
+    full = write_checkpoint_dir(tmp_path / "full", emo_config(), seed=5, tokenizer=False)
+    pools = {"a": {i: [0, 1, 7] for i in range(3)}, "b": {i: [1, 2, 7] for i in range(3)}}
+    dirs = {}
+    ident = load_model(full).identity
+    for name, pool in pools.items():
+        d = dirs[name] = tmp_path / name
+        _prune(full, d, pool)
+        (d / "profile.json").write_text(json.dumps({
+            "format": "emo-serve-profile/1", "name": name, "base": ident, "num_experts_original": [8] * 3,
+            "kept_experts": {str(i): ids for i, ids in pool.items()}}))
+    _corrupt_expert(dirs["a"], 0, 1)  # original expert 1 of layer 0: kept by a and b, mapped from a
+    clean = load_model(full)
+    want_full, want_b = clean.logits(IDS), clean.logits(IDS, pool=pools["b"])
+
+    m = load_model(full)
+    for name in ("a", "b"):
+        m.add_experts_from(dirs[name])
+    assert not torch.allclose(m.logits(IDS), want_full, atol=1e-4)  # the corruption reaches full ...
+    assert not torch.allclose(m.logits(IDS, pool=pools["b"]), want_b, atol=1e-4)  # ... and profile b
+    assert m.withdraw(dirs["a"]) == {}
+    le = m.layer_experts(0)
+    assert le.sources[le.ids.index(0)] == str(full) and le.sources[le.ids.index(1)] == str(full)  # base first
+    torch.testing.assert_close(m.logits(IDS), want_full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m.logits(IDS, pool=pools["b"]), want_b, atol=1e-5, rtol=0)
+
+    # Without a base: experts only the withdrawn profile held have no sound source.
+    only = load_model(dirs["b"])
+    only.add_experts_from(dirs["a"])
+    assert only.withdraw(dirs["a"]) == {i: [0] for i in range(3)}
+    with pytest.raises(PoolError, match="cannot be withdrawn"):
+        only.withdraw(dirs["b"])
+
+
 def test_profile_of_another_base_is_refused(tmp_path):
     a = write_checkpoint_dir(tmp_path / "a", emo_config(), seed=6, tokenizer=False)
     b = write_checkpoint_dir(tmp_path / "b", emo_config(rope_theta=500000.0), seed=6, tokenizer=False)

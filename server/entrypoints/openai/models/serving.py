@@ -29,7 +29,10 @@ async def list_profiles(state) -> dict:
 def health(state) -> dict:
     eng = state.engine
     alive = eng.thread.is_alive()
-    return {"status": "ok" if alive else "engine stopped", "model": state.registry.base_name,
+    status = "ok" if alive else "engine stopped"
+    if state.registry.unavailable is not None:
+        status = f"weights failed verification: {state.registry.unavailable}"
+    return {"status": status, "model": state.registry.base_name,
             "profiles": state.registry.names(), "uptime_s": round(time.monotonic() - state.started, 3),
             "running": len(eng.running), "waiting": len(eng.waiting)}
 
