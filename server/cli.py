@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
+    p.add_argument("--mlock", action="store_true",
+                   help="lock in memory the base weights and the experts the hosted profiles use, so page-cache "
+                        "pressure cannot evict them (pre-faults them instead where locking is not allowed; "
+                        "quantized matrices are repacked at start)")
     p.add_argument("--verify", action="store_true",
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
@@ -86,6 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("emo_serve").warning("binding %s without --api-key: anyone who reaches it can use it",
                                                args.host)
     reg = state.registry
+    if args.mlock:
+        pinned = reg.model.pin(reg.union_pool() if reg.profiles else None)
+        logging.getLogger("emo_serve").info("--mlock: %s of %.2f GiB (%d quantized matrices repacked)%s",
+                                            pinned["method"], pinned["bytes"] / 1024**3, pinned["repacked_matrices"],
+                                            f"; {pinned['error']}" if "error" in pinned else "")
     logging.getLogger("emo_serve").info("serving %s with profiles %s on http://%s:%d (ready %.2fs after start)",
                                         reg.base_name, reg.names() or "(none)", args.host, args.port,
                                         time.monotonic() - _T0)

@@ -191,7 +191,8 @@ def test_emo_serve_serves_an_int4_profile(tiny, tmp_path):
     from modeling import SamplingParams
     from tests.test_server import Server
 
-    s = Server(["--profile", str(tiny["int4"]), "--served-model-name", "q"], tmp_path / "q.log").wait()
+    s = Server(["--profile", str(tiny["int4"]), "--served-model-name", "q", "--mlock", "--log-level", "info"],
+               tmp_path / "q.log").wait()
     try:
         r = s.post("/v1/completions", {"model": "q", "prompt": IDS, "max_tokens": 6, "temperature": 0,
                                        "ignore_eos": True})
@@ -200,8 +201,29 @@ def test_emo_serve_serves_an_int4_profile(tiny, tmp_path):
         assert r.json()["choices"][0]["text"] == ours.text
         assert r.json()["usage"]["completion_tokens"] == 6
         assert s.get("/v1/profiles").status_code == 200
+        # --mlock: base weights locked (or pre-faulted where locking is refused), quantized matrices repacked
+        log = (tmp_path / "q.log").read_text()
+        assert "--mlock: " in log and "quantized matrices repacked" in log, log
+        status = Path(f"/proc/{s.proc.pid}/status").read_text()
+        locked_kib = int(next(x for x in status.splitlines() if x.startswith("VmLck:")).split()[1])
+        assert locked_kib > 0 or "--mlock: populate" in log or "--mlock: read" in log, (locked_kib, log)
     finally:
         s.stop()
+
+
+def test_pin_locks_the_pages_a_pool_uses(tiny):
+    m = load_model(tiny["plain"])
+    pool = {0: [0, 2], 1: [1, 3], 2: [0, 1]}
+    res = m.pin(pool)
+    assert res["method"] in ("mlock", "populate", "read") and res["repacked_matrices"] == 0
+    le = m.weights.layers[0].experts
+    from server.memory import resident_bytes
+
+    used = [t for e in (0, 2) for t in le.experts[le.ids.index(e)].tensors()] + [m.weights.lm_head]
+    got, total = resident_bytes(used)
+    assert got == total  # every page of what the pool reads is in memory
+    q = load_model(tiny["int8"])
+    assert q.pin(None)["repacked_matrices"] == 3 * (4 + 3 * 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")

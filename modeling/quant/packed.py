@@ -97,6 +97,11 @@ class PackedLinear:
         y = self._run(x)
         return y if bias is None else y + bias
 
+    def prepare(self, act_dtype: torch.dtype) -> None:
+        """Repack for the kernel now (otherwise done by the first `linear`)."""
+        if self._run is None:
+            self._prepare(act_dtype)
+
     def _prepare(self, act_dtype: torch.dtype) -> None:
         s = self.scheme
         cpu = self.device.type == "cpu"
