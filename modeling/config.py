@@ -78,6 +78,10 @@ class ModelConfig:
     shared_mlp_size: int = 0  # > 0: a separate always-on shared-expert MLP of this size (GLM)
     o_bias: bool = False  # o_proj bias
     rope: RopeConfig = field(default_factory=RopeConfig)
+    sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None: full attention
+    attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
+    router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
+    expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
     extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     source: str = "<dict>"
@@ -85,6 +89,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.routing is None:
             self.routing = RoutingRule(top_k=self.top_k, renormalise=self.norm_topk_prob)
+        if not self.sliding_windows:
+            self.sliding_windows = [None] * self.num_layers
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -198,6 +204,7 @@ class ModelConfig:
         attention_bias = bool(opt("attention_bias", False))
         try:
             extra = fam.parse_extra(d)
+            windows = fam.sliding_windows(d, L)
         except FamilyConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
@@ -232,6 +239,10 @@ class ModelConfig:
             shared_mlp_size=shared_mlp,
             o_bias=attention_bias and fam.o_bias,
             rope=rope,
+            sliding_windows=windows,
+            attention_sinks=fam.attention_sinks,
+            router_logit_bias=fam.router_logit_bias,
+            expert_mlp=fam.expert_mlp,
             extra=extra,
             raw=copy.deepcopy(d),
             source=source,
@@ -299,6 +310,13 @@ def _parse_rope(d: dict[str, Any], fam: Family, source: str) -> RopeConfig:
     if not 0 < float(partial) <= 1:
         raise ConfigError(f"{source}: partial_rotary_factor {partial} is not in (0, 1]")
     rest = {k: v for k, v in params.items() if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor")}
+    if rtype == "yarn":
+        if rest.get("original_max_position_embeddings") is None:
+            raise ConfigError(f"{source}: RoPE type 'yarn' needs 'original_max_position_embeddings' in rope_parameters")
+        if rest.get("factor") is None:  # transformers: the ratio of the extended to the original context
+            if d.get("max_position_embeddings") is None:
+                raise ConfigError(f"{source}: RoPE type 'yarn' needs 'factor' (or 'max_position_embeddings')")
+            rest["factor"] = d["max_position_embeddings"] / rest["original_max_position_embeddings"]
     return RopeConfig(str(rtype), float(theta), float(partial), rest)
 
 

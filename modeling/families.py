@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import EMO_NAMES, GLM4_MOE_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
+from .names import EMO_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
 
 
 class FamilyConfigError(ValueError):
@@ -43,6 +43,7 @@ class Family:
     scaling_key: str | None = None  # routed_scaling_factor
     correction_bias: bool = False  # e_score_correction_bias per MoE layer (required when set)
     router_float32: bool = False  # the router product runs in float32
+    router_logit_bias: bool = False  # the router has a bias on its logits (gpt-oss's mlp.router.bias)
     shared: str = "slots"  # "slots" (num_shared_experts inside the router) | "module" (separate MLP) | "none"
     shared_count_key: str = "n_shared_experts"  # for shared == "module"
     # attention
@@ -50,6 +51,10 @@ class Family:
     qk_norm_key: str | None = None  # a config key that switches the q/k norm on (GLM's use_qk_norm)
     clip_qkv: bool = False
     o_bias: bool = True  # attention_bias applies to o_proj too
+    attention_sinks: bool = False  # a learned per-head logit in the attention softmax (gpt-oss's self_attn.sinks)
+    # experts: "swiglu" down(silu(gate x) * up x), or "clamped_swiglu" (gpt-oss: gate/up interleaved, biases,
+    # gate clamped above at swiglu_limit, up to +-limit, gate * sigmoid(alpha gate) * (up + 1))
+    expert_mlp: str = "swiglu"
     # defaults of the family's config class, for keys a config.json leaves out
     defaults: dict[str, Any] = field(default_factory=dict)
     # profiles keeping the same count per MoE layer use the family's own keys (stock tools load them)
@@ -62,6 +67,10 @@ class Family:
 
     def check(self, d: dict) -> None:
         """Refuse config features the forward pass does not implement."""
+
+    def sliding_windows(self, d: dict, num_layers: int) -> list[int | None]:
+        """The attention window of each layer (None: full causal attention)."""
+        return [None] * num_layers
 
     def parse_extra(self, d: dict) -> dict[str, Any]:
         """Family-specific settings kept on `ModelConfig.extra` (for later families)."""
@@ -96,6 +105,29 @@ class _Glm4Moe(Family):
         return set(range(min(int(d.get("first_k_dense_replace") or 0), num_layers)))
 
 
+class _GptOss(Family):
+    def sliding_windows(self, d: dict, num_layers: int) -> list[int | None]:
+        # transformers' default: sliding on even layers, full on odd ones
+        types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                         for i in range(num_layers)]
+        if len(types) != num_layers:
+            raise FamilyConfigError(f"'layer_types' has {len(types)} entries for {num_layers} layers")
+        bad = sorted({t for t in types if t not in ("sliding_attention", "full_attention")})
+        if bad:
+            raise FamilyConfigError(f"'layer_types' holds {bad}; supported: sliding_attention, full_attention")
+        w = d.get("sliding_window", 128)
+        if "sliding_attention" in types and (w is None or int(w) < 1):
+            raise FamilyConfigError(f"'sliding_window' is {w!r} but layer_types has sliding layers")
+        return [int(w) if t == "sliding_attention" else None for t in types]
+
+    def parse_extra(self, d: dict) -> dict[str, Any]:
+        q = d.get("quantization_config")
+        if q is not None and (not isinstance(q, dict) or q.get("quant_method") != "mxfp4"):
+            raise FamilyConfigError(f"quantization_config {q!r} is not supported (only MXFP4 experts)")
+        return {"swiglu_alpha": float(d.get("swiglu_alpha", 1.702)), "swiglu_limit": float(d.get("swiglu_limit", 7.0)),
+                "mxfp4": q is not None}
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -125,6 +157,11 @@ register(_Qwen3Moe("qwen3_moe", QWEN3_MOE_NAMES, "Qwen3MoeForCausalLM", expert_s
 register(_Mixtral("mixtral", MIXTRAL_NAMES, "MixtralForCausalLM", expert_count_keys=("num_local_experts", "num_experts"),
                   always_renormalise=True, shared="none", o_bias=False, gguf_arch="llama",
                   defaults={"rms_norm_eps": 1e-5, "rope_theta": 1e6}))
+register(_GptOss("gpt_oss", GPT_OSS_NAMES, "GptOssForCausalLM", expert_count_keys=("num_local_experts", "num_experts"),
+                 always_renormalise=True, shared="none", router_logit_bias=True, attention_sinks=True,
+                 expert_mlp="clamped_swiglu",
+                 defaults={"rms_norm_eps": 1e-5, "attention_bias": True, "rope_theta": 150000.0,
+                           "sliding_window": 128, "max_position_embeddings": 131072}))
 register(_Glm4Moe("glm4_moe", GLM4_MOE_NAMES, "Glm4MoeForCausalLM",
                   expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_keys=("moe_intermediate_size",),
                   dense_size_keys=("intermediate_size",), scoring="sigmoid", group_limited=True,

@@ -7,6 +7,7 @@ experts are SwiGLU (down(silu(gate(x)) * up(x))).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,9 +53,49 @@ def _default_inv_freq(rope: RopeConfig, dim: int) -> tuple[Tensor, float]:
     return inv_freq, 1.0
 
 
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> tuple[Tensor, float]:
+    """YaRN (arXiv 2309.00071) as transformers 5 computes it (`_compute_yarn_parameters`):
+    frequencies blended between interpolated (/ factor) and extrapolated along a
+    linear ramp between the correction dims of beta_fast and beta_slow rotations
+    over the original context, and cos/sin scaled by the attention factor
+    (0.1 ln(factor) + 1 unless given, or the mscale ratio). config.py has checked
+    `factor` and `original_max_position_embeddings`."""
+    p = rope.params
+    base, factor = rope.theta, float(p["factor"])
+    original = p["original_max_position_embeddings"]
+
+    def get_mscale(scale, mscale=1):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = p.get("mscale"), p.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # prevent a singular ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation = 1 - ramp  # share of each frequency kept as trained
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
 # RoPE variants: type -> fn(rope, rotary_dim) -> (inverse frequencies [dim/2] float32, attention scaling
-# of cos/sin). A new type (YaRN for gpt-oss) is one more entry; config.py refuses types not listed here.
-ROPE_TYPES: dict[str, Callable[[RopeConfig, int], tuple[Tensor, float]]] = {"default": _default_inv_freq}
+# of cos/sin). A new type is one more entry; config.py refuses types not listed here.
+ROPE_TYPES: dict[str, Callable[[RopeConfig, int], tuple[Tensor, float]]] = {
+    "default": _default_inv_freq, "yarn": _yarn_inv_freq}
 
 
 def rope_tables(rope: RopeConfig, head_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:

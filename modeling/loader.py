@@ -22,6 +22,7 @@ from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_exp
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "profile.json",
+                "chat_template.jinja",
                 "kept_experts.json"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -180,9 +181,11 @@ class Model:
         ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
         for lw in w.layers:
             ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias) if t is not None]
+                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias, lw.sinks) if t is not None]
             if lw.experts is not None:
                 ts.append(lw.experts.router)
+                if lw.experts.logit_bias is not None:
+                    ts.append(lw.experts.logit_bias)
             if lw.dense is not None:
                 ts += lw.dense.matrices()
             if lw.shared_mlp is not None:

@@ -44,21 +44,64 @@ class ResolvedPool:
 
 
 class KVCache:
-    """Keys and values per layer, `[slots, kv_heads, max_len, head_dim]`.
+    """Keys and values per layer, `[slots, kv_heads, size, head_dim]`; the cache owns
+    its writes (`write`), in the manner of gpt-fast.
 
-    A sequence owns a slot for its life; `lengths[slot]` is how many positions
-    hold valid entries. Memory is allocated up front with `torch.empty`, whose
-    untouched pages the OS does not back, so a large `max_len` costs only what
-    is written.
+    A sequence owns a slot for its life; `lengths[slot]` is how many positions it
+    has written. A full-attention layer holds `max_len` positions; a
+    sliding-window layer holds only its window (a ring buffer of `window`
+    positions: position p lives at p % window), since no later query can look
+    further back. Memory is allocated up front with `torch.empty`, whose
+    untouched pages the OS does not back, so a large `max_len` costs only what is
+    written. `layers` limits the cache to some layers (the subset builder's
+    layer-at-a-time pass holds one).
     """
 
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        shape = (num_slots, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu", layers: list[int] | None = None):
         self.max_len = max_len
         self.num_slots = num_slots
         self.lengths = [0] * num_slots
+        self.windows = list(cfg.sliding_windows)
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+        for i in range(cfg.num_layers) if layers is None else layers:
+            w = self.windows[i]
+            size = max_len if w is None else min(w, max_len)
+            shape = (num_slots, cfg.num_kv_heads, size, cfg.head_dim)
+            self.k[i] = torch.empty(shape, dtype=dtype, device=device)
+            self.v[i] = torch.empty(shape, dtype=dtype, device=device)
+
+    def write(self, layer: int, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int | None]:
+        """Store `k`, `v` `[kv_heads, n, head_dim]` of positions start..start+n-1 and
+        return what these n queries attend to: keys, values `[kv_heads, L, head_dim]`
+        and the position of the first key (the keys are consecutive positions), or
+        None when the keys are a wrapped ring of exactly the window a single query
+        at `start` sees (every key visible, order irrelevant to attention).
+
+        Full layers (and windowed ones not yet wrapped) return views of the cache;
+        a multi-token write into a wrapped window returns the window before
+        `start` followed by the new keys (the ring itself then keeps the last
+        `window` positions).
+        """
+        kc, vc = self.k[layer][slot], self.v[layer][slot]
+        n, size = k.shape[1], kc.shape[1]
+        if start + n <= size:  # no wrap-around: contiguous, views of the cache
+            kc[:, start:start + n] = k
+            vc[:, start:start + n] = v
+            return kc[:, :start + n], vc[:, :start + n], 0
+        if n == 1:  # decode into a full ring: it holds exactly start-size+1 .. start
+            kc[:, start % size] = k[:, 0]
+            vc[:, start % size] = v[:, 0]
+            return kc, vc, None
+        old = min(start, size - 1)  # what the earliest new query still sees of the past
+        idx = torch.arange(start - old, start, device=kc.device) % size
+        keys, vals = torch.cat([kc[:, idx], k], 1), torch.cat([vc[:, idx], v], 1)
+        m = min(n, size)
+        pos = torch.arange(start + n - m, start + n, device=kc.device) % size
+        kc[:, pos] = k[:, n - m:]
+        vc[:, pos] = v[:, n - m:]
+        return keys, vals, start - old
 
 
 @dataclass
@@ -215,31 +258,26 @@ class Transformer:
         v = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = torch.empty(cfg.num_heads, T, cfg.head_dim, dtype=q.dtype, device=q.device)
-        kc, vc = cache.k[i], cache.v[i]
-        gqa = cfg.num_kv_heads != cfg.num_heads
+        window = cfg.sliding_windows[i]
+        sinks = lw.sinks
         off = 0
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
-            kc[slot, :, s:s + n] = k[:, off:off + n]
-            vc[slot, :, s:s + n] = v[:, off:off + n]
-            keys, vals = kc[slot, :, :s + n], vc[slot, :, :s + n]
+            keys, vals, first = cache.write(i, slot, s, k[:, off:off + n], v[:, off:off + n])
             qs = q[:, off:off + n]
-            if n == 1:
-                out[:, off] = _decode_attention(qs[:, 0], keys, vals)
-                off += 1
-                continue
-            if s == 0:
-                mask, causal = None, True
-            else:  # new tokens attend to the whole cached prefix and causally among themselves
-                mask = torch.ones(n, s + n, dtype=torch.bool, device=q.device).tril(diagonal=s)
-                causal = False
-            out[:, off:off + n] = F.scaled_dot_product_attention(
-                qs, keys, vals, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+            if n == 1:  # every key the cache returns is visible to a single query
+                out[:, off] = _decode_attention(qs[:, 0], keys, vals, sinks)
+            else:
+                out[:, off:off + n] = _prefill_attention(qs, keys, vals, s, first, window, sinks)
             off += n
         out = out.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
         return self._linear(out, lw.o, lw.o_bias)
 
     def expert(self, e: Expert, x: Tensor) -> Tensor:
         """One expert on `x` `[T, H]` (int8 when the model is quantized)."""
+        if e.interleaved:
+            ex = self.cfg.extra
+            linear = F.linear if e.mx_gate_up is not None else self._linear
+            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear)
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -253,7 +291,10 @@ class Transformer:
         checkpoint's dtype or, where the family says so, float32; never
         quantized; scores in float32), by the family's routing rule."""
         rule, le = self.cfg.routing, self.w.layers[i].experts
-        logits = F.linear(h.float(), le.router.float()) if rule.router_float32 else F.linear(h, le.router)
+        if rule.router_float32:
+            logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
+        else:
+            logits = F.linear(h, le.router, le.logit_bias)
         return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
                      bias=le.bias, groups=le.group_ids)
 
@@ -308,19 +349,66 @@ class Transformer:
 
 
 
-def _decode_attention(q: Tensor, keys: Tensor, vals: Tensor) -> Tensor:
+def _decode_attention(q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None = None) -> Tensor:
     """One query per head against a cache slot: q `[heads, D]`, keys/values
     `[kv_heads, L, D]` (strided views of the cache, read in place).
 
     Two small matmuls and a float32 softmax; for a single query this beats
     scaled_dot_product_attention on CPU, whose fallback copies the cached keys
     and values every step. Query heads are grouped over their kv head (GQA).
+    `sinks` `[heads]` (gpt-oss): one more logit per head in the softmax, whose
+    probability mass is dropped (it attends to nothing).
     """
     kvh, L, D = keys.shape
     qg = q.reshape(kvh, -1, D)  # [kv_heads, group, D]
     scores = torch.matmul(qg, keys.transpose(1, 2)).float() * (D ** -0.5)  # [kv_heads, group, L]
-    probs = torch.softmax(scores, dim=-1).to(vals.dtype)
-    return torch.matmul(probs, vals).reshape(-1, D)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = _softmax_with_sink(scores, sinks.float().view(kvh, -1, 1))
+    return torch.matmul(probs.to(vals.dtype), vals).reshape(-1, D)
+
+
+def _softmax_with_sink(scores: Tensor, sink: Tensor) -> Tensor:
+    """softmax over [scores, sink] along the last dim, the sink's column dropped
+    (as transformers' eager gpt-oss attention computes it)."""
+    combined = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
+# Score elements per block of queries in the eager (sink) path: bounds its
+# float32 [heads, rows, keys] scores at 64 MiB whatever the prompt length.
+_EAGER_BLOCK = 1 << 24
+
+
+def _prefill_attention(q: Tensor, keys: Tensor, vals: Tensor, start: int, first: int, window: int | None,
+                       sinks: Tensor | None) -> Tensor:
+    """Queries `[heads, n, D]` at positions start.. against keys `[kv_heads, L, D]`
+    at positions first..: causal, and within `window` positions when the layer
+    slides (a key at p is seen by queries at p .. p + window - 1, as transformers'
+    sliding mask `kv > q - window`)."""
+    h, n, D = q.shape
+    kvh, L, _ = keys.shape
+    qpos = torch.arange(start, start + n, device=q.device)[:, None]
+    kpos = torch.arange(first, first + L, device=q.device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    if sinks is None:
+        causal = start == 0 and first == 0 and (window is None or n <= window)  # the mask is plain causal
+        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=None if causal else mask,
+                                              is_causal=causal, enable_gqa=kvh != h)
+    qg = q.reshape(kvh, h // kvh, n, D)
+    sink = sinks.float().view(kvh, h // kvh, 1, 1)
+    out = torch.empty_like(qg)
+    rows = max(1, _EAGER_BLOCK // (h * L))
+    for r in range(0, n, rows):
+        scores = torch.matmul(qg[:, :, r:r + rows], keys[:, None].transpose(-1, -2)).float() * (D ** -0.5)
+        scores = scores.masked_fill(~mask[r:r + rows], float("-inf"))
+        probs = _softmax_with_sink(scores, sink)
+        out[:, :, r:r + rows] = torch.matmul(probs.to(vals.dtype), vals[:, None])
+    return out.reshape(h, n, D)
 
 
 def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
@@ -331,3 +419,15 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
         g, u = linear(x, e.gate), linear(x, e.up)
     return linear(F.silu(g) * u, e.down)
 
+
+def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear) -> Tensor:
+    """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
+    up interleaved in one product (gate = columns 0::2), gate clamped above at
+    `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
+    MXFP4 weights are dequantized here, for this expert only."""
+    gu_w, dn_w = e.weights(x.dtype)
+    gate_up = linear(x, gu_w, e.gate_up_bias)
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate = gate.clamp(min=None, max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), dn_w, e.down_bias)

@@ -27,6 +27,8 @@ class TensorNames:
     fused_moe_module: str = "mlp"  # where transformers 5 keeps fused experts and the router in memory
     expert_parts: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     shared_module: str = "mlp.shared_experts"  # a separate always-on shared-expert MLP (GLM)
+    router_name: str = "gate"  # the router module inside the MoE block (gpt-oss: "router")
+    stacked_experts: bool = False  # the family's own layout keeps experts stacked [E, ...] (gpt-oss); profiles too
 
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
@@ -45,19 +47,26 @@ class TensorNames:
     def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
         return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
 
+    def sinks(self, i: int) -> str:  # gpt-oss: [heads] attention sink logits
+        return f"{self.layer(i)}.self_attn.sinks"
+
     def qk_norm(self, i: int, p: str) -> str:  # p in q, k
         return f"{self.layer(i)}.self_attn.{p}_norm.weight"
 
     # -- the mixture of experts ---------------------------------------------------
     def router(self, i: int) -> str:
-        return f"{self.layer(i)}.{self.moe_module}.gate.weight"
+        return f"{self.layer(i)}.{self.moe_module}.{self.router_name}.weight"
+
+    def router_logit_bias(self, i: int) -> str:
+        """gpt-oss: a bias added to the router logits (choice and weights alike)."""
+        return f"{self.layer(i)}.{self.moe_module}.{self.router_name}.bias"
 
     def router_bias(self, i: int) -> str:
         """DeepSeek-style `e_score_correction_bias` [E]: shifts the choice, not the weights."""
         return f"{self.layer(i)}.{self.moe_module}.gate.e_score_correction_bias"
 
     def fused_router(self, i: int) -> str:
-        return f"{self.layer(i)}.{self.fused_moe_module}.gate.weight"
+        return f"{self.layer(i)}.{self.fused_moe_module}.{self.router_name}.weight"
 
     def fused_router_bias(self, i: int) -> str:
         return f"{self.layer(i)}.{self.fused_moe_module}.gate.e_score_correction_bias"
@@ -75,6 +84,11 @@ class TensorNames:
     def fused_down(self, i: int) -> str:
         return f"{self.layer(i)}.{self.fused_moe_module}.experts.down_proj"
 
+    def stacked(self, i: int, part: str, kind: str = "") -> str:
+        """gpt-oss's stacked expert tensors: part in gate_up, down; kind "" (the
+        float weights), "bias", or MXFP4 "blocks" / "scales"."""
+        return f"{self.layer(i)}.{self.fused_moe_module}.experts.{part}_proj" + (f"_{kind}" if kind else "")
+
     def shared(self, i: int, p: str) -> str:  # p in gate, up, down
         return f"{self.layer(i)}.{self.shared_module}.{p}_proj.weight"
 
@@ -85,7 +99,8 @@ class TensorNames:
         """Every name (either layout) that holds per-expert rows of layer i: what a
         profile slices; everything else in the layer is copied unchanged."""
         out = {self.router(i), self.router_bias(i), self.fused_router(i), self.fused_router_bias(i),
-               self.fused_gate_up(i), self.fused_down(i)}
+               self.fused_gate_up(i), self.fused_down(i), self.router_logit_bias(i)}
+        out.update(self.stacked(i, p, k) for p in ("gate_up", "down") for k in ("bias", "blocks", "scales"))
         for j in range(num_experts):
             out.update(self.expert_tensor_names(i, j))
         return out
@@ -95,4 +110,5 @@ EMO_NAMES = TensorNames("emo", "pre_attention_layernorm", "pre_feedforward_layer
 OLMOE_NAMES = TensorNames("olmoe")
 QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
 GLM4_MOE_NAMES = TensorNames("glm4_moe")
+GPT_OSS_NAMES = TensorNames("gpt_oss", router_name="router", stacked_experts=True)
 MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))

@@ -80,6 +80,9 @@ class ProfileManifest:
     shards: dict[str, str] = field(default_factory=dict)  # shard file -> sha256
     files: dict[str, str] = field(default_factory=dict)  # every other written file (config, index, tokenizer) -> sha256
     created: str = ""
+    # how the kept experts are stored when not as plain floats: {"experts": "mxfp4", "requantized": false,
+    # "tensors": [...]} (gpt-oss: the base's MXFP4 bytes, copied as they are); absent otherwise
+    quantization: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     manifest_sha256: str = ""  # over every other field (manifest_hash); set by write()
 
@@ -90,6 +93,8 @@ class ProfileManifest:
         d = asdict(self)
         d["kept_experts"] = {str(k): v for k, v in sorted(self.kept_experts.items())}
         d["coverage"] = {str(k): v for k, v in sorted(self.coverage.items())}
+        if not d["quantization"]:
+            del d["quantization"]  # manifests of float profiles stay as they were (and their hashes)
         return d
 
     def write(self, folder: str | Path) -> Path:
@@ -122,6 +127,7 @@ class ProfileManifest:
                 shards=dict(d.get("shards") or {}),
                 files=dict(d.get("files") or {}),
                 created=str(d.get("created", "")),
+                quantization=dict(d.get("quantization") or {}),
                 manifest_sha256=str(d.get(HASH_FIELD) or ""),
             )
         except ProfileError:
@@ -138,10 +144,11 @@ def shard_files(folder: str | Path) -> list[str]:
 
 
 def file_hashes(folder: str | Path, exclude: set[str]) -> dict[str, str]:
-    """sha256 of every plain file in `folder` but profile.json and `exclude` (the shards)."""
+    """sha256 of every plain file in `folder` but profile.json, `exclude` (the shards) and
+    hidden files (the atomic writer's marker)."""
     folder = Path(folder)
     return {f.name: sha256_file(f) for f in sorted(folder.iterdir())
-            if f.is_file() and f.name != PROFILE_FILE and f.name not in exclude}
+            if f.is_file() and f.name != PROFILE_FILE and f.name not in exclude and not f.name.startswith(".")}
 
 
 @dataclass

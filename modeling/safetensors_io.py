@@ -13,12 +13,16 @@ half-written is ever left under the final name.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import mmap
 import os
+import re
 import shutil
+import signal
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +31,8 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+
+_log = logging.getLogger("emo.safetensors_io")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -344,37 +350,181 @@ class WrittenCheckpoint:
     total_bytes: int
 
 
+def make_parents(folder: Path) -> list[Path]:
+    """`mkdir -p folder`; returns the folders it created, deepest first (for `remove_created`)."""
+    created, p = [], Path(folder)
+    while not p.exists() and p != p.parent:
+        created.append(p)
+        p = p.parent
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the folders `make_parents` created, deepest first, while they are empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def _try_lock(path: Path) -> int | None:
+    """An open descriptor holding an exclusive flock on folder `path`, or None when a
+    live process holds it (or the folder is gone). flock is released by the kernel
+    when its holder dies, whatever killed it, so it tells a stale folder from one
+    being written (a PID could have been reused)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 class AtomicFolder:
     """A folder written under a temporary name beside `final` and renamed at the end.
 
     Used as a context manager: on any exception the temporary folder is removed,
-    so a failed write leaves nothing behind. With `force`, an existing `final`
-    is replaced only once the new folder is complete.
+    and so are the parent folders this write created, so a failed write leaves
+    nothing behind. With `force`, an existing `final` is replaced only once the
+    new folder is complete: `final` -> `.NAME.old-PID`, the new folder -> `final`,
+    then the old one is removed.
+
+    Crash safety: the writing process holds an flock on the temporary folder (and,
+    while replacing, on the old one), so a folder whose lock can be taken belongs
+    to a process that died (SIGKILL, power loss). Every new AtomicFolder first
+    repairs what such deaths left in the same parent (`recover`): a replacement
+    cut between its two renames gets the old folder back under its name, and
+    stale temporary and old folders are removed.
     """
+
+    TMP, OLD = ".tmp-", ".old-"
+    MARKER = ".emo-atomic-write"  # inside a temporary folder: ours, removed before the final rename
 
     def __init__(self, final: str | Path, force: bool = False):
         self.final = Path(final)
         self.force = force
+        if self.final.parent.is_dir():
+            recover(self.final.parent)
         if self.final.exists() and not force:
             raise FileExistsError(f"{self.final} already exists (use --force to replace it)")
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        self._created = make_parents(self.final.parent)
+        self._fd: int | None = None
+        try:
+            for _ in range(3):  # a concurrent `recover` may take a folder between mkdtemp and flock
+                tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}{self.TMP}{os.getpid()}-",
+                                            dir=self.final.parent))
+                self._fd = _try_lock(tmp)
+                if self._fd is not None and tmp.is_dir():
+                    (tmp / self.MARKER).touch()
+                    self.tmp = tmp
+                    break
+                if self._fd is not None:
+                    os.close(self._fd)
+            else:
+                raise OSError(f"{self.final.parent}: cannot create a locked temporary folder")
+        except BaseException:
+            remove_created(self._created)
+            raise
 
     def __enter__(self) -> Path:
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
+        try:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                remove_created(self._created)
+                return
+            self._commit()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+
+    def _commit(self) -> None:
         os.chmod(self.tmp, 0o755)
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
+        _crash_point("before-rename")
+        if not self.final.exists():
             os.replace(self.tmp, self.final)
+            (self.final / self.MARKER).unlink()  # (a crash right before this leaves only an empty dotfile)
+            return
+        if self.final.is_symlink() or not self.final.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise FileExistsError(f"{self.final} exists and is not a folder")
+        old_fd = _try_lock(self.final)
+        if old_fd is None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise FileExistsError(f"{self.final} is being replaced by another process")
+        try:
+            old = self.final.with_name(f".{self.final.name}{self.OLD}{os.getpid()}")
+            os.replace(self.final, old)  # the lock moves with the folder
+            _crash_point("between-renames")
+            os.replace(self.tmp, self.final)
+            (self.final / self.MARKER).unlink()
+            _crash_point("after-renames")
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.final)
+        finally:
+            os.close(old_fd)
+
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+_OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
+
+
+def recover(parent: str | Path) -> list[str]:
+    """Repair what writers killed mid-way left in `parent` (see `AtomicFolder`).
+
+    `.NAME.old-PID` of a dead writer (a checkpoint folder: config.json inside)
+    goes back to `NAME` when `NAME` is missing (a `--force` replacement cut
+    between its renames: the old folder is complete, the new one may not be),
+    else it is removed (the replacement finished). A temporary folder of a dead
+    writer (`.NAME.tmp-PID-*` holding our marker file, or empty) is removed. Only
+    those exact shapes are touched, so a user's own hidden folders are safe.
+    Returns what it did, one line each."""
+    parent = Path(parent)
+    done: list[str] = []
+    try:
+        entries = sorted(parent.iterdir())
+    except OSError:
+        return done
+    olds = [d for d in entries if _OLD_RE.match(d.name)]
+    tmps = [d for d in entries if _TMP_RE.match(d.name)]
+    for d in olds + tmps:  # restore first, so a replacement is undone before its new folder goes
+        if d.is_symlink() or not d.is_dir():
+            continue
+        is_old = d in olds
+        if is_old and not (d / "config.json").is_file():
+            continue
+        if not is_old and not (d / AtomicFolder.MARKER).is_file() and any(d.iterdir()):
+            continue
+        fd = _try_lock(d)
+        if fd is None:
+            continue  # a live writer holds it
+        try:
+            final = parent / (_OLD_RE.match(d.name) if is_old else _TMP_RE.match(d.name))["name"]
+            if is_old and not final.exists():
+                os.replace(d, final)
+                done.append(f"restored {final} from {d.name} (a --force replacement was interrupted)")
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+                done.append(f"removed {d} (left by a writer that died)")
+        finally:
+            os.close(fd)
+    for line in done:
+        _log.warning("%s", line)
+    return done
+
+
+def _crash_point(where: str) -> None:
+    """Tests of crash safety: `EMO_CRASH_AT=<where>` makes the process kill itself with
+    SIGKILL here, which no cleanup code survives (as a power loss or the OOM killer)."""
+    if os.environ.get("EMO_CRASH_AT") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_checkpoint(

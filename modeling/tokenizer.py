@@ -3,6 +3,7 @@ and the chat template of `tokenizer_config.json` when there is one."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ class Tokenizer:
         tc_path = folder / "tokenizer_config.json"
         tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
         self.chat_template: str | None = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+        jinja = folder / "chat_template.jinja"  # where transformers 5 (and gpt-oss's hub repos) keep it; it wins
+        if jinja.is_file():
+            self.chat_template = jinja.read_text(encoding="utf-8")
         self.bos_token = _token_text(tc.get("bos_token"))
         self.eos_token = _token_text(tc.get("eos_token"))
         eos = list(eos_token_ids or [])
@@ -69,6 +73,8 @@ class Tokenizer:
             raise TokenizerError(f"chat template: {msg}")
 
         env.globals["raise_exception"] = raise_exception
+        # transformers' template globals: gpt-oss's harmony template dates its system message
+        env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
         tmpl = env.from_string(self.chat_template)
         return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "")

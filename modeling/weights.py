@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
+from .mxfp4 import Mxfp4Error, Mxfp4Matrix, check_pair
 from .names import TensorNames
 from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
@@ -29,22 +30,50 @@ PROFILE_FILE = "profile.json"
 @dataclass
 class Expert:
     """One SwiGLU expert. `gate_up` is a zero-copy [2I, H] view when the file
-    stores gate and up back to back (one GEMV instead of two)."""
+    stores gate and up back to back (one GEMV instead of two).
 
-    gate: Tensor
-    up: Tensor
-    down: Tensor
+    gpt-oss experts (`interleaved`): `gate_up` rows alternate gate, up (gate =
+    rows 0::2), both products carry biases, and the weights may be MXFP4
+    (`mx_gate_up` / `mx_down`, dequantized when a forward pass uses them; the
+    float views are then None)."""
+
+    gate: Tensor | None
+    up: Tensor | None
+    down: Tensor | None
     gate_up: Tensor | None = None
+    gate_up_bias: Tensor | None = None
+    down_bias: Tensor | None = None
+    interleaved: bool = False
+    mx_gate_up: Mxfp4Matrix | None = None
+    mx_down: Mxfp4Matrix | None = None
 
     def matrices(self) -> list[Tensor | PackedLinear]:
-        return [self.gate, self.up, self.down]
+        """The weight matrices as held (a compressed-tensors matrix as its PackedLinear)."""
+        parts = (self.gate_up, self.down) if self.interleaved else (self.gate, self.up, self.down)
+        return [t for t in parts if t is not None]
+
+    def _extra_tensors(self) -> list[Tensor]:
+        ts = []
+        for m in (self.mx_gate_up, self.mx_down):
+            if m is not None:
+                ts += m.tensors()
+        return ts + [t for t in (self.gate_up_bias, self.down_bias) if t is not None]
 
     def tensors(self) -> list[Tensor]:
-        """The tensors backing the expert (a quantized matrix's views, or its repacked copy)."""
-        return [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        """Every stored tensor of the expert (MXFP4 blocks and scales as stored; a
+        compressed-tensors matrix's views, or its repacked copy once used)."""
+        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        return ts + self._extra_tensors()
 
     def nbytes(self) -> int:
-        return sum(weight_bytes(m) for m in self.matrices())
+        return sum(weight_bytes(m) for m in self.matrices()) + sum(weight_bytes(t) for t in self._extra_tensors())
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(gate_up [2I, H], down [H, I]) in nn.Linear layout for an interleaved
+        expert: views, or this expert's MXFP4 dequantized now."""
+        gu = self.gate_up if self.mx_gate_up is None else self.mx_gate_up.dequantize(dtype)
+        dn = self.down if self.mx_down is None else self.mx_down.dequantize(dtype)
+        return gu, dn
 
 
 def weight_bytes(t: Tensor | PackedLinear) -> int:
@@ -68,6 +97,8 @@ class LayerExperts:
     shared_mask: Tensor | None = None
     always_mask: Tensor | None = None
     bias: Tensor | None = None  # [S] float32 correction bias, or None
+    logit_bias_rows: list[Tensor] = field(default_factory=list)  # gpt-oss router bias entries
+    logit_bias: Tensor | None = None  # [S] bias on the router logits, or None
     group_ids: Tensor | None = None  # [S] int64
 
     def rebuild(self, device: torch.device) -> None:
@@ -76,6 +107,7 @@ class LayerExperts:
         self.shared_mask = torch.tensor(self.shared, dtype=torch.bool, device=device)
         self.always_mask = torch.tensor(self.always_active, dtype=torch.bool, device=device)
         self.bias = torch.stack(self.bias_rows).float() if self.bias_rows else None
+        self.logit_bias = torch.stack(self.logit_bias_rows) if self.logit_bias_rows else None
         self.group_ids = torch.tensor(self.groups, dtype=torch.int64, device=device)
 
     def slot_of(self, orig_id: int) -> int | None:
@@ -103,6 +135,7 @@ class LayerWeights:
     dense: Expert | None = None
     shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
+    sinks: Tensor | None = None  # [heads] attention sink logits (gpt-oss)
 
 
 @dataclass
@@ -232,6 +265,51 @@ def _expert_views(files: CheckpointFiles, names: TensorNames, cfg: ModelConfig, 
     return Expert(gu[j, :I], gu[j, I:], dn[j], gu[j])
 
 
+def _stacked_experts(files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader) -> list[Expert]:
+    """gpt-oss's experts of layer i, stacked as transformers keeps them: float
+    `gate_up_proj` [E, H, 2I] / `down_proj` [E, I, H] (x @ W layout, so each
+    expert's nn.Linear weight is a transposed view), or MXFP4 `*_blocks` /
+    `*_scales` already in nn.Linear layout ([E, 2I, H/32, 16], [E, 2I, H/32]);
+    biases `gate_up_proj_bias` [E, 2I], `down_proj_bias` [E, H] always float."""
+    n, E, H, I = cfg.names, cfg.experts_per_layer[i], cfg.hidden_size, cfg.intermediate_size
+    gu_b = reader.get(n.stacked(i, "gate_up", "bias"), (E, 2 * I))
+    dn_b = reader.get(n.stacked(i, "down", "bias"), (E, H))
+    mats = {}
+    for part, shape_t in (("gate_up", (E, H, 2 * I)), ("down", (E, I, H))):
+        plain, blocks, scales = n.stacked(i, part), n.stacked(i, part, "blocks"), n.stacked(i, part, "scales")
+        if plain in files:
+            mats[part] = reader.get(plain, shape_t).transpose(1, 2)  # [E, out, in] view
+        elif blocks in files or scales in files:
+            for name in (blocks, scales):
+                if name not in files:
+                    raise CheckpointError(f"{files.folder}: tensor {name!r} is missing from the checkpoint "
+                                          f"(MXFP4 {part}_proj needs both _blocks and _scales)")
+            b, sc = files.get(blocks), files.get(scales)
+            try:
+                check_pair(blocks, b, scales, sc, (E, shape_t[2], shape_t[1]))
+            except Mxfp4Error as e:
+                raise CheckpointError(f"{files.file_of(blocks)}: {e}") from None
+            if reader.device.type != "cpu":
+                b, sc = b.to(reader.device), sc.to(reader.device)
+            mats[part] = (b, sc)
+        else:
+            raise CheckpointError(f"{files.folder}: tensor {plain!r} (or MXFP4 {blocks!r}) is missing from the checkpoint")
+    out = []
+    for j in range(E):
+        e = Expert(None, None, None, gate_up_bias=gu_b[j], down_bias=dn_b[j], interleaved=True)
+        gu, dn = mats["gate_up"], mats["down"]
+        if isinstance(gu, tuple):
+            e.mx_gate_up = Mxfp4Matrix(gu[0][j], gu[1][j])
+        else:
+            e.gate_up = gu[j]
+        if isinstance(dn, tuple):
+            e.mx_down = Mxfp4Matrix(dn[0][j], dn[1][j])
+        else:
+            e.down = dn[j]
+        out.append(e)
+    return out
+
+
 def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader,
                        ids: list[int]) -> LayerExperts:
     """The experts of layer i; `ids` are their original ids (see original_expert_ids)."""
@@ -246,11 +324,15 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
             raise CheckpointError(f"{files.folder}: tensor {names.router_bias(i)!r} (the router's correction bias, "
                                   f"which {cfg.model_type} routing needs) is missing from the checkpoint")
         bias = reader.get(bname, (E,))
+    logit_bias = reader.get(names.router_logit_bias(i), (E,)) if cfg.router_logit_bias else None
+    stacked = _stacked_experts(files, cfg, i, reader) if cfg.expert_mlp == "clamped_swiglu" else None
     groups = cfg.expert_groups(i)
     le = LayerExperts()
     for j in range(E):
         le.ids.append(ids[j])
-        le.experts.append(_expert_views(files, names, cfg, i, j, reader))
+        le.experts.append(stacked[j] if stacked is not None else _expert_views(files, names, cfg, i, j, reader))
+        if logit_bias is not None:
+            le.logit_bias_rows.append(logit_bias[j])
         le.router_rows.append(router[j])
         le.shared.append(j >= E - s)
         le.always_active.append(j in cfg.always_active_per_layer[i])
@@ -294,6 +376,8 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
             lw.v_bias = r.get(n.proj(i, "v", "bias"), (kvd,))
         if cfg.o_bias:
             lw.o_bias = r.get(n.proj(i, "o", "bias"), (H,))
+        if cfg.attention_sinks:
+            lw.sinks = r.get(n.sinks(i), (cfg.num_heads,))
         if cfg.is_dense(i):
             D = cfg.dense_intermediate_size
             lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),
@@ -338,12 +422,15 @@ def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.devi
         target.always_active.append(source.always_active[j])
         target.sources.append(source.sources[j])
         target.groups.append(source.groups[j])
+        if source.logit_bias_rows:
+            target.logit_bias_rows.append(source.logit_bias_rows[j])
         if source.bias_rows:
             target.bias_rows.append(source.bias_rows[j])
         added.append(orig)
     if added:
         order = sorted(range(len(target.ids)), key=target.ids.__getitem__)
-        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources", "groups", "bias_rows"):
+        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources", "groups", "bias_rows",
+                     "logit_bias_rows"):
             lst = getattr(target, attr)
             if lst:
                 setattr(target, attr, [lst[k] for k in order])

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from modeling import Batch, Model, ProfileManifest
+from modeling import Batch, KVCache, Model, ProfileManifest
+from modeling.safetensors_io import make_parents, remove_created
 
 from .errors import SubsetError
 
@@ -126,10 +126,7 @@ class LayerPass:
             hs = []
             for st in state:
                 batch, cos, sin, x, docs = st
-                n, maxlen = batch.num_seqs, max(batch.counts)
-                shape = (n, cfg.num_kv_heads, maxlen, cfg.head_dim)
-                cache = SimpleNamespace(k={i: torch.empty(shape, dtype=x.dtype, device=x.device)},
-                                        v={i: torch.empty(shape, dtype=x.dtype, device=x.device)})
+                cache = KVCache(cfg, batch.num_seqs, max(batch.counts), x.dtype, x.device, layers=[i])
                 x = tr.attention_block(i, x, cos, sin, batch, cache)
                 st[3] = x
                 h = tr.mlp_input(i, x)
@@ -196,13 +193,20 @@ class Fingerprints:
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_name(path.name + ".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "labels": self.labels, "texts": self.texts, "layout": self.layout.to_dict(),
                 "model": self.model}
+        created = make_parents(path.parent)
+        # written beside its final name and renamed: a reader never sees half a file, and a
+        # failure (disk full, interrupt) removes the partial file and the folders made for it
         tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez_compressed(tmp, probs=self.probs, topk_freq=self.topk_freq, tokens=self.tokens,
-                            meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        tmp.replace(path)
+        try:
+            np.savez_compressed(tmp, probs=self.probs, topk_freq=self.topk_freq, tokens=self.tokens,
+                                meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            remove_created(created)
+            raise
         return path
 
     @classmethod

@@ -51,6 +51,7 @@ class _Plan:
         n = self.names
         # kept in their stored dtype: the correction bias decides expert choice (float32 in GLM's releases)
         self.keep_dtype = {n.router_bias(i) for i in range(model.config.num_layers)}
+        self.mxfp4: list[str] = []  # MXFP4 tensors written (as stored in the base)
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
         if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
@@ -102,6 +103,9 @@ class _Plan:
         cfg, f, n = self.model.config, self.files, self.names
         kept = self.slots[i]
         idx = torch.tensor(kept)
+        if n.stacked_experts:  # gpt-oss: the family's own layout keeps experts stacked on dim 0
+            yield from self._stacked(i, idx)
+            return
         rname = self._first(n.router(i), n.fused_router(i))
         yield from self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
         bname = self._first(n.router_bias(i), n.fused_router_bias(i))
@@ -123,6 +127,16 @@ class _Plan:
                 yield from self._emit(outs[1], gu[I:], [gu_name], True)
                 yield from self._emit(outs[2], f.get(d_name)[j], [d_name], True)
 
+
+    def _stacked(self, i: int, idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every per-expert tensor of layer i sliced to the kept experts along dim 0,
+        in its stored dtype and layout: MXFP4 blocks and scales are the base's bytes."""
+        f, n = self.files, self.names
+        router = {n.router(i), n.router_logit_bias(i)}
+        for name in sorted(x for x in n.routed_expert_tensors(i, 0) if x in f):
+            if name.endswith(("_blocks", "_scales")):
+                self.mxfp4.append(name)
+            yield self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
@@ -176,6 +190,8 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
                           "non_expert": plan.non_expert_bytes}
         manifest.shards = hashes
+        if plan.mxfp4:
+            manifest.quantization = {"experts": "mxfp4", "requantized": False, "tensors": plan.mxfp4}
         manifest.files = file_hashes(tmp, exclude=set(hashes))
         manifest.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         manifest.write(tmp)

@@ -50,6 +50,13 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                               n_group=1, topk_group=1, first_k_dense_replace=1,
                                               norm_topk_prob=True, routed_scaling_factor=1.0, use_qk_norm=False,
                                               partial_rotary_factor=0.5, rope_theta=10000.0)),
+    # gpt-oss: sinks, sliding windows of 4 on layers 0 and 2 (IDS is longer), YaRN, q/k/v/o biases, router
+    # bias, interleaved clamped-SwiGLU experts with biases (swiglu_limit low enough that the clamp bites).
+    "gpt_oss": ("GptOssConfig", _common(head_dim=8, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                                        sliding_window=4, swiglu_limit=0.3, attention_bias=True,
+                                        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                         "beta_fast": 8.0, "beta_slow": 1.0, "truncate": False,
+                                                         "original_max_position_embeddings": 32})),
     "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                                      clip_qkv=None)),
 }
@@ -69,6 +76,8 @@ def perturb(model: torch.nn.Module, seed: int = 0) -> None:
             if p.dim() > 1:
                 std = 0.5 if n.endswith("gate.weight") else 0.1
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif n.endswith("sinks"):  # attention sinks: logits that take a visible share of the mass
+                p.copy_(torch.randn(p.shape, generator=g))
             elif "norm" in n:
                 p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
             else:  # biases

@@ -67,7 +67,7 @@ def test_fused_expert_layout_reads_the_same(checkpoints, tmp_path, name):
     torch.testing.assert_close(load_model(tmp_path).logits(IDS), load_model(folder).logits(IDS), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe", "gpt_oss"])
 def test_ragged_batch_and_kv_cache_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
     seqs = [IDS[:9], IDS[2:5], IDS]
