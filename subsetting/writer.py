@@ -136,7 +136,7 @@ class _Plan:
         for name in sorted(x for x in n.routed_expert_tensors(i, 0) if x in f):
             if name.endswith(("_blocks", "_scales")):
                 self.mxfp4.append(name)
-            yield self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
+            yield from self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,

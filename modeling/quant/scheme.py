@@ -23,6 +23,8 @@ from ..safetensors_io import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
 PACKED_FORMAT = "pack-quantized"
+# gpt-oss's MXFP4 experts are read by the weight reader itself (modeling/mxfp4.py)
+HANDLED_ELSEWHERE = {"mxfp4"}
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 
@@ -118,6 +120,8 @@ def read_quantization_config(qc: Any, where: str) -> CheckpointQuantization | No
     if not isinstance(qc, dict):
         raise QuantizationError(f"{where}: quantization_config is not an object")
     method = qc.get("quant_method")
+    if method in HANDLED_ELSEWHERE:
+        return None
     if method != QUANT_METHOD:
         raise QuantizationError(f"{where}: quantization method {method!r} is not supported (only {QUANT_METHOD!r})")
     fmt = qc.get("format")
