@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache
+from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
@@ -275,7 +276,8 @@ QUANTIZE_CHOICES = (None, "int8")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
+               revision: str | None = None, quantize: str | None = None, compile: bool = False,
+               mxfp4_cache_bytes: int = 0) -> Model:
     """Load a checkpoint for inference.
 
     dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
@@ -284,7 +286,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     first used: about half the bytes per decoded token, not bit-exact.
     `compile=True` runs one-row bf16 products (single-sequence decode) through
     a TorchInductor-compiled GEMV (`modeling.kernels`): faster, compiled on
-    first use per matrix shape.
+    first use per matrix shape. `mxfp4_cache_bytes` > 0 keeps up to that many
+    bytes of dequantized MXFP4 experts (least recently used out); 0 dequantizes
+    an MXFP4 expert at every use and holds only its 4-bit bytes.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
@@ -300,7 +304,10 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     dt = parse_dtype(dtype) or stored or torch.float32
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize='int8' is implemented for the CPU only")
-    return Model(folder, cfg, files, dt, dev, quantize, compile)
+    model = Model(folder, cfg, files, dt, dev, quantize, compile)
+    if mxfp4_cache_bytes > 0:
+        model.transformer.mxfp4_cache = DequantCache(mxfp4_cache_bytes)
+    return model
 
 
 def default_threads() -> int:

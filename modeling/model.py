@@ -22,6 +22,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
+from .mxfp4 import DequantCache
 from .quant import Int8Cache
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
@@ -148,6 +149,7 @@ class Transformer:
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
+        self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
 
     def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         if self.int8 is not None:
@@ -286,7 +288,7 @@ class Transformer:
         if e.interleaved:
             ex = self.cfg.extra
             linear = F.linear if e.mx_gate_up is not None else self._linear
-            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear)
+            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache)
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -412,12 +414,13 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
     return linear(F.silu(g) * u, e.down)
 
 
-def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear) -> Tensor:
+def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear,
+                          cache: DequantCache | None = None) -> Tensor:
     """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
     up interleaved in one product (gate = columns 0::2), gate clamped above at
     `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
-    MXFP4 weights are dequantized here, for this expert only."""
-    gu_w, dn_w = e.weights(x.dtype)
+    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`)."""
+    gu_w, dn_w = e.weights(x.dtype, cache)
     gate_up = linear(x, gu_w, e.gate_up_bias)
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(min=None, max=limit)
