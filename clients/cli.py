@@ -35,7 +35,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "--api-key",
         default=default(os.environ.get("EMO_API_KEY")),
-        help="API key, sent as a Bearer token (env EMO_API_KEY)" if not suppress else argparse.SUPPRESS,
+        help="API key, sent as a Bearer token (env EMO_API_KEY; default: none)" if not suppress else argparse.SUPPRESS,
     )
     parser.add_argument(
         "--timeout", type=float, default=default(300.0),
@@ -60,30 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("complete", parents=[common], help="POST /v1/completions")
     c.add_argument("prompt", nargs="?", default="-", help="the prompt; '-' or nothing reads stdin")
-    c.add_argument("--profile", help="domain profile: a profile name, 'full' or 'auto'")
+    c.add_argument("--profile", help="domain profile: a profile name, 'full' or 'auto' (default: the server's, "
+                   "full)")
     c.add_argument("--model", help="model name (default: the server's base model)")
     c.add_argument("--profile-in-model", action="store_true",
-                   help="send the profile as model '<base>:<profile>' (behind a router)")
-    c.add_argument("--stream", action="store_true", help="print text as it is generated")
-    c.add_argument("--max-tokens", type=int)
-    c.add_argument("--temperature", type=float)
-    c.add_argument("--top-p", type=float)
-    c.add_argument("--top-k", type=int)
-    c.add_argument("--seed", type=int)
-    c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    c.add_argument("--n", type=int, help="completions per prompt")
-    c.add_argument("--logprobs", type=int)
-    c.add_argument("--echo", action="store_true", default=None)
-    c.add_argument("--json", action="store_true", help="print the whole response as JSON")
+                   help="send the profile as model '<base>:<profile>' (behind a router; default: as the "
+                        "profile field)")
+    c.add_argument("--stream", action="store_true", help="print text as it is generated (default: at the end)")
+    c.add_argument("--max-tokens", type=int, help="tokens to generate (default: the server's, 16)")
+    c.add_argument("--temperature", type=float, help="sampling temperature, 0 for greedy (default: the "
+                   "server's, 1)")
+    c.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the server's, 1)")
+    c.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: the server's, off)")
+    c.add_argument("--seed", type=int, help="seed for reproducible sampling (default: none)")
+    c.add_argument("--stop", action="append", help="stop sequence, repeatable (default: none)")
+    c.add_argument("--n", type=int, help="completions per prompt (default: the server's, 1)")
+    c.add_argument("--logprobs", type=int, help="return this many top logprobs per token (default: none)")
+    c.add_argument("--echo", action="store_true", default=None, help="prepend the prompt to the text "
+                   "(default: off)")
+    c.add_argument("--json", action="store_true", help="print the whole response as JSON (default: the text)")
     c.add_argument("-v", "--verbose", action="store_true",
-                   help="print the serving profile, finish reason and usage to stderr")
+                   help="print the serving profile, finish reason and usage to stderr (default: off)")
 
-    p = sub.add_parser("profiles", parents=[common], help="GET /v1/profiles")
-    p.add_argument("--json", action="store_true")
-    m = sub.add_parser("models", parents=[common], help="GET /v1/models")
-    m.add_argument("--json", action="store_true")
-    h = sub.add_parser("health", parents=[common], help="GET /health")
-    h.add_argument("--json", action="store_true")
+    for name, what in (("profiles", "GET /v1/profiles"), ("models", "GET /v1/models"), ("health", "GET /health")):
+        q = sub.add_parser(name, parents=[common], help=what)
+        q.add_argument("--json", action="store_true", help="print the response as JSON (default: a table)")
     return parser
 
 

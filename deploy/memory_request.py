@@ -32,7 +32,11 @@ Where the numbers come from (profile.json as emo-subset writes it):
            (sizes from the JSON headers: nothing is loaded), else the largest
            `bytes.non_expert` of the profiles (each profile is a stand-alone
            checkpoint with the base's non-expert weights).
-  kv:      config.json of --model, else of the first profile.
+  kv:      config.json of --model, else of the first profile; values in the dtype
+           the server computes in: --dtype, else the checkpoint's stored dtype
+           (its embedding tensor's, from the safetensors header), as emo-serve.
+  --max-batch and --max-model-len mean what they mean to emo-serve, with its
+  defaults (server.config.ServerConfig) and its context-length rule.
 A running server reports the same two weight numbers: `non_expert_bytes` and
 `profiles_union_expert_bytes` of GET /v1/profiles.
 
@@ -43,12 +47,22 @@ kustomize strategic-merge patch for the emo-serve container's memory.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import struct
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
+
+if importlib.util.find_spec("server") is None:  # run as a file from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling.config import load_config  # noqa: E402  (emo-serve's own config parser and cache layout)
+from modeling.model import KVCache  # noqa: E402
+from server.config import ServerConfig, context_length  # noqa: E402
+
+SERVER = ServerConfig()  # emo-serve's defaults: one source for both
 
 GIB = 1024**3
 MIB = 1024**2
@@ -59,6 +73,7 @@ _DTYPE_BYTES = {
     "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }
 _CONFIG_DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "bfloat16": 2, "fp16": 2, "bf16": 2}
+EMBED = "model.embed_tokens.weight"
 
 
 def parse_size(text: str) -> int:
@@ -73,11 +88,25 @@ def parse_size(text: str) -> int:
     return int(float(low))
 
 
-def safetensors_tensors(path: Path) -> dict[str, int]:
-    """Tensor name -> bytes, from the JSON header of one .safetensors file."""
+def _header(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        return json.loads(f.read(n))
+
+
+def stored_dtype_bytes(folder: Path) -> int | None:
+    """Bytes per value of the checkpoint's embedding tensor (the dtype emo-serve computes in
+    without --dtype), from the safetensors headers; None if the folder has no such tensor."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        info = _header(f).get(EMBED)
+        if info is not None:
+            return _DTYPE_BYTES.get(info["dtype"])
+    return None
+
+
+def safetensors_tensors(path: Path) -> dict[str, int]:
+    """Tensor name -> bytes, from the JSON header of one .safetensors file."""
+    header = _header(path)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -132,15 +161,9 @@ def profile_bytes(profile: dict[str, Any]) -> tuple[int | None, int | None]:
     return None, None
 
 
-def kv_bytes_per_token(config: dict[str, Any], dtype_bytes: int | None) -> int:
-    layers = int(config.get("num_hidden_layers") or config["num_layers"])
-    heads = int(config["num_attention_heads"])
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
-    if dtype_bytes is None:
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
-        dtype_bytes = _CONFIG_DTYPE_BYTES.get(dtype, 2)
-    return 2 * layers * kv_heads * head_dim * dtype_bytes
+def config_dtype_bytes(config: dict[str, Any]) -> int:
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+    return _CONFIG_DTYPE_BYTES.get(dtype, 2)
 
 
 def estimate(
@@ -148,9 +171,10 @@ def estimate(
     *,
     model_dir: Path | None = None,
     base_bytes: int | None = None,
-    max_batch: int = 8,
-    max_model_len: int | None = None,
+    max_batch: int = SERVER.max_batch,
+    max_model_len: int | None = SERVER.max_model_len,
     kv_dtype_bytes: int | None = None,
+    dtype: str | None = SERVER.dtype,
     per_profile: bool = False,
     headroom: float = 0.10,
     runtime_overhead: int = GIB,
@@ -200,12 +224,16 @@ def estimate(
         experts_total = sum(p["expert_bytes"] for p in profiles)
         experts_rule = "sum over profiles"
 
-    config_path = (Path(model_dir) / "config.json") if model_dir else (profile_dirs[0] / "config.json")
-    config = json.loads(config_path.read_text())
-    if max_model_len is None:
-        max_model_len = int(config.get("max_position_embeddings", 4096))
-    per_token = kv_bytes_per_token(config, kv_dtype_bytes)
-    kv = per_token * max_batch * max_model_len
+    # The KV cache as the server's engine allocates it: the model's config read by emo-serve's own
+    # parser (every family: layers, kv heads, head dim, sliding windows), emo-serve's context rule.
+    weights_dir = Path(model_dir) if model_dir else profile_dirs[0]  # the checkpoint the server runs on
+    cfg = load_config(weights_dir)
+    if kv_dtype_bytes is None:
+        kv_dtype_bytes = (_CONFIG_DTYPE_BYTES[dtype] if dtype else stored_dtype_bytes(weights_dir)) or \
+            config_dtype_bytes(cfg.raw)
+    max_model_len = context_length(replace(SERVER, max_model_len=max_model_len), cfg.max_position_embeddings)[0]
+    per_token = KVCache.nbytes_for(cfg, 1, 1, kv_dtype_bytes)
+    kv = KVCache.nbytes_for(cfg, max_batch, max_model_len, kv_dtype_bytes)
 
     weights_and_cache = base_bytes + experts_total + kv
     total = weights_and_cache * (1 + headroom) + runtime_overhead
@@ -261,27 +289,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("profiles", nargs="+", type=Path, help="profile folders hosted by one server")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", type=Path,
-                     help="base model folder, if the server gets --model (non-expert bytes from its safetensors)")
+                     help="base model folder, if the server gets --model (non-expert bytes from its safetensors; "
+                          "default: none, the profiles' own figures)")
     src.add_argument("--base-bytes", type=parse_size,
                      help="non-expert bytes (default: bytes.non_expert of the profiles)")
-    ap.add_argument("--max-batch", type=int, default=8, help="emo-serve --max-batch (default %(default)s)")
-    ap.add_argument("--max-model-len", type=int, help="emo-serve --max-model-len (default: the config's)")
-    ap.add_argument("--kv-dtype-bytes", type=int, help="bytes per KV value (default: the config's dtype)")
+    ap.add_argument("--max-batch", type=int, default=SERVER.max_batch,
+                    help="emo-serve --max-batch (default %(default)s, emo-serve's)")
+    ap.add_argument("--max-model-len", type=int, default=SERVER.max_model_len,
+                    help="emo-serve --max-model-len (default: the model's context length, as emo-serve)")
+    ap.add_argument("--dtype", choices=sorted(_CONFIG_DTYPE_BYTES), default=SERVER.dtype,
+                    help="emo-serve --dtype (default: the checkpoint's stored dtype, as emo-serve)")
+    ap.add_argument("--kv-dtype-bytes", type=int, help="bytes per KV value, overriding --dtype "
+                    "(default: from --dtype)")
     ap.add_argument("--per-profile", action="store_true",
-                    help="add up the profiles' experts instead of counting a shared expert once")
+                    help="add up the profiles' experts instead of counting a shared expert once (default: once, "
+                         "as emo-serve maps it)")
     ap.add_argument("--headroom", type=float, default=0.10, help="fraction added on top (default %(default)s)")
     ap.add_argument("--runtime-overhead", type=parse_size, default=GIB,
                     help="Python + PyTorch + allocator (default 1GiB)")
-    ap.add_argument("--format", choices=("text", "json", "k8s"), default="text")
-    ap.add_argument("--deployment", default="emo-serve", help="Deployment name in the k8s patch")
+    ap.add_argument("--format", choices=("text", "json", "k8s"), default="text",
+                    help="text, json or a kustomize patch (default %(default)s)")
+    ap.add_argument("--deployment", default="emo-serve", help="Deployment name in the k8s patch "
+                    "(default %(default)s)")
     args = ap.parse_args(argv)
     try:
         result = estimate(
             args.profiles, model_dir=args.model, base_bytes=args.base_bytes, max_batch=args.max_batch,
-            max_model_len=args.max_model_len, kv_dtype_bytes=args.kv_dtype_bytes,
+            max_model_len=args.max_model_len, kv_dtype_bytes=args.kv_dtype_bytes, dtype=args.dtype,
             per_profile=args.per_profile, headroom=args.headroom, runtime_overhead=args.runtime_overhead,
         )
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, KeyError, OSError) as exc:  # modeling's ConfigError is a ValueError
         print(f"memory_request: {exc}", file=sys.stderr)
         return 1
     if args.format == "json":

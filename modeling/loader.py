@@ -12,11 +12,12 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
+from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
 from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
-from .tokenizer import Tokenizer
+from .tokenizer import IncrementalDetokenizer, Tokenizer
 from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
@@ -278,27 +279,28 @@ class Model:
         eos = set() if params.ignore_eos else set(self.config.eos_token_ids) | set(
             self.tokenizer.eos_token_ids if self.tokenizer else [])
         stop_ids = set(params.stop_token_ids) | eos
+        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
         out: list[int] = []
         lps: list[float] = []
         batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
         finish = "length"
         while len(out) < params.max_tokens and cache.lengths[0] < max_len:
             logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [gen])[0]
+            tok = sample_next(logits, [params], [gen], [out], [ids], [stop_ids])[0]
             lps.append(float(logprobs_of(logits[0])[tok]))
             if tok in stop_ids:
                 finish = "stop"
                 break
             out.append(tok)
-            if self.tokenizer is not None and stops.stop:
-                _, hit = stops.update(self.tokenizer.decode(out))
+            if detok is not None:  # incremental: the whole output is never decoded again
+                _, hit = stops.feed(detok.add([tok]))
                 if hit:
                     finish = "stop"
                     break
             batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        text = self.tokenizer.decode(out) if self.tokenizer else ""
-        if stops.stopped:
-            text = stops.text
+        if detok is not None and not stops.stopped:
+            stops.feed(detok.flush())
+        text = stops.text if detok is not None else ""
         return Generation(out, text, finish, lps)
 
 
@@ -306,7 +308,8 @@ QUANTIZE_CHOICES = (None, "int8")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
-               revision: str | None = None, quantize: str | None = None, compile: bool = False) -> Model:
+               revision: str | None = None, quantize: str | None = None, compile: bool = False,
+               mxfp4_cache_bytes: int = 0) -> Model:
     """Load a checkpoint for inference.
 
     dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
@@ -315,7 +318,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     first used: about half the bytes per decoded token, not bit-exact.
     `compile=True` runs one-row bf16 products (single-sequence decode) through
     a TorchInductor-compiled GEMV (`modeling.kernels`): faster, compiled on
-    first use per matrix shape.
+    first use per matrix shape. `mxfp4_cache_bytes` > 0 keeps up to that many
+    bytes of dequantized MXFP4 experts (least recently used out); 0 dequantizes
+    an MXFP4 expert at every use and holds only its 4-bit bytes.
     """
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
@@ -331,10 +336,17 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     dt = parse_dtype(dtype) or stored or torch.float32
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize='int8' is implemented for the CPU only")
-    return Model(folder, cfg, files, dt, dev, quantize, compile)
+    model = Model(folder, cfg, files, dt, dev, quantize, compile)
+    if mxfp4_cache_bytes > 0:
+        model.transformer.mxfp4_cache = DequantCache(mxfp4_cache_bytes)
+    return model
 
 
-def default_threads() -> None:
-    """Use every core we are allowed (cgroup/affinity aware) unless told otherwise."""
+def default_threads() -> int:
+    """Use the CPUs this process may use (affinity and cgroup quota, see
+    `modeling.threads`) unless OMP_NUM_THREADS says otherwise; returns the count."""
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+        from .threads import cpu_budget
+
+        torch.set_num_threads(cpu_budget().threads)
+    return torch.get_num_threads()

@@ -22,6 +22,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
+from .mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
@@ -65,12 +66,23 @@ class KVCache:
         self.windows = list(cfg.sliding_windows)
         self.k: dict[int, Tensor] = {}
         self.v: dict[int, Tensor] = {}
+        sizes = self.positions(cfg, max_len)
         for i in range(cfg.num_layers) if layers is None else layers:
-            w = self.windows[i]
-            size = max_len if w is None else min(w, max_len)
-            shape = (num_slots, cfg.num_kv_heads, size, cfg.head_dim)
+            shape = (num_slots, cfg.num_kv_heads, sizes[i], cfg.head_dim)
             self.k[i] = torch.empty(shape, dtype=dtype, device=device)
             self.v[i] = torch.empty(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def positions(cfg: ModelConfig, max_len: int) -> list[int]:
+        """Positions each layer holds per slot: `max_len`, or a sliding window's size."""
+        return [max_len if w is None else min(w, max_len) for w in cfg.sliding_windows]
+
+    @classmethod
+    def nbytes_for(cls, cfg: ModelConfig, num_slots: int, max_len: int, itemsize: int) -> int:
+        """Bytes a cache of `num_slots` x `max_len` allocates for keys and values
+        (what deploy/memory_request.py sizes a container by)."""
+        per_position = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
+        return num_slots * per_position * sum(cls.positions(cfg, max_len))
 
     def write(self, layer: int, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int | None]:
         """Store `k`, `v` `[kv_heads, n, head_dim]` of positions start..start+n-1 and
@@ -137,6 +149,7 @@ class Transformer:
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
+        self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
 
     def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
         if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
@@ -277,7 +290,7 @@ class Transformer:
         if e.interleaved:
             ex = self.cfg.extra
             linear = F.linear if e.mx_gate_up is not None else self._linear
-            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear)
+            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache)
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -420,12 +433,13 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
     return linear(F.silu(g) * u, e.down)
 
 
-def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear) -> Tensor:
+def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear,
+                          cache: DequantCache | None = None) -> Tensor:
     """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
     up interleaved in one product (gate = columns 0::2), gate clamped above at
     `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
-    MXFP4 weights are dequantized here, for this expert only."""
-    gu_w, dn_w = e.weights(x.dtype)
+    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`)."""
+    gu_w, dn_w = e.weights(x.dtype, cache)
     gate_up = linear(x, gu_w, e.gate_up_bias)
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(min=None, max=limit)

@@ -259,8 +259,10 @@ def _tensor_bytes(t: Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
-def write_safetensors_file(path: Path, tensors: list[tuple[str, Tensor]], metadata: dict | None = None) -> str:
-    """Write one file, streaming tensor by tensor; returns its sha256."""
+def write_safetensors_file(path: Path, tensors: list[tuple[str, Tensor]], metadata: dict | None = None,
+                           on_write=None) -> str:
+    """Write one file, streaming tensor by tensor; returns its sha256. `on_write(nbytes)`
+    is called after each tensor's bytes are written (progress)."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     off = 0
     for name, t in tensors:
@@ -277,6 +279,8 @@ def write_safetensors_file(path: Path, tensors: list[tuple[str, Tensor]], metada
             b = _tensor_bytes(t)
             f.write(b)
             h.update(b)
+            if on_write is not None:
+                on_write(len(b))
     return h.hexdigest()
 
 
@@ -289,12 +293,13 @@ class ShardedWriter:
     is more than one shard) and returns {file name: sha256}.
     """
 
-    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, on_flush=None):
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 * 1024**3, on_flush=None, on_write=None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
         # Called with the names just written, so a caller streaming views of a
         # mapped source can drop those source pages (bounded peak memory).
         self.on_flush = on_flush
+        self.on_write = on_write  # called with the bytes of each tensor as it is written (progress)
         self._pending: list[tuple[str, Tensor]] = []
         self._pending_bytes = 0
         self._shards: list[tuple[str, list[str], str]] = []  # (tmp name, names, sha)
@@ -314,7 +319,7 @@ class ShardedWriter:
         if not self._pending:
             return
         tmp = f"shard-{len(self._shards):05d}.safetensors"
-        sha = write_safetensors_file(self.folder / tmp, self._pending)
+        sha = write_safetensors_file(self.folder / tmp, self._pending, on_write=self.on_write)
         names = [n for n, _ in self._pending]
         self._shards.append((tmp, names, sha))
         self._pending, self._pending_bytes = [], 0
@@ -536,6 +541,7 @@ def write_checkpoint(
     force: bool = False,
     on_flush=None,
     finish=None,
+    on_write=None,
 ) -> WrittenCheckpoint:
     """Write a loadable checkpoint folder atomically: config.json, shards, extra files.
 
@@ -543,12 +549,13 @@ def write_checkpoint(
     caller can stream views of another mapped checkpoint. `extra_files` maps a
     file name in the output to a source path (tokenizer files). `finish(tmp,
     shard_sha256)` runs last inside the temporary folder (a profile writes its
-    manifest there); if it raises, nothing is left behind.
+    manifest there); if it raises, nothing is left behind. `on_write(nbytes)`
+    reports tensor bytes as they are written.
     """
     out = Path(out_dir)
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     with AtomicFolder(out, force=force) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes, on_flush)
+        writer = ShardedWriter(tmp, max_shard_bytes, on_flush, on_write)
         for name, t in items:
             writer.add(name, t)
         hashes = writer.finish()

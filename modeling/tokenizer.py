@@ -50,6 +50,10 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > 4096:
+            # `encode_batch` releases the GIL while the Rust side works (`encode` holds it): a long text
+            # tokenized on a worker thread must not stall the server's event loop for seconds
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -78,3 +82,42 @@ class Tokenizer:
         tmpl = env.from_string(self.chat_template)
         return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
                            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+class IncrementalDetokenizer:
+    """The text of a growing token sequence, one step at a time, without
+    re-decoding the whole sequence every step (which is quadratic in its length).
+
+    vLLM's method: decode only a window of recent tokens twice, the tokens
+    already released (`prefix_offset:read_offset`) and the same plus the new ones
+    (`prefix_offset:`); the new text is the difference. A window that ends inside
+    a multi-byte character (decoded as U+FFFD) waits for the next token. The
+    released deltas concatenate to `decode(all ids)`.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+        self.tok, self.skip = tokenizer, skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=self.skip)
+
+    def add(self, token_ids: list[int]) -> str:
+        """Append tokens; returns the text they complete (maybe "")."""
+        self.ids.extend(token_ids)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new = self._decode(self.ids[self.prefix_offset:])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return new[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """The text of tokens still held back (an incomplete character at the end
+        decodes as U+FFFD, as a whole-sequence decode gives it)."""
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        new = self._decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new[len(prefix):]

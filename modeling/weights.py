@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig
-from .mxfp4 import Mxfp4Error, Mxfp4Matrix, check_pair
+from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
 from .names import TensorNames
 from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
@@ -68,11 +68,14 @@ class Expert:
     def nbytes(self) -> int:
         return sum(weight_bytes(m) for m in self.matrices()) + sum(weight_bytes(t) for t in self._extra_tensors())
 
-    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def weights(self, dtype: torch.dtype, cache: DequantCache | None = None) -> tuple[Tensor, Tensor]:
         """(gate_up [2I, H], down [H, I]) in nn.Linear layout for an interleaved
-        expert: views, or this expert's MXFP4 dequantized now."""
-        gu = self.gate_up if self.mx_gate_up is None else self.mx_gate_up.dequantize(dtype)
-        dn = self.down if self.mx_down is None else self.mx_down.dequantize(dtype)
+        expert: views, or this expert's MXFP4 dequantized now (or from `cache`)."""
+        def mx(m: Mxfp4Matrix) -> Tensor:
+            return m.dequantize(dtype) if cache is None else cache.get(m, dtype)
+
+        gu = self.gate_up if self.mx_gate_up is None else mx(self.mx_gate_up)
+        dn = self.down if self.mx_down is None else mx(self.mx_down)
         return gu, dn
 
 

@@ -10,7 +10,10 @@ _T0 = time.monotonic()  # process start, as near as Python lets us see it
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
+
+log = logging.getLogger("emo_serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,27 +24,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a profile folder written by emo-subset, or NAME=file.json with {layer: [original expert ids]} "
                         "over a full --model (repeatable)")
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
-                   help="serve every subfolder with a profile.json (repeatable)")
+                   help="serve every subfolder with a profile.json (repeatable; a symlink that leads outside DIR "
+                        "is refused)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' (repeatable; also EMO_SERVE_API_KEYS, comma-separated)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots)")
-    p.add_argument("--max-queue", type=int, default=256, help="sequences waiting; beyond it requests get 429")
-    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    p.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens admitted per engine step")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted (504)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--max-n", type=int, default=16)
-    p.add_argument("--max-logprobs", type=int, default=20)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+                   help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; also "
+                        "EMO_SERVE_API_KEYS, comma-separated; an empty key is an error)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (default: /metrics needs the key when keys are set)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="sequences waiting; beyond it requests get 429 (default 256)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's; a larger value is capped "
+                                                      "to the model's)")
+    p.add_argument("--max-prefill-tokens", type=int, default=2048,
+                   help="prompt tokens admitted per engine step (default 2048)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds before a request is aborted with 504 (default 600; 0: no limit)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM/SIGINT: seconds running requests may still finish; then they end with a 503 "
+                        "error (streams: an error event) (default 5)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per prompt; default 16)")
+    p.add_argument("--max-logprobs", type=int, default=20, help="largest logprobs / top_logprobs (default 20)")
+    p.add_argument("--max-request-logprobs", type=int, default=1 << 18,
+                   help="logprob values one request may ask for: sequences x tokens x (1 + logprobs) "
+                        "(default 262144: about 18 MB of JSON)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's; another one copies)")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every matrix but the router, made "
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: every core allowed)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use: its "
+                   "affinity mask and cgroup CPU quota; OMP_NUM_THREADS, when set, wins)")
     p.add_argument("--mlock", action="store_true",
                    help="lock in memory the base weights and the experts the hosted profiles use, so page-cache "
                         "pressure cannot evict them (pre-faults them instead where locking is not allowed; "
@@ -50,56 +68,136 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
                         "(default: the same check in the background after start)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="(default info: start-up summary and one access line per request)")
     return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace, keys: list[str]) -> None:
+    """Exit with a message naming the option for a value the server cannot run with."""
+    for name, v in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-n", args.max_n),
+                    ("--max-body-bytes", args.max_body_bytes), ("--max-prefill-tokens", args.max_prefill_tokens),
+                    ("--max-request-logprobs", args.max_request_logprobs)):
+        if v < 1:
+            sys.exit(f"emo-serve: {name} must be at least 1 (got {v})")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        sys.exit(f"emo-serve: --max-model-len must be at least 2 tokens (got {args.max_model_len})")
+    if args.threads is not None and args.threads < 1:
+        sys.exit(f"emo-serve: --threads must be at least 1 (got {args.threads})")
+    if args.max_logprobs < 0:
+        sys.exit(f"emo-serve: --max-logprobs must be at least 0 (got {args.max_logprobs})")
+    if not args.request_timeout >= 0:  # also NaN
+        sys.exit(f"emo-serve: --request-timeout must be a number of seconds >= 0 (0: no limit); got "
+                 f"{args.request_timeout}")
+    if not args.shutdown_timeout >= 0:
+        sys.exit(f"emo-serve: --shutdown-timeout must be a number of seconds >= 0; got {args.shutdown_timeout}")
+    if not 0 <= args.port <= 65535:
+        sys.exit(f"emo-serve: --port must be in 0..65535 (got {args.port})")
+    if any(not k.strip() for k in keys):
+        sys.exit("emo-serve: --api-key is empty (was the variable unset?); an empty key would turn "
+                 "authentication off for requests without a key. Give a key, or leave --api-key out.")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the model loads: a taken port fails at
+    once, never after 'ready'."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sys.exit(f"emo-serve: cannot listen on {host}:{port}: {e.strerror or e}")
+    sock.set_inheritable(True)
+    return sock
+
+
+def startup_summary(state, threads: str, capped_from: int | None, url: str) -> list[str]:
+    reg, eng, model = state.registry, state.engine, state.registry.model
+    lines = [f"model {reg.base_name} ({model.config.model_type}) from {model.path}",
+             f"device {model.device}, dtype {str(model.dtype).replace('torch.', '')}, "
+             f"{'int8 weights' if model.quantize else 'exact weights'}, {threads}",
+             f"context {eng.max_model_len} tokens" + (f" (--max-model-len {capped_from} capped to the model's "
+                                                      f"limit)" if capped_from else "")
+             + f", batch {eng.max_batch}, queue {eng.max_queue}"]
+    d = reg.describe(with_residency=False)
+    for p in d["data"]:
+        per = sorted(set(p["experts_per_layer"].values()))
+        per_s = "/".join(str(x) for x in per)
+        lines.append(f"profile {p['name']}: {per_s} experts per MoE layer ({p['experts_total']} in all), "
+                     f"{p['bytes']['experts'] / 2**20:.1f} MiB of experts + {p['bytes']['non_expert'] / 2**20:.1f} "
+                     f"MiB shared")
+    auth = f"{len(state.api_keys)} API key(s)" if state.api_keys else "no API key"
+    lines.append(f"listening on {url} ({auth}; /health open, /metrics "
+                 f"{'open' if state.config.public_metrics or not state.api_keys else 'behind the key'})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name, v in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue), ("--max-n", args.max_n),
-                    ("--max-body-bytes", args.max_body_bytes), ("--max-prefill-tokens", args.max_prefill_tokens)):
-        if v < 1:
-            sys.exit(f"emo-serve: {name} must be at least 1")
-    keys = list(args.api_key) + [k for k in os.environ.get("EMO_SERVE_API_KEYS", "").split(",") if k.strip()]
+    keys = list(args.api_key) + [k.strip() for k in os.environ.get("EMO_SERVE_API_KEYS", "").split(",") if k.strip()]
+    check_args(args, keys)
+    sock = bind_socket(args.host, args.port)
 
     import torch
     import uvicorn
 
-    from .app import build_state, create_app
+    from modeling.threads import cpu_budget
+
+    from .app import build_state, context_length, create_app
     from .config import ServerConfig
     from .registry import StartupError
 
+    budget = cpu_budget()
     if args.threads:
         torch.set_num_threads(args.threads)
+        threads = f"{args.threads} threads (--threads; {budget.describe()})"
+    elif "OMP_NUM_THREADS" in os.environ:
+        threads = f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
     else:
-        from modeling.loader import default_threads
-        default_threads()
+        torch.set_num_threads(budget.threads)
+        threads = f"{budget.threads} threads ({budget.describe()})"
     cfg = ServerConfig(model=args.model, profiles=args.profile, profiles_dirs=args.profiles_dir,
                        served_model_name=args.served_model_name, host=args.host, port=args.port, api_keys=keys,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
                        quantize=args.quantize, compile=args.compile,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
-                       request_timeout=args.request_timeout, log_level=args.log_level, verify=args.verify)
+                       max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
+                       shutdown_timeout=args.shutdown_timeout, verify=args.verify,
+                       request_timeout=args.request_timeout, log_level=args.log_level)
     try:
         state = build_state(cfg, t0=_T0)
     except StartupError as e:
         sys.exit(f"emo-serve: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
-        logging.getLogger("emo_serve").warning("binding %s without --api-key: anyone who reaches it can use it",
-                                               args.host)
-    reg = state.registry
+        log.warning("binding %s without --api-key: anyone who reaches it can use it", args.host)
     if args.mlock:
+        reg = state.registry
         pinned = reg.model.pin(reg.union_pool() if reg.profiles else None)
-        logging.getLogger("emo_serve").info("--mlock: %s of %.2f GiB (%d quantized matrices repacked)%s",
-                                            pinned["method"], pinned["bytes"] / 1024**3, pinned["repacked_matrices"],
-                                            f"; {pinned['error']}" if "error" in pinned else "")
-    logging.getLogger("emo_serve").info("serving %s with profiles %s on http://%s:%d (ready %.2fs after start)",
-                                        reg.base_name, reg.names() or "(none)", args.host, args.port,
-                                        time.monotonic() - _T0)
-    uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5, server_header=False)
+        log.info("--mlock: %s of %.2f GiB (%d quantized matrices repacked)%s", pinned["method"],
+                 pinned["bytes"] / 1024**3, pinned["repacked_matrices"],
+                 f"; {pinned['error']}" if "error" in pinned else "")
+    _, capped = context_length(cfg, state.registry.model.config.max_position_embeddings)
+    if capped:
+        log.warning("--max-model-len %d is more than the model's limit (%d): capped to %d", args.max_model_len,
+                    state.registry.model.config.max_position_embeddings, state.engine.max_model_len)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    url = f"http://{host}:{sock.getsockname()[1]}"
+    for line in startup_summary(state, threads, args.max_model_len if capped else None, url):
+        log.info("%s", line)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: streams end with an error event, not cut
+            state.engine.begin_shutdown(args.shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(create_app(state), log_level=args.log_level, access_log=False, server_header=False,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    server = Server(config)
+    log.info("ready in %.2f s", time.monotonic() - _T0)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,18 @@ class ServerConfig:
     max_n: int = 16
     max_logprobs: int = 20
     max_stop: int = 16
-    request_timeout: float = 600.0
+    request_timeout: float = 600.0  # seconds; 0: no limit
+    max_request_logprobs: int = 1 << 18  # logprob values one request may ask for (sequences x tokens x (1 + logprobs))
+    public_metrics: bool = False  # /metrics without the API key
+    shutdown_timeout: float = 5.0  # on SIGTERM: seconds running requests may finish before they are failed (503)
     verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"
+
+
+def context_length(config: ServerConfig, model_limit: int) -> tuple[int, bool]:
+    """(the context length to serve, whether --max-model-len was capped to the model's limit).
+    One rule for the engine and for deploy/memory_request.py, which sizes its KV cache."""
+    asked = config.max_model_len
+    if asked is None:
+        return model_limit, False
+    return min(asked, model_limit), asked > model_limit

@@ -1,11 +1,21 @@
 """The engine: one background thread owns the model and runs a continuous-batching loop.
 
-Every step (a) drops sequences that were cancelled or ran past their deadline,
-(b) admits waiting sequences into free cache slots (up to a prompt-token budget
-per step), and (c) runs ONE packed forward over the new prompts and the one new
-token of every running sequence: prefill and decode in the same call, each
-sequence with its own pool (profile) and its own slot of one shared `KVCache`.
-Sequences join and leave between steps.
+Every step has three parts (vLLM's split):
+
+- `_schedule`: drop sequences that were cancelled or ran past their deadline,
+  admit waiting ones into free cache slots (up to a prompt-token budget per
+  step) and lay out ONE packed batch: the new prompts and the one new token of
+  every running sequence, prefill and decode together, each sequence with its
+  own pool (profile) and its own slot of one shared `KVCache`;
+- `_execute`: the forward pass over that batch;
+- `_process_outputs`: sample (vectorized over rows), logprobs, incremental
+  detokenization, stop checks, and one event per sequence.
+
+A failure is contained to the sequence that caused it: a sequence that cannot
+be set up, run or processed is failed alone (the others of the batch go on),
+and a batch whose forward raises is retried one sequence at a time. If the
+thread itself dies, `alive` turns false: new work is refused and everything in
+flight is failed (the asyncio side checks too).
 
 The asyncio side never touches the model: it submits `Sequence`s (a bounded
 queue; `QueueFull` when full) and receives `SeqEvent`s through a sink that the
@@ -24,7 +34,8 @@ from typing import Callable
 import torch
 
 from modeling import Batch, Model, ResolvedPool, SamplingParams, StopChecker
-from modeling.sampling import logprobs_of, sample_next
+from modeling.sampling import sample_next
+from modeling.tokenizer import IncrementalDetokenizer
 
 from . import metrics as M
 
@@ -72,11 +83,33 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     stops: StopChecker | None = None
+    detok: IncrementalDetokenizer | None = None
     stop_ids: set[int] = field(default_factory=set)
     prefilled: bool = False
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread between steps
+
+
+@dataclass
+class StepPlan:
+    """What `_schedule` laid out for one forward pass."""
+
+    seqs: list[Sequence]
+    tokens: list[int]
+    starts: list[int]
+    counts: list[int]
+    rows: list[int]  # packed token rows whose logits are needed
+    spans: list[tuple[int, int]]  # per sequence: (first of its rows in the logits, how many)
+
+    def batch(self, only: list[int] | None = None) -> Batch:
+        idx = range(len(self.seqs)) if only is None else only
+        offs = [0]
+        for n in self.counts:
+            offs.append(offs[-1] + n)
+        toks = [t for i in idx for t in self.tokens[offs[i]:offs[i] + self.counts[i]]]
+        return Batch(torch.tensor(toks, dtype=torch.long), [self.seqs[i].slot for i in idx],
+                     [self.starts[i] for i in idx], [self.counts[i] for i in idx], [self.seqs[i].pool for i in idx])
 
 
 class Engine:
@@ -92,6 +125,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.cv = threading.Condition()
         self.stopped = False
+        self.failure: str | None = None  # why the engine thread died, once it has
+        self.drain_deadline: float | None = None  # shutting down: fail what is left after this time
         self.steps = 0
         tok = model.tokenizer
         self.eos_ids = set(model.config.eos_token_ids) | set(tok.eos_token_ids if tok else [])
@@ -107,11 +142,23 @@ class Engine:
             self.cv.notify_all()
         self.thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive() and self.failure is None and not self.stopped
+
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new work; sequences still running after `grace_s` seconds are
+        failed with 503 (their streams end with an error event). Lock-free: it is
+        called from a signal handler."""
+        self.drain_deadline = time.monotonic() + max(0.0, grace_s)
+
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue all of `seqs` (one request's choices) or none of them."""
         with self.cv:
-            if self.stopped:
-                raise EngineStopped("the engine is shutting down")
+            if self.stopped or self.drain_deadline is not None:
+                raise EngineStopped("the server is shutting down")
+            if not self.thread.is_alive() or self.failure is not None:
+                raise EngineStopped(f"the engine is not running ({self.failure or 'thread stopped'})")
             if len(self.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, at most {self.max_queue})")
             self.waiting.extend(seqs)
@@ -137,23 +184,46 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         try:
-            self._warm_up()
-        except Exception:  # a failed warm-up only costs the first request its compile time
-            log.exception("warm-up failed")
-        while True:
-            with self.cv:
-                while not self.stopped and not self.waiting and not self.running:
-                    self.cv.wait(timeout=1.0)
-                if self.stopped:
-                    break
             try:
-                self._step()
-            except Exception as e:  # a bug must not kill the loop: fail this step's sequences
-                log.exception("engine step failed")
-                for s in list(self.running):
-                    self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
-        for s in list(self.running) + list(self.waiting):
-            self._fail(s, 503, "unavailable", "the server is shutting down")
+                self._warm_up()
+            except Exception:  # a failed warm-up only costs the first request its compile time
+                log.exception("warm-up failed")
+            while True:
+                with self.cv:
+                    while not self.stopped and not self.waiting and not self.running:
+                        self.cv.wait(timeout=1.0)
+                    if self.stopped:
+                        break
+                if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+                    self._fail_all(503, "unavailable", "the server is shutting down")
+                    continue
+                try:
+                    self._step()
+                except Exception as e:  # a bug must not kill the loop: fail this step's sequences
+                    log.exception("engine step failed")
+                    for s in list(self.running):
+                        self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
+            self._fail_all(503, "unavailable", "the server is shutting down")
+        except BaseException as e:
+            self.failure = f"engine thread died: {type(e).__name__}"
+            log.critical("the engine thread died; new requests get 503", exc_info=True)
+            self._fail_all(503, "unavailable", "the engine stopped (internal error); the server needs a restart")
+            if not isinstance(e, Exception):
+                raise
+
+    def _fail_all(self, status: int, etype: str, msg: str) -> None:
+        with self.cv:
+            left = list(self.running) + list(self.waiting)
+            self.waiting.clear()
+        for s in left:
+            self._fail(s, status, etype, msg)
+        M.QUEUE_DEPTH.set(0)
+
+    def _emit(self, s: Sequence, ev: SeqEvent) -> None:
+        try:
+            s.sink(ev)
+        except Exception:  # the request's event loop is gone: nobody is listening
+            s.cancelled = True
 
     def _release(self, s: Sequence) -> None:
         if s in self.running:
@@ -166,13 +236,13 @@ class Engine:
 
     def _fail(self, s: Sequence, status: int, etype: str, msg: str) -> None:
         self._release(s)
-        s.sink(SeqEvent(error=(status, etype, msg)))
+        self._emit(s, SeqEvent(error=(status, etype, msg)))
 
     def _expired(self, s: Sequence, now: float) -> bool:
         if s.cancelled:
             return True
         if s.deadline is not None and now > s.deadline:
-            s.sink(SeqEvent(error=(504, "timeout", "the request ran past its time limit")))
+            self._emit(s, SeqEvent(error=(504, "timeout", "the request ran past its time limit")))
             return True
         return False
 
@@ -181,8 +251,7 @@ class Engine:
         new: list[Sequence] = []
         budget = self.max_prefill_tokens
         with self.cv:
-            kept = collections.deque(s for s in self.waiting if not self._expired(s, now))
-            self.waiting = kept
+            self.waiting = collections.deque(s for s in self.waiting if not self._expired(s, now))
             while self.waiting and self.free_slots:
                 nxt = self.waiting[0]
                 if new and len(nxt.prompt_ids) > budget:
@@ -209,11 +278,21 @@ class Engine:
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
         s.stops = StopChecker(s.params.stop)
+        s.detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer is not None else None
         s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
         self.cache.lengths[s.slot] = 0
-        s.sink(SeqEvent(profile=s.profile))
+        self._emit(s, SeqEvent(profile=s.profile))
 
     def _step(self) -> None:
+        plan = self._schedule()
+        if plan is None:
+            return
+        logits = self._execute(plan)
+        self.steps += 1
+        self._process_outputs(plan, logits)
+
+    # -- schedule ------------------------------------------------------------------------
+    def _schedule(self) -> StepPlan | None:
         now = time.monotonic()
         for s in [s for s in self.running if self._expired(s, now)]:
             self._release(s)
@@ -221,84 +300,149 @@ class Engine:
         M.RUNNING.set(len(self.running))
         seqs = list(self.running)
         if not seqs:
-            return
-        tokens, starts, counts, rows, spans = [], [], [], [], []
+            return None
+        plan = StepPlan(seqs, [], [], [], [], [])
         off = 0
         for s in seqs:
             if not s.prefilled:
-                ids = s.prompt_ids
-                start = 0
+                ids, start = s.prompt_ids, 0
             else:
-                ids = [s.output[-1]]
-                start = self.cache.lengths[s.slot]
-            tokens += ids
-            starts.append(start)
-            counts.append(len(ids))
+                ids, start = [s.output[-1]], self.cache.lengths[s.slot]
+            plan.tokens += ids
+            plan.starts.append(start)
+            plan.counts.append(len(ids))
             if not s.prefilled and s.prompt_logprobs:
-                spans.append((len(rows), len(ids)))
-                rows += range(off, off + len(ids))
+                plan.spans.append((len(plan.rows), len(ids)))
+                plan.rows += range(off, off + len(ids))
             else:
-                spans.append((len(rows) + 0, 1))
-                rows.append(off + len(ids) - 1)
+                plan.spans.append((len(plan.rows), 1))
+                plan.rows.append(off + len(ids) - 1)
             off += len(ids)
-        batch = Batch(torch.tensor(tokens, dtype=torch.long), [s.slot for s in seqs], starts, counts,
-                      [s.pool for s in seqs])
-        logits = self.model.forward(batch, self.cache, logits_at=torch.tensor(rows, dtype=torch.long)).logits
-        logits = logits.float().cpu()
-        self.steps += 1
-        last = torch.stack([logits[a + n - 1] for a, n in spans])
-        sample_rows = [i for i, s in enumerate(seqs) if s.params.max_tokens > len(s.output)]
-        picked: dict[int, int] = {}
-        if sample_rows:
-            toks = sample_next(last[sample_rows], [seqs[i].params for i in sample_rows],
-                               [seqs[i].generator for i in sample_rows])
-            picked = dict(zip(sample_rows, toks))
+        return plan
+
+    # -- execute -------------------------------------------------------------------------
+    def _execute(self, plan: StepPlan) -> dict[int, torch.Tensor]:
+        """Logits rows per sequence index. When the packed forward raises, each
+        sequence runs alone (a forward writes its cache positions again, so a
+        retry is safe) and only those that fail alone are failed."""
+        try:
+            logits = self.model.forward(plan.batch(), self.cache,
+                                        logits_at=torch.tensor(plan.rows, dtype=torch.long)).logits.float().cpu()
+            return {i: logits[a:a + n] for i, (a, n) in enumerate(plan.spans)}
+        except Exception:
+            if len(plan.seqs) == 1:
+                raise
+            log.exception("batched forward failed; running its %d sequences one by one", len(plan.seqs))
+        out: dict[int, torch.Tensor] = {}
+        offs = [0]
+        for n in plan.counts:
+            offs.append(offs[-1] + n)
+        for i, s in enumerate(plan.seqs):
+            a, n = plan.spans[i]
+            local = torch.tensor([r - offs[i] for r in plan.rows[a:a + n]], dtype=torch.long)
+            try:
+                out[i] = self.model.forward(plan.batch([i]), self.cache, logits_at=local).logits.float().cpu()
+            except Exception as e:
+                log.exception("forward of one sequence failed")
+                self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
+        return out
+
+    # -- process outputs -------------------------------------------------------------------
+    def _sample(self, plan: StepPlan, rows: dict[int, torch.Tensor], idx: list[int]) -> dict[int, int]:
+        """Next token of each sequence in `idx`, all rows at once; should that ever
+        raise, row by row so that only the offending sequence fails."""
+        def run(ix: list[int]) -> list[int]:
+            seqs = [plan.seqs[i] for i in ix]
+            return sample_next(torch.stack([rows[i][-1] for i in ix]), [s.params for s in seqs],
+                               [s.generator for s in seqs], [s.output for s in seqs], [s.prompt_ids for s in seqs],
+                               [s.stop_ids for s in seqs])
+        if not idx:
+            return {}
+        try:
+            return dict(zip(idx, run(idx)))
+        except Exception:
+            log.exception("sampling a batch failed; sampling its rows one by one")
+        out = {}
+        for i in idx:
+            try:
+                out[i] = run([i])[0]
+            except Exception as e:
+                self._fail(plan.seqs[i], 500, "server_error", f"internal error in sampling: {type(e).__name__}")
+        return out
+
+    def _process_outputs(self, plan: StepPlan, rows: dict[int, torch.Tensor]) -> None:
+        live = [i for i in rows if plan.seqs[i].slot >= 0]
+        picked = self._sample(plan, rows, [i for i in live if plan.seqs[i].params.max_tokens > len(plan.seqs[i].output)])
+        # logprobs of the generated tokens, one log_softmax and one top-k for every row that asked
+        want = [i for i in picked if plan.seqs[i].logprobs is not None]
+        lps: dict[int, tuple[float, list[tuple[int, float]] | None]] = {}
+        if want:
+            lp = torch.log_softmax(torch.stack([rows[i][-1] for i in want]), -1)
+            k = max(plan.seqs[i].logprobs or 0 for i in want)
+            chosen = lp.gather(1, torch.tensor([[picked[i]] for i in want])).squeeze(1).tolist()
+            tv, ti = torch.topk(lp, k, dim=-1) if k > 0 else (None, None)
+            for j, i in enumerate(want):
+                n = plan.seqs[i].logprobs or 0
+                top = list(zip(ti[j, :n].tolist(), tv[j, :n].tolist())) if n > 0 else None
+                lps[i] = (chosen[j], top)
         n_new_prompt = 0
-        for i, s in enumerate(seqs):
-            ev = SeqEvent()
+        for i in live:
+            s = plan.seqs[i]
             if not s.prefilled:
                 n_new_prompt += len(s.prompt_ids)
-                if s.prompt_logprobs:
-                    a, n = spans[i]
-                    ev.prompt_logprobs = self._prompt_logprobs(s, logits[a:a + n])
-                s.prefilled = True
-            tok = picked.get(i)
-            if tok is None:  # max_tokens reached (max_tokens 0: prompt only)
-                self._finish(s, ev, "length")
-                continue
-            info = TokenInfo(tok, None, None)
-            if s.logprobs is not None:
-                lp = logprobs_of(last[i])
-                info.logprob = float(lp[tok])
-                if s.logprobs > 0:
-                    v, ix = torch.topk(lp, s.logprobs)
-                    info.top = list(zip(ix.tolist(), v.tolist()))
-            if tok in s.stop_ids:
-                self._finish(s, ev, "stop")
-                continue
-            s.output.append(tok)
-            ev.tokens.append(info)
-            M.GENERATED_TOKENS.inc()
-            tokenizer = self.model.tokenizer
-            if tokenizer is not None:
-                delta, hit = s.stops.update(tokenizer.decode(s.output))
-                ev.text = delta
-                if hit:
-                    self._finish(s, ev, "stop")
-                    continue
-            if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
-                self._finish(s, ev, "length")
-                continue
-            s.sink(ev)
+            try:
+                self._process_one(s, rows[i], picked.get(i), lps.get(i))
+            except Exception as e:
+                log.exception("processing a sequence's output failed")
+                if s.slot >= 0:
+                    self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
         if n_new_prompt:
             M.PROMPT_TOKENS.inc(n_new_prompt)
 
+    def _process_one(self, s: Sequence, rows: torch.Tensor, tok: int | None,
+                     lp: tuple[float, list[tuple[int, float]] | None] | None) -> None:
+        ev = SeqEvent()
+        if not s.prefilled:
+            if s.prompt_logprobs:
+                ev.prompt_logprobs = self._prompt_logprobs(s, rows)
+            s.prefilled = True
+        if tok is None:  # max_tokens reached (max_tokens 0: prompt only)
+            self._finish(s, ev, "length")
+            return
+        info = TokenInfo(tok, None, None)
+        if lp is not None:
+            info.logprob, info.top = lp
+        if tok in s.stop_ids:
+            self._finish(s, ev, "stop")
+            return
+        s.output.append(tok)
+        ev.tokens.append(info)
+        M.GENERATED_TOKENS.inc()
+        if s.detok is not None:
+            delta, hit = s.stops.feed(s.detok.add([tok]))
+            ev.text = delta
+            if hit:
+                self._finish(s, ev, "stop")
+                return
+        if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
+            self._finish(s, ev, "length")
+            return
+        self._emit(s, ev)
+
     def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
-        if reason != "stop" or not s.stops.stopped:
-            ev.text += s.stops.flush() if s.stops is not None else ""
+        if s.stops is not None and not s.stops.stopped:
+            if s.detok is not None:
+                tail = s.detok.flush()
+                if tail:
+                    d, hit = s.stops.feed(tail)
+                    ev.text += d
+                    if hit:
+                        reason = "stop"
+            if not s.stops.stopped:
+                ev.text += s.stops.flush()
         ev.finish_reason = reason
         self._release(s)
-        s.sink(ev)
+        self._emit(s, ev)
 
     def _prompt_logprobs(self, s: Sequence, rows: torch.Tensor) -> list[TokenInfo]:
         """Logprob of each prompt token given the ones before (the first has none)."""

@@ -90,6 +90,13 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
         if not root.is_dir():
             raise StartupError(f"--profiles-dir {d}: not a folder")
         found = sorted(s for s in root.iterdir() if (s / "profile.json").is_file())
+        real_root = root.resolve()
+        for s in found:
+            # whoever may write into DIR must not be able to make the server map files from elsewhere
+            real = s.resolve()
+            if real != real_root and real_root not in real.parents:
+                raise StartupError(f"--profiles-dir {d}: {s.name} is a symlink to {real}, outside {real_root}; "
+                                   "refused (pass it as --profile DIR if it is meant to be served)")
         if not found:
             log.warning("--profiles-dir %s: no profile folders in it", d)
         folders += found

@@ -19,7 +19,7 @@ from modeling.quant.quantize import check_config
 from modeling.safetensors_io import CheckpointFiles
 from modeling.tokenizer import TokenizerError
 
-from .corpus import read_corpus, sample, tokenize
+from .corpus import read_corpus, sample, small_calibration, tokenize
 from .discover import DomainDiscovery, summary_markdown
 from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
@@ -32,6 +32,12 @@ PROG = "emo-subset"
 def _say(args, msg: str) -> None:
     if not args.quiet:
         print(msg, file=sys.stderr)
+
+
+def _warn(args, warnings: list[str]) -> None:
+    """Warnings to stderr (--quiet silences them; --json summaries carry them as "warnings")."""
+    for w in warnings:
+        _say(args, f"{PROG}: warning: {w}")
 
 
 def _emit(args, summary: dict[str, Any], text: str | None = None) -> None:
@@ -71,8 +77,10 @@ def cmd_fingerprint(args) -> int:
     fper = Fingerprinter(model, args.max_tokens, args.max_batch_tokens, progress=not args.quiet).fit(docs)
     fp = fper.fingerprints_
     path = fp.save(out)
+    warnings = small_calibration(fp.labels, fp.tokens.tolist())
+    _warn(args, warnings)
     summ = {"fingerprints": str(path), **fp.calibration(), "layers": fp.layout.moe_layers,
-            "experts": fp.layout.num_original, "seconds": round(time.time() - t0, 3)}
+            "experts": fp.layout.num_original, "seconds": round(time.time() - t0, 3), "warnings": warnings}
     _emit(args, summ, f"wrote {path}: {summ['documents']} documents, {summ['tokens']} tokens")
     return 0
 
@@ -219,7 +227,13 @@ def cmd_build(args) -> int:
             params["max_tokens"] = args.max_tokens
         selection = {"method": args.method, "params": params}
     cov, calib, cent = {}, {}, None
+    warnings: list[str] = []
     if fp is not None:
+        label = args.domain if args.domain is not None else (
+            f"cluster {args.cluster}" if args.cluster is not None else "calibration")
+        warnings = [w.replace("domain ", "", 1) if label.startswith(("cluster", "calibration")) else w
+                    for w in small_calibration([label] * len(fp), fp.tokens.tolist())]
+        _warn(args, warnings)
         cov = coverage(fp.token_mean(), layout, kept)
         calib = {**fp.calibration(), **({"source": source} if source else {})}
         cent = fp.centroid()
@@ -231,7 +245,7 @@ def cmd_build(args) -> int:
             "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
             "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
             "calibration": man.calibration, "seconds": round(time.time() - t0, 3),
-            "seconds_selection": round(t_sel, 3)}
+            "seconds_selection": round(t_sel, 3), "warnings": warnings}
     cov_txt = f", mean coverage {np.mean(list(cov.values())):.3f}" if cov else ""
     _emit(args, summ, f"wrote {out}: {sum(len(v) for v in kept.values())} experts in {len(kept)} layers, "
                       f"{man.bytes['total'] / 1e6:.1f} MB in {len(man.shards)} shard(s){cov_txt}")
@@ -269,7 +283,7 @@ def cmd_eval(args) -> int:
         if man.base.get("id") != full.identity.get("id"):
             raise SubsetError(f"{p}: cut from base {man.base.get('name')!r}, not from {base_path}")
         profiles.append((man.name, load_model(p, dtype=args.dtype), man.pool()))
-    rows = retention_rows(full, profiles, toks_by_dom, seeds=args.random_seeds)
+    rows = retention_rows(full, profiles, toks_by_dom, seeds=args.random_seeds, progress=not args.quiet)
     lines = ["| profile | domain | experts | ppl profile | ppl full | ppl random | retention | random retention |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -331,12 +345,16 @@ def cmd_export_gguf(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print a JSON summary to stdout")
-    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr")
-    common.add_argument("--dtype", default=None, help="compute dtype (default: the checkpoint's)")
+    common.add_argument("--json", action="store_true", help="print a JSON summary to stdout (default: a readable "
+                        "summary)")
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or messages on stderr "
+                        "(default: show them)")
+    common.add_argument("--dtype", default=None, help="compute dtype: bfloat16, float16 or float32 (default: the "
+                        "checkpoint's own, no copy)")
     common.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__)
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                 epilog="Documentation: docs/architecture.md and docs/profiles.md in the repository.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def quant_opts(p, required: bool = False):
         p.add_argument("--quantize", choices=tuple(PRESETS), default=None, required=required,
@@ -347,46 +365,66 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too")
 
     def model_opts(p):
-        p.add_argument("--max-tokens", type=int, default=512, help="tokens per document (truncated)")
-        p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens run together per layer step")
-        p.add_argument("--max-docs", type=int, default=None, help="at most this many calibration documents "
-                       "(evenly spaced per domain)")
+        p.add_argument("--max-tokens", type=int, default=512, help="tokens per document; longer ones are "
+                       "truncated (default %(default)s)")
+        p.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens run together per layer step: "
+                       "bounds the memory of the hidden states (default %(default)s)")
+        p.add_argument("--max-docs", type=int, default=None, help="at most this many calibration documents in all, "
+                       "split evenly between the domains (a domain with fewer gives its share to the others) and "
+                       "evenly spaced within each (default: every document)")
 
-    p = sub.add_parser("fingerprint", parents=[common], help="per-document routing fingerprints")
+    p = sub.add_parser("fingerprint", parents=[common], help="per-document routing fingerprints",
+                       description="Run a model over calibration text and record, per document, the router's "
+                                   "mean probability per layer and expert (an .npz file).")
     p.add_argument("model", help="checkpoint folder or Hugging Face repo id")
-    p.add_argument("corpus", nargs="+", help=".jsonl / .txt files or folders")
-    p.add_argument("--out", required=True, help="fingerprint file (.npz)")
-    p.add_argument("--domain", default=None, help="only this domain (label for unlabelled text)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("corpus", nargs="+", help=".jsonl (text, domain) / .txt files or folders")
+    p.add_argument("--out", required=True, help="fingerprint file to write (.npz)")
+    p.add_argument("--domain", default=None, help="only this domain; also the label of unlabelled text "
+                   "(default: every domain)")
+    p.add_argument("--force", action="store_true", help="replace an existing file (default: refuse)")
     model_opts(p)
     p.set_defaults(func=cmd_fingerprint)
 
-    p = sub.add_parser("discover", parents=[common], help="cluster fingerprints into domains")
-    p.add_argument("fingerprints")
-    p.add_argument("--k", default="auto", help="number of clusters or 'auto' (silhouette)")
-    p.add_argument("--components", type=int, default=32, help="PCA components")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="clusters JSON (default: FP.clusters.json)")
+    p = sub.add_parser("discover", parents=[common], help="cluster fingerprints into domains",
+                       description="Find the domains of an unlabelled corpus: PCA of the fingerprints, L2 "
+                                   "normalisation, spherical k-means.")
+    p.add_argument("fingerprints", help="fingerprint file from `emo-subset fingerprint`")
+    p.add_argument("--k", default="auto", help="number of clusters, or 'auto' to choose it by silhouette "
+                   "(default %(default)s)")
+    p.add_argument("--components", type=int, default=32, help="PCA components (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of k-means' initialisation (default %(default)s)")
+    p.add_argument("--out", default=None, help="clusters JSON to write, with a .md summary beside it "
+                   "(default: FP.clusters.json beside the fingerprints)")
     p.set_defaults(func=cmd_discover)
 
-    p = sub.add_parser("build", parents=[common], help="write a pruned profile")
+    p = sub.add_parser("build", parents=[common], help="write a pruned profile",
+                       description="Choose the experts a domain keeps and write them as a standalone checkpoint "
+                                   "with profile.json (docs/profiles.md).")
     p.add_argument("model", help="checkpoint folder (or profile) or Hugging Face repo id")
     p.add_argument("--out", required=True, help="profile folder to write")
     p.add_argument("--name", default=None, help="profile name (default: the folder's name)")
-    p.add_argument("--corpus", nargs="+", default=None, help="calibration .jsonl / .txt files or folders")
-    p.add_argument("--domain", default=None, help="calibrate on this domain of the corpus / fingerprints")
-    p.add_argument("--fingerprints", default=None, help="fingerprint file from `emo-subset fingerprint`")
-    p.add_argument("--cluster", type=int, default=None, help="calibrate on this cluster of `discover`")
+    p.add_argument("--corpus", nargs="+", default=None, help="calibration .jsonl / .txt files or folders "
+                   "(default: none; give this or --fingerprints unless --method random or --experts-file)")
+    p.add_argument("--domain", default=None, help="calibrate on this domain of the corpus / fingerprints "
+                   "(default: every document)")
+    p.add_argument("--fingerprints", default=None, help="fingerprint file from `emo-subset fingerprint` "
+                   "(default: none)")
+    p.add_argument("--cluster", type=int, default=None, help="calibrate on this cluster of `emo-subset discover` "
+                   "(default: none)")
     p.add_argument("--clusters", default=None, help="clusters file (default: FP.clusters.json)")
-    p.add_argument("--keep", default=None, help="experts kept per layer (shared included): N, N%% or a schedule a,b,c")
-    p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]}")
-    p.add_argument("--method", default="mean-prob", help=f"one of {', '.join(SELECTORS)}")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
-    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
+    p.add_argument("--keep", default=None, help="experts kept per layer, shared included: N, N%% or a schedule "
+                   "a,b,c (default: none; give this or --experts-file)")
+    p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]} to keep "
+                   "(default: none; give this or --keep)")
+    p.add_argument("--method", default="mean-prob", help=f"selection method, one of {', '.join(SELECTORS)} "
+                   "(default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random (default %(default)s)")
+    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3, help="largest shard file "
+                   "(default %(default)s)")
     p.add_argument("--save-dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="store the profile's weights in this dtype (default: the base's), converted tensor by "
                         "tensor as the shards are written")
-    p.add_argument("--force", action="store_true", help="replace an existing profile")
+    p.add_argument("--force", action="store_true", help="replace an existing profile (default: refuse)")
     quant_opts(p)
     model_opts(p)
     p.set_defaults(func=cmd_build)
@@ -400,17 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     quant_opts(p, required=True)
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("eval", parents=[common], help="held-out perplexity: profile vs full vs random")
-    p.add_argument("profiles", nargs="+")
+    p = sub.add_parser("eval", parents=[common], help="held-out perplexity: profile vs full vs random",
+                       description="Perplexity of each profile on held-out text, against the full model and random "
+                                   "subsets of the same size, per domain.")
+    p.add_argument("profiles", nargs="+", help="profile folders (of one base)")
     p.add_argument("--text", nargs="+", required=True, help="held-out .jsonl / .txt (domain labels split the table)")
     p.add_argument("--base", default=None, help="the full model (default: the folder holding profiles/)")
-    p.add_argument("--random-seeds", type=int, default=1)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--random-seeds", type=int, default=1, help="random subsets averaged per row "
+                   "(default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per document; longer ones are truncated "
+                   "(default %(default)s)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("inspect", parents=[common], help="show a profile's manifest")
-    p.add_argument("profile")
-    p.add_argument("--centroid", action="store_true", help="include the centroid in --json")
+    p.add_argument("profile", help="profile folder")
+    p.add_argument("--centroid", action="store_true", help="include the centroid in --json (default: left out)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export-gguf", parents=[common], help="write a profile (or checkpoint) as one GGUF file "
@@ -419,11 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .gguf file to write")
     p.add_argument("--name", default=None, help="general.name in the file (default: the folder's name)")
     p.add_argument("--tokenizer-pre", default=None, help="llama.cpp pre-tokenizer name (default: the family's)")
-    p.add_argument("--force", action="store_true", help="replace an existing file")
+    p.add_argument("--force", action="store_true", help="replace an existing file (default: refuse)")
     p.set_defaults(func=cmd_export_gguf)
 
-    p = sub.add_parser("verify", parents=[common], help="check shard hashes against profile.json")
-    p.add_argument("profiles", nargs="+")
+    p = sub.add_parser("verify", parents=[common], help="check a profile's files against profile.json",
+                       description="Check the manifest's own hash and every file's sha256 against profile.json; "
+                                   "exit 1 naming each problem.")
+    p.add_argument("profiles", nargs="+", help="profile folders")
     p.set_defaults(func=cmd_verify)
     return ap
 

@@ -98,15 +98,44 @@ def tokenize(docs: list[Document], tokenizer, max_tokens: int) -> tuple[list[Doc
 
 
 def sample(docs: list[Document], max_docs: int | None) -> list[Document]:
-    """At most `max_docs` documents, evenly spaced (deterministic), per domain label."""
+    """At most `max_docs` documents in all, split evenly between the domain labels
+    (a domain with fewer documents than its share gives the rest to the others),
+    evenly spaced within each domain (deterministic). A small domain is not
+    drowned by a big one: each gets the same number when it has them."""
     if not max_docs or len(docs) <= max_docs:
         return docs
     by: dict[str | None, list[Document]] = {}
     for d in docs:
         by.setdefault(d.domain, []).append(d)
+    if max_docs < len(by):
+        raise SubsetError(f"--max-docs {max_docs} is fewer than the {len(by)} domains of the corpus: give at least "
+                          f"{len(by)}, or calibrate one domain with --domain")
+    quota: dict[str | None, int] = {}
+    left = max_docs
+    for k, (dom, group) in enumerate(sorted(by.items(), key=lambda kv: len(kv[1]))):  # smallest first
+        quota[dom] = min(len(group), left // (len(by) - k))
+        left -= quota[dom]
     out = []
-    for group in by.values():
-        n = max(1, round(max_docs * len(group) / len(docs)))
-        step = len(group) / n
-        out.extend(group[int(i * step)] for i in range(n))
+    for dom, group in by.items():
+        step = len(group) / quota[dom]
+        out.extend(group[int(i * step)] for i in range(quota[dom]))
     return out
+
+
+# Below these, a domain's mean routing (and so the experts chosen for it) rests on too little text
+# to be stable: the choice changes from one sample of the domain to the next.
+MIN_DOCS, MIN_TOKENS = 16, 4096
+
+
+def small_calibration(labels: list[str | None], tokens: list[int]) -> list[str]:
+    """A warning per domain whose calibration has fewer than MIN_DOCS documents or MIN_TOKENS tokens."""
+    docs: dict[str, int] = {}
+    toks: dict[str, int] = {}
+    for lab, n in zip(labels, tokens):
+        key = lab if lab is not None else "(unlabelled)"
+        docs[key] = docs.get(key, 0) + 1
+        toks[key] = toks.get(key, 0) + int(n)
+    return [f"domain {dom!r} has only {docs[dom]} documents / {toks[dom]} tokens of calibration (fewer than "
+            f"{MIN_DOCS} documents or {MIN_TOKENS} tokens make a noisy choice of experts): add text or raise "
+            "--max-docs / --max-tokens"
+            for dom in sorted(docs) if docs[dom] < MIN_DOCS or toks[dom] < MIN_TOKENS]

@@ -184,7 +184,6 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     def on_flush(names: list[str]) -> None:
         src = {s for o in names for s in plan.sources.get(o, [])}
         files.release(sorted(src))
-        bar.update(sum(files.info(s).nbytes for s in src))
 
     def finish(tmp: Path, hashes: dict[str, str]) -> None:
         manifest.bytes = {"total": plan.expert_bytes + plan.non_expert_bytes, "experts": plan.expert_bytes,
@@ -200,7 +199,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
 
     extra = {fname: model.path / fname for fname in TOKENIZER_FILES if (model.path / fname).is_file()}
     write_checkpoint(out, config, plan.tensors(), extra_files=extra, max_shard_bytes=max_shard_bytes,
-                     force=force, on_flush=on_flush, finish=finish)
+                     force=force, on_flush=on_flush, finish=finish, on_write=bar.update)
     bar.close()
     return manifest
 

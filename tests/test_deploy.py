@@ -45,7 +45,8 @@ K8S_VERSIONS = ("1.29.0", None)  # None: the newest the validator ships
 EMO_NON_EXPERT_BYTES = 1_359_089_664
 EMO_CONFIG = {"model_type": "emo", "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 16,
               "num_key_value_heads": 16, "head_dim": 128, "num_experts": 128, "intermediate_size": 1024,
-              "max_position_embeddings": 4096, "torch_dtype": "bfloat16"}
+              "max_position_embeddings": 4096, "torch_dtype": "bfloat16", "num_experts_per_tok": 8,
+              "num_shared_experts": 1, "vocab_size": 100352}
 EMO_EXPERT_BYTES = 3 * 2048 * 1024 * 2
 GROUP_PROFILES = {
     "code": {"python": range(0, 32), "c": range(16, 48)},
@@ -655,8 +656,10 @@ def test_memory_request_reads_safetensors_headers(tmp_path):
     st.save_file({"model.embed_tokens.weight": np.zeros((10, 4), np.float32),
                   "model.layers.0.mlp.experts.0.up_proj.weight": np.zeros((8, 4), np.float32)},
                  str(model / "model.safetensors"))
-    (model / "config.json").write_text(json.dumps({"num_hidden_layers": 1, "num_attention_heads": 2,
-                                                   "hidden_size": 4, "max_position_embeddings": 16}))
+    (model / "config.json").write_text(json.dumps({"model_type": "olmoe", "num_hidden_layers": 1,
+                                                   "num_attention_heads": 2, "hidden_size": 4, "vocab_size": 10,
+                                                   "num_experts": 1, "num_experts_per_tok": 1, "intermediate_size": 8,
+                                                   "max_position_embeddings": 16}))
     prof = tmp_path / "p"
     prof.mkdir()
     st.save_file({"model.layers.0.mlp.experts.0.up_proj.weight": np.zeros((8, 4), np.float16),
@@ -666,7 +669,32 @@ def test_memory_request_reads_safetensors_headers(tmp_path):
     r = memory_request.estimate([prof], model_dir=model, max_batch=2, runtime_overhead=0, headroom=0)
     assert r["base_bytes"] == 10 * 4 * 4  # the expert tensor of the base model is not counted
     assert r["experts_bytes"] == 8 * 4 * 2 and r["profiles"][0]["source"] == "shards"
-    assert r["kv_cache_bytes"] == 2 * 1 * 2 * 2 * 2 * 2 * 16  # K,V x layer x heads x head_dim x bf16 x batch x len
+    # K,V x layer x heads x head_dim x 4 bytes x batch x len: the server computes (and caches) in the
+    # stored dtype of the weights (float32 here), not in a dtype the config might name
+    assert r["kv_cache_bytes"] == 2 * 1 * 2 * 2 * 4 * 2 * 16
+
+
+@pytest.mark.parametrize("dtype,asked", [(None, None), ("float32", 10_000)])
+def test_memory_request_kv_cache_is_the_one_the_server_allocates(tmp_path, dtype, asked):
+    """Same defaults (batch), same context-length rule (a --max-model-len over the model's limit is
+    capped) and same dtype as the engine emo-serve builds: its KV cache, byte for byte."""
+    import torch
+
+    from modeling import load_model
+    from server.app import build_state
+    from server.config import ServerConfig
+    from subsetting.writer import write_profile
+    from tests.checkpoints import emo_config, write_checkpoint_dir
+
+    base = write_checkpoint_dir(tmp_path / "base", emo_config(num_key_value_heads=2), seed=1, dtype=torch.bfloat16)
+    prof = tmp_path / "p"
+    write_profile(load_model(base), prof, "p", {i: [0, 1, 7] for i in range(3)})
+    state = build_state(ServerConfig(model=str(base), profiles=[str(prof)], max_model_len=asked, dtype=dtype))
+    cache = state.engine.cache
+    want = sum(t.numel() * t.element_size() for t in [*cache.k.values(), *cache.v.values()])
+    r = memory_request.estimate([prof], model_dir=base, max_model_len=asked, dtype=dtype)
+    assert (r["max_batch"], r["max_model_len"]) == (state.config.max_batch, state.engine.max_model_len)
+    assert r["kv_cache_bytes"] == want
 
 
 def test_memory_request_command(tmp_path, capsys):

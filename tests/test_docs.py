@@ -46,3 +46,27 @@ def test_families_doc_has_a_section_per_family():
     headings = [line for line in text.splitlines() if line.startswith("### ")]
     for model_type in FAMILIES:
         assert any(f"(`{model_type}`)" in h for h in headings), model_type
+
+
+def _commands(md: Path, program: str) -> list[list[str]]:
+    """Arguments of each `program` command in a Markdown file (continuation lines joined; up to `;`)."""
+    import shlex
+
+    text = md.read_text(encoding="utf-8").replace("\\\n", " ")
+    return [shlex.split(m.group(1)) for m in re.finditer(rf"\b{re.escape(program)} ([^;\n#]*)", text)]
+
+
+def test_deploy_build_loop_names_a_corpus_the_documented_step_writes_and_bounds_its_documents():
+    from subsetting.cli import build_parser
+
+    readme = ROOT / "deploy" / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    m = re.search(r"python -m training\.corpus --out (\S+?)\)", text)
+    assert m, "the corpus step is documented"
+    corpus = (ROOT / m.group(1) / "train.jsonl").resolve()  # what training.corpus.build writes
+    builds = [c for c in _commands(readme, "emo-subset") if c and c[0] == "build"]
+    assert builds
+    for cmd in builds:
+        args = build_parser().parse_args([w.replace("$p", "python") for w in cmd])
+        assert args.max_docs, cmd
+        assert [(ROOT / "deploy" / c).resolve() for c in args.corpus] == [corpus], cmd

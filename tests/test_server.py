@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from tests.checkpoints import CODE_DOCS, PROSE_DOCS, emo_config, write_checkpoint_dir, write_domain_corpus
+from tests.checkpoints import CODE_DOCS, PROSE_DOCS, emo_config, write_checkpoint_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-key-123"
@@ -46,22 +46,6 @@ def _env() -> dict:
 def _emo_subset(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", "from subsetting.cli import main; main()", *args], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-@pytest.fixture(scope="session")
-def ckpt(tmp_path_factory):
-    """A tiny EMO checkpoint and two overlapping profiles (code, prose) built by emo-subset."""
-    root = tmp_path_factory.mktemp("serve")
-    base = write_checkpoint_dir(root / "tiny-emo", emo_config())
-    corpus = write_domain_corpus(root / "corpus.jsonl")
-    procs = {name: _emo_subset("build", str(base), "--out", str(root / name), "--name", name, "-q", "--corpus",
-                               str(corpus), "--domain", name, "--keep", "4") for name in ("code", "prose")}
-    for name, p in procs.items():
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, f"emo-subset build {name} failed:\n{out}"
-    listed = root / "listed.json"
-    listed.write_text(json.dumps({"0": [0, 3, 7], "1": [1, 2, 7], "2": [5, 6, 7]}))
-    return {"root": root, "base": base, "code": root / "code", "prose": root / "prose", "listed": listed}
 
 
 class Server:
@@ -375,7 +359,8 @@ def test_api_keys(servers):
         r = s.post("/v1/completions", body, headers=headers)
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     assert s.get("/v1/models").status_code == 401
-    assert s.get("/health").status_code == 200
+    assert s.get("/metrics").status_code == 401  # /metrics follows the key (--public-metrics opens it)
+    assert s.get("/health").status_code == 200  # /health stays open for probes
     for key in (KEY, "second-key"):
         assert s.post("/v1/completions", body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
     import openai
@@ -405,7 +390,7 @@ def test_disconnect_cancels(servers):
         next(resp.iter_lines())
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        m = s.get("/metrics").text
+        m = s.get("/metrics", headers=h).text  # /metrics follows the key
         if 'status="cancelled"' in m:
             break
         time.sleep(0.05)

@@ -428,3 +428,56 @@ def test_corpus_reader_folders_txt_and_domains(tmp_path):
     docs = read_corpus([tmp_path / "d"])
     assert [(d.text, d.domain) for d in docs] == [("hello world", None), ("x = 1", "code")]
     assert [d.text for d in read_corpus([tmp_path / "d"], domain="code")] == ["hello world", "x = 1"]
+
+
+# -- calibration size, progress (issue 12, item 13) -------------------------------------------------
+
+
+def test_max_docs_splits_evenly_between_domains():
+    """A small domain gets as many documents as a big one (the help's promise), not a share
+    proportional to its size; what a domain cannot use goes to the others."""
+    from subsetting.corpus import Document, sample
+
+    docs = [Document(f"{d} {i}", d, "x") for d, n in (("big", 100), ("mid", 10), ("tiny", 2)) for i in range(n)]
+    got = sample(docs, 30)
+    count = {d: sum(x.domain == d for x in got) for d in ("big", "mid", "tiny")}
+    assert count == {"tiny": 2, "mid": 10, "big": 18} and len(got) == 30
+    assert [x.text for x in got if x.domain == "big"][:3] == ["big 0", "big 5", "big 11"]  # evenly spaced
+    even = sample([Document(str(i), d, "x") for d in "abc" for i in range(50)], 31)
+    assert sorted(sum(x.domain == d for x in even) for d in "abc") == [10, 10, 11]
+    with pytest.raises(Exception, match="fewer than the 3 domains"):
+        sample(docs, 2)
+
+
+def test_small_calibration_is_warned_about(env, capsys, tmp_path):
+    root, full, corpus = env
+    code, out, err = run(["fingerprint", full, corpus, "--out", tmp_path / "fp.npz", "--json"], capsys)
+    assert code == 0
+    for dom in ("code", "prose", "math"):
+        assert f"warning: domain {dom!r} has only 4 documents" in err
+    assert len(json.loads(out)["warnings"]) == 3
+    code, out, err = run(["build", full, "--out", tmp_path / "p", "--corpus", corpus, "--domain", "math", "--keep", 4,
+                          "--json", "-q"], capsys)
+    assert code == 0 and err == ""  # --quiet: the summary still carries the warning
+    assert json.loads(out)["warnings"] and "'math' has only 4 documents" in json.loads(out)["warnings"][0]
+
+
+def test_eval_shows_progress_over_tokens(env, capsys, tmp_path):
+    root, full, corpus = env
+    out = tmp_path / "p"
+    assert run(["build", full, "--out", out, "--keep", 4, "--method", "random", "-q"], capsys)[0] == 0
+    code, _, err = run(["eval", out, "--base", full, "--text", corpus], capsys)
+    import re
+
+    assert code == 0 and re.search(r"eval: .*\| [\d.]+/\d+ .*tok/s", err), err  # a bar over the tokens to run
+
+
+def test_write_progress_counts_bytes_as_tensors_are_written(tmp_path):
+    """The write bar moves tensor by tensor (it used to move only when a shard was finished, so a
+    one-shard profile showed 0 B for its whole write)."""
+    from modeling.safetensors_io import write_checkpoint
+
+    tensors = {f"t{i}": torch.full((64, 32), float(i)) for i in range(5)}
+    seen: list[int] = []
+    done = write_checkpoint(tmp_path / "ck", {"model_type": "x"}, tensors, on_write=seen.append)
+    assert seen == [64 * 32 * 4] * 5 and len(done.shard_sha256) == 1

@@ -2,7 +2,10 @@
 
 Types are strict where OpenAI's are: a string is not a number, a number is not
 a string. Limits that depend on the server's settings (max_tokens, n,
-logprobs, context length) are checked in `serving`, which knows them.
+logprobs, context length) are checked in `serving`, which knows them. Fields
+OpenAI or vLLM define that this server does not implement are accepted only at
+their neutral value; anything else is a 400 naming the field
+(`unsupported_fields`), never silently ignored.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from modeling.sampling import SEED_RANGE
+
 Number = StrictFloat | StrictInt
 TokenIds = list[StrictInt]
+Penalty = Annotated[Number, Field(ge=-2, le=2)]
 
 
 class StreamOptions(BaseModel):
@@ -28,10 +34,11 @@ class SamplingFields(BaseModel):
     model: StrictStr | None = None
     profile: StrictStr | None = None
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
@@ -39,8 +46,28 @@ class SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    frequency_penalty: Number | None = None
-    presence_penalty: Number | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0, le=10)] | None = None
+    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    # defined by OpenAI or vLLM, not implemented here: only their neutral value is accepted
+    best_of: StrictInt | None = None
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+
+    def unsupported_fields(self) -> list[str]:
+        """Names of fields set to something this server does not implement."""
+        bad = []
+        if self.best_of is not None and self.best_of != 1:
+            bad.append("best_of")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            bad.append("response_format")
+        bad += [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+                if getattr(self, f) is not None]
+        return bad
 
 
 class CompletionRequest(SamplingFields):
@@ -49,6 +76,11 @@ class CompletionRequest(SamplingFields):
     echo: StrictBool = False
     suffix: StrictStr | None = None
 
+    def unsupported_fields(self) -> list[str]:
+        return super().unsupported_fields() + (["suffix"] if self.suffix else [])
+
+
+# -- responses ---------------------------------------------------------------------
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
@@ -62,6 +94,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    profile: str | None = None  # the profile that served this choice
 
 
 class Usage(BaseModel):
@@ -71,6 +104,9 @@ class Usage(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    """A whole completion, and (object "text_completion" too, as OpenAI streams
+    it) each chunk of a streamed one."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -81,5 +117,11 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
-def dump(m: BaseModel) -> dict[str, Any]:
-    return m.model_dump(mode="json")
+def dump(m: BaseModel, exclude_unset_fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The JSON object of a response model (fields in `exclude_unset_fields` are
+    left out when they were never set, as OpenAI leaves out `usage` in chunks)."""
+    d = m.model_dump(mode="json")
+    for f in exclude_unset_fields:
+        if f not in m.model_fields_set:
+            d.pop(f, None)
+    return d

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -10,11 +11,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ....engine import TokenInfo
 from ....errors import bad_request
+from ....state import AppState
 from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
-from .protocol import CompletionRequest
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 
 
-def tokenize_prompts(state, prompt) -> tuple[list[list[int]], bool]:
+def tokenize_prompts(state: AppState, prompt) -> tuple[list[list[int]], bool]:
     """(token ids per prompt, whether the prompts were given as text)."""
     tok = state.registry.model.tokenizer
     if isinstance(prompt, str):
@@ -35,7 +37,7 @@ def tokenize_prompts(state, prompt) -> tuple[list[list[int]], bool]:
 class CompletionLogprobBuilder:
     """OpenAI's completions `logprobs` object, built token by token."""
 
-    def __init__(self, state, offset: int = 0):
+    def __init__(self, state: AppState, offset: int = 0):
         self.tok = state.registry.model.tokenizer
         self.offset = offset
         self.tokens: list[str] = []
@@ -46,7 +48,7 @@ class CompletionLogprobBuilder:
     def _text(self, t: int) -> str:
         return self.tok.token_text(t) if self.tok is not None else str(t)
 
-    def add(self, infos: list[TokenInfo]) -> dict:
+    def add(self, infos: list[TokenInfo]) -> CompletionLogprobs:
         start = len(self.tokens)
         for info in infos:
             s = self._text(info.token_id)
@@ -61,32 +63,32 @@ class CompletionLogprobBuilder:
                 self.top_logprobs.append(top)
             self.text_offset.append(self.offset)
             self.offset += len(s)
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+        return self.since(start)
 
-    def whole(self) -> dict:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}
+    def since(self, start: int) -> CompletionLogprobs:
+        return CompletionLogprobs(tokens=self.tokens[start:], token_logprobs=self.token_logprobs[start:],
+                                  top_logprobs=self.top_logprobs[start:], text_offset=self.text_offset[start:])
 
 
 async def create_completion(request: Request) -> JSONResponse | StreamingResponse:
-    state = request.app.state.emo
+    state: AppState = request.app.state.emo
     req = await parse_body(request, CompletionRequest)
     profile = state.registry.select(req.model, req.profile)
-    if req.suffix:
-        raise bad_request("suffix is not supported", "suffix")
-    prompts, as_text = tokenize_prompts(state, req.prompt)
-    max_tokens = check_prompts(state, prompts, req.max_tokens, req.n, req.logprobs)
+    # tokenizing a long prompt takes a while: never on the event loop
+    prompts, as_text = await asyncio.to_thread(tokenize_prompts, state, req.prompt)
+    want_prompt_lp = req.echo and req.logprobs is not None
+    max_tokens = check_prompts(state, prompts, req.max_tokens, req.n, req.logprobs, prompt_logprobs=want_prompt_lp)
     stop = stop_list(req.stop)
+    vocab = state.registry.model.config.vocab_size
     specs = []
     for p in prompts:
         for j in range(req.n):
-            specs.append((p, sampling_params(req, max_tokens, j, stop, state.config)))
-    want_prompt_lp = req.echo and req.logprobs is not None
-    run = Run(state, profile, specs, req.logprobs, want_prompt_lp)
+            specs.append((p, sampling_params(req, max_tokens, j, stop, state.config, vocab)))
+    run = Run(state, request, profile, specs, req.logprobs, want_prompt_lp)
     run.submit()
     tok = state.registry.model.tokenizer
-    prompt_texts = [tok.decode(p) if tok is not None else "" for p in prompts]
+    prompt_texts = ([""] * len(prompts) if not req.echo or tok is None
+                    else await asyncio.to_thread(lambda: [tok.decode(p) for p in prompts]))
     seq_prompt = [k // req.n for k in range(len(specs))]
     model_name = state.registry.base_name
 
@@ -99,7 +101,6 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
     await run.collect(request)
     choices = []
     for k, r in enumerate(run.results):
-        pi = seq_prompt[k]
         text = r.text
         lp = None
         if req.logprobs is not None:
@@ -107,15 +108,14 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
             if req.echo and r.prompt_logprobs is not None:
                 b.add(r.prompt_logprobs)
             b.add(r.tokens)
-            lp = b.whole()
+            lp = b.since(0)
         if req.echo:
-            text = prompt_texts[pi] + text
-        choices.append({"index": k, "text": text, "logprobs": lp, "finish_reason": r.finish_reason,
-                        "profile": r.profile})
-    body = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": model_id(),
-            "profile": run.profile, "choices": choices, "usage": run.usage([len(p) for p in prompts]),
-            "system_fingerprint": None}
-    return JSONResponse(body)
+            text = prompt_texts[seq_prompt[k]] + text
+        choices.append(CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=r.finish_reason,
+                                        profile=r.profile))
+    body = CompletionResponse(id=f"cmpl-{run.id}", created=run.created, model=model_id(), profile=run.profile,
+                              choices=choices, usage=run.usage([len(p) for p in prompts]))
+    return JSONResponse(dump(body))
 
 
 def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_texts, seq_prompt,
@@ -124,12 +124,12 @@ def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_
     builders = [CompletionLogprobBuilder(state) for _ in run.seqs]
     echoed = [False] * len(run.seqs)
 
-    def chunk(choices: list[dict], usage: dict | None = None) -> str:
-        obj = {"id": f"cmpl-{run.id}", "object": "text_completion", "created": run.created, "model": model_id(),
-               "profile": run.profile, "choices": choices}
+    def chunk(choices: list[CompletionChoice], usage=None) -> str:
+        obj = CompletionResponse(id=f"cmpl-{run.id}", created=run.created, model=model_id(), profile=run.profile,
+                                 choices=choices)
         if usage is not None:
-            obj["usage"] = usage
-        return sse(obj)
+            obj.usage = usage
+        return sse(dump(obj, exclude_unset_fields=("usage",)))
 
     def render(k: int, ev) -> str | None:
         text, lp_parts = "", []
@@ -148,8 +148,8 @@ def _stream(run: Run, req: CompletionRequest, request: Request, prompts, prompt_
             for part in lp_parts:
                 b.add(part)
             b.add(ev.tokens)
-            lp = {key: v[start:] for key, v in b.whole().items()}
-        return chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            lp = b.since(start)
+        return chunk([CompletionChoice(index=k, text=text, logprobs=lp, finish_reason=ev.finish_reason)])
 
     include_usage = req.stream_options is not None and req.stream_options.include_usage
     usage = (lambda: chunk([], run.usage([len(p) for p in prompts]))) if include_usage else None

@@ -1,4 +1,9 @@
-"""HTTP routes of GET /v1/models, /v1/profiles, /health, /metrics."""
+"""HTTP routes of GET /v1/models, /v1/profiles, /health, /metrics.
+
+/health is open (no key) so that load balancers and Kubernetes probes can use
+it; it tells nothing a client could not learn from a refused request. /metrics
+follows the API key unless the server was started with --public-metrics (for a
+Prometheus scraper inside a trusted network)."""
 
 from __future__ import annotations
 
@@ -29,5 +34,8 @@ async def get_health(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    data, ctype = await render_metrics(request.app.state.emo)
+    state = request.app.state.emo
+    if not state.config.public_metrics:
+        require_api_key(request)
+    data, ctype = await render_metrics(state)
     return Response(data, media_type=ctype)
