@@ -15,7 +15,7 @@ fresh process so resident memory is clean:
      threads, with RSS
   c) llama.cpp's llama-bench on the profile exported with `emo-subset
      export-gguf` when a llama-bench binary is given or found (--llama-bench,
-     default: /work/llama-build/bin/llama-bench); otherwise it says so
+     default: /work/llama-build/llama.cpp/build/bin/llama-bench); otherwise it says so
   d) the memory-bandwidth floor: bytes read per decoded token / copy bandwidth
 
 Usage: flock /tmp/emo-bench.lock python benchmarks/bench_qwen3.py --dir /tmp/emo-bench-families [--layers 12]
@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="no row for load_model(compile=True)")
-    ap.add_argument("--llama-bench", default="/work/llama-build/bin/llama-bench")
+    ap.add_argument("--llama-bench", default="/work/llama-build/llama.cpp/build/bin/llama-bench")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -22,7 +22,8 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
-from .quant import Int8Cache
+from .mxfp4 import DequantCache
+from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
 
@@ -148,8 +149,11 @@ class Transformer:
         self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
+        self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
 
-    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
+            return w.linear(x, bias)
         if self.int8 is not None:
             return self.int8.linear(x, w, bias)
         if self.compile_decode:
@@ -286,7 +290,7 @@ class Transformer:
         if e.interleaved:
             ex = self.cfg.extra
             linear = F.linear if e.mx_gate_up is not None else self._linear
-            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear)
+            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache)
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -315,6 +319,26 @@ class Transformer:
         le = lw.experts
         r = self.route(i, h, allowed)
         T, k = r.indices.shape
+        if T == 1:  # one token (single-sequence decode): no sorting, gathering or scattering
+            out = self._moe_one(le, h, r)
+        else:
+            out = self._moe_many(le, h, r)
+        out = out.to(h.dtype)
+        if lw.shared_mlp is not None:
+            out = out + self.expert(lw.shared_mlp, h)
+        return out, (r.probs if collect else None)
+
+    def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
+        # Same arithmetic as _moe_many for one row: float32 sum over the chosen
+        # experts in increasing slot order.
+        pairs = sorted((e, w) for e, w, ok in zip(r.indices[0].tolist(), r.weights[0], r.valid[0].tolist()) if ok)
+        out = torch.zeros(1, h.shape[1], dtype=torch.float32, device=h.device)
+        for e, w in pairs:
+            out += self.expert(le.experts[e], h).float() * w
+        return out
+
+    def _moe_many(self, le, h: Tensor, r: Route) -> Tensor:
+        T, k = r.indices.shape
         flat_e = r.indices.flatten()
         keep = r.valid.flatten()
         tok = torch.arange(T, device=h.device).repeat_interleave(k)
@@ -333,10 +357,7 @@ class Transformer:
             y = self.expert(le.experts[e], xe)
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
-        out = out.to(h.dtype)
-        if lw.shared_mlp is not None:
-            out = out + self.expert(lw.shared_mlp, h)
-        return out, (r.probs if collect else None)
+        return out
 
 
 
@@ -412,12 +433,13 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
     return linear(F.silu(g) * u, e.down)
 
 
-def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear) -> Tensor:
+def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear,
+                          cache: DequantCache | None = None) -> Tensor:
     """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
     up interleaved in one product (gate = columns 0::2), gate clamped above at
     `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
-    MXFP4 weights are dequantized here, for this expert only."""
-    gu_w, dn_w = e.weights(x.dtype)
+    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`)."""
+    gu_w, dn_w = e.weights(x.dtype, cache)
     gate_up = linear(x, gu_w, e.gate_up_bias)
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(min=None, max=limit)

@@ -18,6 +18,7 @@ transformers' `integrations.mxfp4` uses, so the values are equal bit for bit.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +113,38 @@ def check_pair(blocks_name: str, blocks: Tensor, scales_name: str, scales: Tenso
         if tuple(t.shape) != tuple(want):
             raise Mxfp4Error(f"tensor {name!r} has shape {list(t.shape)}, the config implies {list(want)} "
                              f"(MXFP4 of a {list(shape)} tensor)")
+
+
+class DequantCache:
+    """Dequantized MXFP4 matrices, least recently used first out, within `max_bytes`.
+
+    Off (0) by default: every use dequantizes again and resident memory stays
+    the MXFP4 bytes. A budget trades memory for decode speed: the experts a
+    stream keeps choosing stay expanded (a profile's experts are a few, so a
+    budget of their bf16 size keeps all of them, as transformers does for the
+    whole model on a CPU). Keys are the blocks' address, so two profiles sharing
+    an expert share its entry.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = int(max_bytes), 0
+        self._items: OrderedDict[tuple[int, torch.dtype], Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, m: Mxfp4Matrix, dtype: torch.dtype) -> Tensor:
+        key = (m.blocks.data_ptr(), dtype)
+        w = self._items.get(key)
+        if w is not None:
+            self._items.move_to_end(key)
+            self.hits += 1
+            return w
+        self.misses += 1
+        w = m.dequantize(dtype)
+        nb = w.numel() * w.element_size()
+        if nb <= self.max_bytes:
+            while self.bytes + nb > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+            self._items[key] = w
+            self.bytes += nb
+        return w

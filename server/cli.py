@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds; default: off)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use: its "
                    "affinity mask and cgroup CPU quota; OMP_NUM_THREADS, when set, wins)")
+    p.add_argument("--mlock", action="store_true",
+                   help="lock in memory the base weights and the experts the hosted profiles use, so page-cache "
+                        "pressure cannot evict them (pre-faults them instead where locking is not allowed; "
+                        "quantized matrices are repacked at start)")
     p.add_argument("--verify", action="store_true",
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
@@ -171,6 +175,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"emo-serve: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         log.warning("binding %s without --api-key: anyone who reaches it can use it", args.host)
+    if args.mlock:
+        reg = state.registry
+        pinned = reg.model.pin(reg.union_pool() if reg.profiles else None)
+        log.info("--mlock: %s of %.2f GiB (%d quantized matrices repacked)%s", pinned["method"],
+                 pinned["bytes"] / 1024**3, pinned["repacked_matrices"],
+                 f"; {pinned['error']}" if "error" in pinned else "")
     _, capped = context_length(cfg, state.registry.model.config.max_position_embeddings)
     if capped:
         log.warning("--max-model-len %d is more than the model's limit (%d): capped to %d", args.max_model_len,

@@ -195,6 +195,23 @@ def test_mxfp4_checkpoint_equals_transformers_and_is_read_zero_copy(ckpt):
     torch.testing.assert_close(m.logits(LONG), hf_logits(hf, LONG), atol=1e-4, rtol=0)
 
 
+def test_dequantized_expert_cache_is_bounded_and_changes_nothing(ckpt):
+    plain = load_model(ckpt["mxfp4"])
+    one = 2 * 32 * 32 * 4  # float32 bytes of one gate_up [64, 32] matrix
+    m = load_model(ckpt["mxfp4"], mxfp4_cache_bytes=3 * one)
+    torch.testing.assert_close(m.logits(LONG), plain.logits(LONG), atol=0, rtol=0)
+    c = m.transformer.mxfp4_cache
+    assert 0 < c.bytes <= 3 * one and c.misses > 0
+    before = c.hits
+    m.logits(LONG[:3])
+    assert c.hits >= before  # recently used experts come back expanded
+    big = load_model(ckpt["mxfp4"], mxfp4_cache_bytes=1 << 30)
+    big.logits(LONG)
+    misses = big.transformer.mxfp4_cache.misses
+    torch.testing.assert_close(big.logits(LONG), plain.logits(LONG), atol=0, rtol=0)
+    assert big.transformer.mxfp4_cache.misses == misses  # everything was kept
+
+
 def _mx_variant(ckpt, tmp_path, change) -> Path:
     sd = load_file(ckpt["mxfp4"] / "model.safetensors")
     change(sd)
