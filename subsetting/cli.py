@@ -360,9 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quantize", choices=tuple(PRESETS), default=None, required=required,
                        help="store linear weights quantized (compressed-tensors): int8 per output channel, int4 in "
                             "groups of 128 inputs, symmetric or (int4-zp) with zero points; router, norms and "
-                            "embeddings keep their dtype")
+                            "embeddings keep their dtype" + ("" if required else " (default: not quantized)"))
         p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input (default 128)")
-        p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too")
+        p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: lm_head keeps its dtype)")
 
     def model_opts(p):
         p.add_argument("--max-tokens", type=int, default=512, help="tokens per document; longer ones are "
@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "linear weights (compressed-tensors pack-quantized)")
     p.add_argument("model", help="checkpoint folder or Hugging Face repo id")
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3)
-    p.add_argument("--force", action="store_true", help="replace an existing folder")
+    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3,
+                   help="largest shard file to write, in bytes (default 2000000000)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder (default: refuse)")
     quant_opts(p, required=True)
     p.set_defaults(func=cmd_quantize)
 
