@@ -137,8 +137,8 @@ def run_child(kind: str, *args) -> dict:
 
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+    if out.returncode != 0:  # -9: killed, most likely by the kernel's OOM killer
+        raise RuntimeError(f"{kind} failed with exit status {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -196,7 +196,10 @@ def main() -> None:
     res["ours+cache"] = run_child("ours", prof, args.threads, args.prompt, args.decode, expanded)
     print(f"ours+cache: {res['ours+cache']}", file=sys.stderr)
     if not args.skip_hf:
-        res["transformers"] = run_child("hf", prof, args.threads, args.prompt, args.decode)
+        try:
+            res["transformers"] = run_child("hf", prof, args.threads, args.prompt, args.decode)
+        except RuntimeError as e:  # print what the others measured anyway
+            res["transformers"] = str(e).splitlines()[0]
         print(f"transformers: {res['transformers']}", file=sys.stderr)
     res["bytes_per_decoded_token"] = bytes_per_decoded_token(args.layers)
 
@@ -211,8 +214,10 @@ def main() -> None:
     for key in ("ours", "ours+cache", "transformers"):
         r = res.get(key)
         if isinstance(r, dict):
-            print(f"| {key} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {r['load_s']:.1f} "
+            print(f"| {key} | {r['prefill_tok_s']:.2f} | {r['decode_tok_s']:.3f} | {r['load_s']:.1f} "
                   f"| {r['rss'] / gb:.2f} |")
+        elif r:
+            print(f"| {key} | {r} |")
     if isinstance(res.get("transformers"), dict):
         t = res["transformers"]
         for key in ("ours", "ours+cache"):

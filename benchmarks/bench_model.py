@@ -17,7 +17,13 @@ subprocess so resident memory is clean:
   d) optionally (--llama-bench PATH --gguf PATH, both given): llama.cpp's
      llama-bench on the OLMoE checkpoint converted to a bf16 GGUF, with the same
      thread count, prompt and decode lengths (build and conversion:
-     benchmarks/llama_cpp.md, benchmarks/build_llama_cpp.sh)
+     benchmarks/llama_cpp.md, benchmarks/build_llama_cpp.sh); --gguf-q8 /
+     --gguf-q4 add its Q8_0 / Q4_0 (llama-quantize of that GGUF)
+  e) optionally, issue 10: the OLMoE checkpoint written by `emo-subset quantize`
+     as int8 / int4 (--int8-ckpt / --int4-ckpt), next to llama.cpp at the same
+     precision; --busy: bf16 again while a second torch process (a bounded
+     matmul loop, default threads) shares the cores; --int4-profile: resident
+     memory of an int4 32-expert profile of the EMO checkpoint
 
 Usage: python benchmarks/bench_model.py --dir /tmp/emo-bench [--threads 2]
            [--llama-bench .bench/llama.cpp/build/bin/llama-bench --gguf .bench/olmoe-4l-bf16.gguf]
@@ -132,11 +138,30 @@ def _time_decode(step, prefill, n_prompt: int, n_decode: int) -> tuple[float, fl
     return n_prompt / (t1 - t0), n_decode / (t2 - t1)
 
 
+def neighbour_loop(threads: int, seconds: float) -> None:
+    """A second torch process sharing the cores: a bounded matmul loop (default threads
+    unless given), as another tenant of the machine would run."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a = torch.randn(512, 512)
+    t0 = time.time()
+    while time.time() - t0 < seconds:
+        a = torch.tanh(a @ a) + 0.1
+
+
 def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int, variant: str = "eager") -> dict:
     import torch
 
     torch.set_num_threads(threads)
     from modeling import Batch, load_model
+
+    neighbour = None
+    if variant == "busy":  # a bounded matmul loop in another process shares the cores while we are timed
+        neighbour = subprocess.Popen([sys.executable, __file__, "--child", "neighbour", "0", "600"],
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+        time.sleep(3)
 
     m = load_model(path, quantize="int8" if variant == "int8" else None, compile=variant == "compile")
     if variant == "compile":  # compile every decode shape before timing (cached by Inductor afterwards)
@@ -158,7 +183,25 @@ def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int, vari
         state["tok"] = int(out.logits[0].argmax())
 
     pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
-    return {"prefill_tok_s": pf, "decode_tok_s": dc}
+    if neighbour is not None:
+        neighbour.kill()
+        neighbour.wait()
+    return {"prefill_tok_s": pf, "decode_tok_s": dc, "rss": rss_bytes()}
+
+
+def child_profile_memory(path: str, threads: int) -> dict:
+    """RSS of a profile after a forward over 256 tokens (every kept expert used), against
+    its shard bytes: base + experts at their stored (quantized) size."""
+    import torch
+
+    torch.set_num_threads(threads)
+    bare = rss_bytes()
+    from modeling import load_model
+
+    m = load_model(path)
+    m.logits(list(range(1000, 1000 + 256)))
+    used = m.files.total_bytes()
+    return {"bare_rss": bare, "rss_after_forward": rss_bytes(), "file_bytes": used}
 
 
 def child_speed_hf(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
@@ -276,13 +319,21 @@ def main() -> None:
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary (see benchmarks/llama_cpp.md); needs --gguf")
     ap.add_argument("--gguf", help="the OLMoE checkpoint converted to a bf16 GGUF (benchmarks/build_llama_cpp.sh)")
+    ap.add_argument("--gguf-q8", help="the same checkpoint as a Q8_0 GGUF (llama-quantize)")
+    ap.add_argument("--gguf-q4", help="the same checkpoint as a Q4_0 GGUF (llama-quantize)")
+    ap.add_argument("--int8-ckpt", help="the OLMoE checkpoint written by `emo-subset quantize --quantize int8`")
+    ap.add_argument("--int4-ckpt", help="the OLMoE checkpoint written by `emo-subset quantize --quantize int4`")
+    ap.add_argument("--int4-profile", help="an int4 32-expert profile of the EMO checkpoint (resident memory row)")
+    ap.add_argument("--busy", action="store_true", help="also time bf16 with a second torch process sharing the cores")
+    ap.add_argument("--only-quant", action="store_true", help="skip the issue-2 rows (compile, lazy int8, EMO twin)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if bool(a.llama_bench) != bool(a.gguf):
         ap.error("--llama-bench and --gguf go together")
     if a.child:
         kind, *rest = a.child
-        fn = {"memory": child_memory, "ours": child_speed_ours, "hf": child_speed_hf, "bw": child_bandwidth}[kind]
+        fn = {"memory": child_memory, "ours": child_speed_ours, "hf": child_speed_hf, "bw": child_bandwidth,
+              "neighbour": neighbour_loop, "profile_memory": child_profile_memory}[kind]
         conv = [int(x) if x.isdigit() else x for x in rest]
         print(json.dumps(fn(*conv)))
         return
@@ -291,14 +342,26 @@ def main() -> None:
     res: dict = {"threads": a.threads}
     res["bandwidth"] = run_child("bw", a.threads)
     res["memory"] = run_child("memory", emo, a.threads)
-    res["ours_emo"] = run_child("ours", emo, a.threads, a.prompt, a.decode)
+    if not a.only_quant:
+        res["ours_emo"] = run_child("ours", emo, a.threads, a.prompt, a.decode)
     res["ours_olmoe"] = run_child("ours", olmoe, a.threads, a.prompt, a.decode)
-    res["ours_emo_compile"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "compile")
-    res["ours_emo_int8"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "int8")
+    if not a.only_quant:
+        res["ours_emo_compile"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "compile")
+        res["ours_emo_int8"] = run_child("ours", emo, a.threads, a.prompt, a.decode, "int8")
+    for key, path in (("ours_olmoe_ct_int8", a.int8_ckpt), ("ours_olmoe_ct_int4", a.int4_ckpt)):
+        if path:
+            res[key] = run_child("ours", path, a.threads, a.prompt, a.decode)
+    if a.busy:
+        res["ours_olmoe_busy"] = run_child("ours", olmoe, a.threads, a.prompt, a.decode, "busy")
+    if a.int4_profile:
+        res["int4_profile_memory"] = run_child("profile_memory", a.int4_profile, a.threads)
     if not a.skip_hf:
         res["hf_olmoe"] = run_child("hf", olmoe, a.threads, a.prompt, a.decode)
     if a.llama_bench:
         res["llama_cpp_olmoe"] = run_llama_bench(a.llama_bench, a.gguf, a.threads, a.prompt, a.decode)
+        for key, g in (("llama_cpp_olmoe_q8_0", a.gguf_q8), ("llama_cpp_olmoe_q4_0", a.gguf_q4)):
+            if g:
+                res[key] = run_llama_bench(a.llama_bench, g, a.threads, a.prompt, a.decode)
     bpt = bytes_per_decoded_token()
     floor = res["bandwidth"]["copy_GBps"] * 1e9 / bpt
     res["floor_decode_tok_s"] = floor
@@ -316,16 +379,19 @@ def main() -> None:
     print(f"(b) after 32-expert pool fwd   RSS {m['rss_after_pool_forward'] / GiB:.2f} GiB vs base+pool "
           f"{m['base_plus_pool_bytes'] / GiB:.2f} GiB = {ratio:.2f}x   target <= 1.15x")
     print(f"(c) decode floor               {floor:.1f} tok/s ({bpt / MiB:.0f} MiB read per token)")
-    rows = [("emo-serve, EMO ckpt", res["ours_emo"]), ("emo-serve, OLMoE ckpt", res["ours_olmoe"]),
-            ("emo-serve --compile, EMO ckpt", res["ours_emo_compile"]),
-            ("emo-serve int8, EMO ckpt", res["ours_emo_int8"])]
-    if "hf_olmoe" in res:
-        rows.append(("transformers, OLMoE ckpt", res["hf_olmoe"]))
-    if "llama_cpp_olmoe" in res:
-        rows.append(("llama.cpp, OLMoE ckpt (gguf bf16)", res["llama_cpp_olmoe"]))
+    names = [("ours_emo", "emo-serve, EMO ckpt"), ("ours_olmoe", "emo-serve bf16 (exact), OLMoE ckpt"),
+             ("ours_emo_compile", "emo-serve --compile, EMO ckpt"), ("ours_emo_int8", "emo-serve lazy int8, EMO ckpt"),
+             ("ours_olmoe_ct_int8", "emo-serve int8 (compressed-tensors), OLMoE"),
+             ("ours_olmoe_ct_int4", "emo-serve int4 (compressed-tensors), OLMoE"),
+             ("ours_olmoe_busy", "emo-serve bf16, OLMoE, busy neighbour"),
+             ("hf_olmoe", "transformers, OLMoE ckpt"), ("llama_cpp_olmoe", "llama.cpp, OLMoE ckpt (gguf bf16)"),
+             ("llama_cpp_olmoe_q8_0", "llama.cpp, OLMoE ckpt (gguf Q8_0)"),
+             ("llama_cpp_olmoe_q4_0", "llama.cpp, OLMoE ckpt (gguf Q4_0)")]
+    rows = [(label, res[key]) for key, label in names if key in res]
     w = max(26, *(len(n) for n, _ in rows))
     for name, r in rows:
-        extra = f"  (load {r['load_s']:.1f} s, RSS {r['rss'] / GiB:.1f} GiB)" if "load_s" in r else ""
+        extra = f"  (load {r['load_s']:.1f} s, RSS {r['rss'] / GiB:.1f} GiB)" if "load_s" in r else \
+            (f"  (RSS {r['rss'] / GiB:.2f} GiB)" if "rss" in r else "")
         if "file_bytes" in r:  # llama.cpp: RSS against the GGUF it maps
             extra = (f"  (load {r['load_s']:.2f} s, " if "load_s" in r else "  (") + \
                 f"RSS {r['rss'] / GiB:.2f} GiB, file {r['file_bytes'] / GiB:.2f} GiB)"
@@ -335,6 +401,22 @@ def main() -> None:
         hf = res["hf_olmoe"]
         print(f"    speed-up vs transformers (OLMoE ckpt): decode {res['ours_olmoe']['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
               f"prefill {res['ours_olmoe']['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x   target >= 2.5x, within 2x of floor")
+    pairs = [("bf16", "ours_olmoe", "llama_cpp_olmoe"), ("int8 / Q8_0", "ours_olmoe_ct_int8", "llama_cpp_olmoe_q8_0"),
+             ("int4 / Q4_0", "ours_olmoe_ct_int4", "llama_cpp_olmoe_q4_0")]
+    for label, ours_key, ll_key in pairs:
+        if ours_key in res and ll_key in res:
+            o, ll = res[ours_key], res[ll_key]
+            print(f"    vs llama.cpp at {label:12s} decode {o['decode_tok_s'] / ll['decode_tok_s']:.2f}x, "
+                  f"prefill {o['prefill_tok_s'] / ll['prefill_tok_s']:.2f}x   target >= 1.0x")
+    if "ours_olmoe_busy" in res:
+        q, b = res["ours_olmoe"], res["ours_olmoe_busy"]
+        print(f"    busy neighbour slowdown: decode {q['decode_tok_s'] / b['decode_tok_s']:.2f}x, "
+              f"prefill {q['prefill_tok_s'] / b['prefill_tok_s']:.2f}x   target <= ~2x on 2 cores")
+    if "int4_profile_memory" in res:
+        pm = res["int4_profile_memory"]
+        print(f"(e) int4 32-expert profile of the EMO ckpt: RSS {pm['rss_after_forward'] / GiB:.2f} GiB after a "
+              f"256-token forward (bare torch {pm['bare_rss'] / GiB:.2f} GiB), shard files {pm['file_bytes'] / GiB:.2f} GiB "
+              f"= {(pm['rss_after_forward'] - pm['bare_rss']) / pm['file_bytes']:.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

@@ -77,19 +77,21 @@ def write_base(folder: Path, layers: int) -> None:
                      extra_files={f: tmp_tok / f for f in ("tokenizer.json", "tokenizer_config.json")})
 
 
-def build_profiles(base: Path, work: Path, layers: int, keep: int, overlap: int) -> list[Path]:
-    """Two profiles of `keep` experts per layer (the shared one included) that share `overlap`."""
+def build_profiles(base: Path, work: Path, layers: int, keep: int, overlap: int,
+                   quantize: str | None = None) -> list[Path]:
+    """Two profiles of `keep` experts per layer (the shared one included) that share `overlap`
+    (written quantized, compressed-tensors, with `quantize`)."""
     out = []
     for k, name in enumerate(("alpha", "beta")):
-        folder = work / name
+        folder = work / (name if quantize is None else f"{name}-{quantize}")
         if not (folder / "profile.json").is_file():
             start = k * (keep - 1 - overlap)
             ids = {str(i): sorted({(start + 5 * i + j) % 127 for j in range(keep - 1)}) + [127] for i in range(layers)}
             f = work / f"{name}.experts.json"
             f.write_text(json.dumps(ids))
             subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
-                            "--out", str(folder), "--name", name, "--experts-file", str(f), "-q"], check=True,
-                           cwd=ROOT)
+                            "--out", str(folder), "--name", folder.name, "--experts-file", str(f), "-q",
+                            *(["--quantize", quantize] if quantize else [])], check=True, cwd=ROOT)
         out.append(folder)
     return out
 
@@ -137,6 +139,9 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="server torch threads")
+    ap.add_argument("--quantize", choices=("int8", "int4"), help="serve the profiles written quantized "
+                    "(emo-subset build --quantize; compressed-tensors)")
+    ap.add_argument("--mlock", action="store_true", help="start the server with --mlock")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -147,7 +152,7 @@ def main() -> None:
     if not (base / "config.json").is_file():
         print(f"writing {base} ...", flush=True)
         write_base(base, args.layers)
-    profiles = build_profiles(base, work, args.layers, args.keep, args.overlap)
+    profiles = build_profiles(base, work, args.layers, args.keep, args.overlap, args.quantize)
     print(f"checkpoint and profiles ready in {time.perf_counter() - t:.1f}s", flush=True)
 
     port = free_port()
@@ -158,10 +163,13 @@ def main() -> None:
         cmd += ["--profile", str(p)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.mlock:
+        cmd += ["--mlock"]
     log = (work / "server.log").open("w")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    figures: dict = {"device": args.device, "layers": args.layers, "profiles": [p.name for p in profiles]}
+    figures: dict = {"device": args.device, "layers": args.layers, "profiles": [p.name for p in profiles],
+                     "quantize": args.quantize}
     try:
         while True:
             if proc.poll() is not None:

@@ -11,14 +11,14 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
-from .quant import Int8Cache
+from .quant import Int8Cache, PackedLinear, read_quantization_config
 from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
 from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
 from .tokenizer import IncrementalDetokenizer, Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights
+from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -111,7 +111,8 @@ class Model:
         if files is None:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = _Reader(files, self.dtype, self.device)
+        reader = _Reader(files, self.dtype, self.device,
+                         read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
         orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
@@ -187,10 +188,41 @@ class Model:
                 if lw.experts.logit_bias is not None:
                     ts.append(lw.experts.logit_bias)
             if lw.dense is not None:
-                ts += lw.dense.tensors()
+                ts += lw.dense.matrices()
             if lw.shared_mlp is not None:
-                ts += lw.shared_mlp.tensors()
-        return sum(t.numel() * t.element_size() for t in ts)
+                ts += lw.shared_mlp.matrices()
+        return sum(weight_bytes(t) for t in ts)
+
+    def pin(self, pool: Pool | None = None) -> dict:
+        """Keep in memory what serving `pool` ({layer: original ids}; None: every loaded
+        expert) reads: the base weights and those experts (`modeling.pinning`).
+        Quantized matrices are repacked now (their kernel copies are anonymous memory)."""
+        from .pinning import pin
+
+        w = self.weights
+        mats: list = [w.embed, w.final_norm, w.lm_head]
+        for i, lw in enumerate(w.layers):
+            mats += [lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
+                     lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias]
+            for e in (lw.dense, lw.shared_mlp):
+                if e is not None:
+                    mats += e.matrices()
+            le = lw.experts
+            if le is not None:
+                mats.append(le.router)
+                ids = le.ids if pool is None or pool.get(i) is None else pool[i]
+                for e in ids:
+                    ex = le.experts[le.ids.index(e)]
+                    mats += [ex.gate_up] if ex.gate_up is not None else []
+                    mats += ex.matrices()
+        tensors, repacked = [], 0
+        for m in mats:
+            if isinstance(m, PackedLinear):
+                m.prepare(self.dtype)
+                repacked += 1
+            elif m is not None:
+                tensors.append(m)
+        return {**pin(tensors), "repacked_matrices": repacked}
 
     # -- running ---------------------------------------------------------------
     def resolve_pool(self, pool: Pool | ResolvedPool | None) -> ResolvedPool | None:

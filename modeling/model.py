@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
 from .mxfp4 import DequantCache
-from .quant import Int8Cache
+from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
 
@@ -161,7 +161,9 @@ class Transformer:
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
         self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
 
-    def _linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
+            return w.linear(x, bias)
         if self.int8 is not None:
             return self.int8.linear(x, w, bias)
         if self.compile_decode:
@@ -336,6 +338,26 @@ class Transformer:
         le = lw.experts
         r = self.route(i, h, allowed)
         T, k = r.indices.shape
+        if T == 1:  # one token (single-sequence decode): no sorting, gathering or scattering
+            out = self._moe_one(le, h, r)
+        else:
+            out = self._moe_many(le, h, r)
+        out = out.to(h.dtype)
+        if lw.shared_mlp is not None:
+            out = out + self.expert(lw.shared_mlp, h)
+        return out, (r if collect else None)
+
+    def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
+        # Same arithmetic as _moe_many for one row: float32 sum over the chosen
+        # experts in increasing slot order.
+        pairs = sorted((e, w) for e, w, ok in zip(r.indices[0].tolist(), r.weights[0], r.valid[0].tolist()) if ok)
+        out = torch.zeros(1, h.shape[1], dtype=torch.float32, device=h.device)
+        for e, w in pairs:
+            out += self.expert(le.experts[e], h).float() * w
+        return out
+
+    def _moe_many(self, le, h: Tensor, r: Route) -> Tensor:
+        T, k = r.indices.shape
         flat_e = r.indices.flatten()
         keep = r.valid.flatten()
         tok = torch.arange(T, device=h.device).repeat_interleave(k)
@@ -354,10 +376,7 @@ class Transformer:
             y = self.expert(le.experts[e], xe)
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
-        out = out.to(h.dtype)
-        if lw.shared_mlp is not None:
-            out = out + self.expert(lw.shared_mlp, h)
-        return out, (r if collect else None)
+        return out
 
 
 

@@ -256,7 +256,7 @@ def _header_entry(t: Tensor, offset: int) -> dict:
 
 def _tensor_bytes(t: Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def write_safetensors_file(path: Path, tensors: list[tuple[str, Tensor]], metadata: dict | None = None,

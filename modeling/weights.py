@@ -18,6 +18,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
 from .names import TensorNames
+from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 PROFILE_FILE = "profile.json"
@@ -46,17 +47,26 @@ class Expert:
     mx_gate_up: Mxfp4Matrix | None = None
     mx_down: Mxfp4Matrix | None = None
 
-    def tensors(self) -> list[Tensor]:
-        """Every stored tensor of the expert (MXFP4 blocks and scales as stored)."""
+    def matrices(self) -> list[Tensor | PackedLinear]:
+        """The weight matrices as held (a compressed-tensors matrix as its PackedLinear)."""
         parts = (self.gate_up, self.down) if self.interleaved else (self.gate, self.up, self.down)
-        ts = [t for t in parts if t is not None]
+        return [t for t in parts if t is not None]
+
+    def _extra_tensors(self) -> list[Tensor]:
+        ts = []
         for m in (self.mx_gate_up, self.mx_down):
             if m is not None:
                 ts += m.tensors()
         return ts + [t for t in (self.gate_up_bias, self.down_bias) if t is not None]
 
+    def tensors(self) -> list[Tensor]:
+        """Every stored tensor of the expert (MXFP4 blocks and scales as stored; a
+        compressed-tensors matrix's views, or its repacked copy once used)."""
+        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        return ts + self._extra_tensors()
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return sum(weight_bytes(m) for m in self.matrices()) + sum(weight_bytes(t) for t in self._extra_tensors())
 
     def weights(self, dtype: torch.dtype, cache: DequantCache | None = None) -> tuple[Tensor, Tensor]:
         """(gate_up [2I, H], down [H, I]) in nn.Linear layout for an interleaved
@@ -67,6 +77,11 @@ class Expert:
         gu = self.gate_up if self.mx_gate_up is None else mx(self.mx_gate_up)
         dn = self.down if self.mx_down is None else mx(self.mx_down)
         return gu, dn
+
+
+def weight_bytes(t: Tensor | PackedLinear) -> int:
+    """Bytes a weight takes in its checkpoint (a quantized one: packed values, scales, zero points)."""
+    return t.nbytes() if isinstance(t, PackedLinear) else t.numel() * t.element_size()
 
 
 @dataclass
@@ -135,12 +150,24 @@ class ModelWeights:
 
 
 class _Reader:
-    """Reads named tensors from a checkpoint with shape checks and conversion."""
+    """Reads named tensors from a checkpoint with shape checks and conversion.
 
-    def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device):
-        self.files, self.dtype, self.device = files, dtype, device
+    In a compressed-tensors checkpoint (config.json's `quantization_config`) a
+    linear weight `X.weight` may be stored as `X.weight_packed` + `X.weight_scale`
+    (+ `X.weight_zero_point`, `X.weight_shape`); `get` then returns a
+    `PackedLinear` over views of those tensors."""
 
-    def get(self, name: str, shape: tuple[int, ...] | None) -> Tensor:
+    def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device,
+                 quant: CheckpointQuantization | None = None):
+        self.files, self.dtype, self.device, self.quant = files, dtype, device, quant
+        self.mapped = [r for f in files.files.values() if (r := f.address_range()) is not None]
+
+    def has(self, name: str) -> bool:
+        return name in self.files or (name.endswith(".weight") and name + "_packed" in self.files)
+
+    def get(self, name: str, shape: tuple[int, ...] | None) -> Tensor | PackedLinear:
+        if name not in self.files and name.endswith(".weight") and name + "_packed" in self.files:
+            return self.packed(name, shape)
         t = self.files.get(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(
@@ -153,6 +180,46 @@ class _Reader:
         if t.device != self.device:
             t = t.to(self.device)
         return t
+
+    def packed(self, name: str, shape: tuple[int, ...] | None) -> PackedLinear:
+        prefix = name[: -len("weight")]
+        where = self.files.file_of(name + "_packed")
+        if self.quant is None:
+            raise CheckpointError(f"{where}: {name + '_packed'!r} is quantized, but config.json has no "
+                                  f"quantization_config")
+        s = self.quant.scheme
+        for part in ("weight_scale",) + (() if s.symmetric else ("weight_zero_point",)):
+            if prefix + part not in self.files:
+                raise CheckpointError(f"{where}: tensor {prefix + part!r} is missing (the quantized weight "
+                                      f"{name + '_packed'!r} needs it)")
+        packed = self.files.get(prefix + "weight_packed")
+        scale = self.files.get(prefix + "weight_scale")
+        zp = None if s.symmetric else self.files.get(prefix + "weight_zero_point")
+        if prefix + "weight_shape" in self.files:
+            N, K = (int(v) for v in self.files.get(prefix + "weight_shape").tolist())
+        elif shape is not None:
+            N, K = shape
+        else:
+            raise CheckpointError(f"{where}: tensor {prefix + 'weight_shape'!r} is missing")
+        if shape is not None and (N, K) != tuple(shape):
+            raise CheckpointError(f"{where}: quantized tensor {name!r} has shape {[N, K]}, the config implies "
+                                  f"{list(shape)}")
+        G = 1 if s.group_size is None else K // s.group_size
+        expect = {"weight_packed": (packed, torch.int32, (N, -(-K * s.bits // 32))),
+                  "weight_scale": (scale, None, (N, G))}
+        if zp is not None:
+            expect["weight_zero_point"] = (zp, torch.int32, (-(-N * s.bits // 32), G))
+        if s.group_size is not None and K % s.group_size:
+            raise CheckpointError(f"{where}: group size {s.group_size} does not divide the input dimension {K} "
+                                  f"of {name!r}")
+        for part, (t, dt, shp) in expect.items():
+            if tuple(t.shape) != shp or (dt is not None and t.dtype != dt):
+                raise CheckpointError(f"{where}: tensor {prefix + part!r} is {t.dtype} {list(t.shape)}, "
+                                      f"{s.describe()} of {[N, K]} needs {dt or 'float'} {list(shp)}")
+        if self.device.type != "cpu":
+            packed, scale = packed.to(self.device), scale.to(self.device)
+            zp = None if zp is None else zp.to(self.device)
+        return PackedLinear(name, s, (N, K), packed, scale, zp, self.mapped)
 
     def opt(self, name: str, shape: tuple[int, ...]) -> Tensor | None:
         return self.get(name, shape) if name in self.files else None
@@ -185,9 +252,10 @@ def _expert_views(files: CheckpointFiles, names: TensorNames, cfg: ModelConfig, 
                   reader: _Reader) -> Expert:
     H, I = cfg.hidden_size, cfg.intermediate_size
     per = names.expert_tensor_names(i, j)
-    if per[0] in files:
+    if reader.has(per[0]):
         gate, up, down = (reader.get(n, s) for n, s in zip(per, ((I, H), (I, H), (H, I))))
-        fused = files.adjacent_view(per[0], per[1]) if reader.dtype == files.info(per[0]).dtype and reader.device.type == "cpu" else None
+        plain = per[0] in files and per[1] in files
+        fused = files.adjacent_view(per[0], per[1]) if plain and reader.dtype == files.info(per[0]).dtype and reader.device.type == "cpu" else None
         if fused is not None:
             fused = fused.view(2 * I, H)
         return Expert(gate, up, down, fused)
@@ -283,7 +351,7 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
 def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     """Views of every tensor the config calls for, shapes checked against it."""
-    r = _Reader(files, dtype, device)
+    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
     n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
     qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim

@@ -22,16 +22,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                     "with its bundled profiles; with only --profile: the first profile's weights)")
     p.add_argument("--profile", action="append", default=[], metavar="DIR|NAME=EXPERTS.json",
                    help="a profile folder written by emo-subset, or NAME=file.json with {layer: [original expert ids]} "
-                        "over a full --model (repeatable)")
+                        "over a full --model (repeatable; default: none, or the bundled demo's profiles without "
+                        "--model)")
     p.add_argument("--profiles-dir", action="append", default=[], metavar="DIR",
                    help="serve every subfolder with a profile.json (repeatable; a symlink that leads outside DIR "
-                        "is refused)")
+                        "is refused; default: none)")
     p.add_argument("--served-model-name", help="the base model's name in the API (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; also "
-                        "EMO_SERVE_API_KEYS, comma-separated; an empty key is an error)")
+                        "EMO_SERVE_API_KEYS, comma-separated; an empty key is an error; default: none, "
+                        "with a warning when --host is not this machine)")
     p.add_argument("--public-metrics", action="store_true",
                    help="serve /metrics without the API key (default: /metrics needs the key when keys are set)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (KV cache slots; default 16)")
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every matrix but the router, made "
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
-                   "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds)")
+                   "bf16 GEMV (faster decode; the first request per matrix shape compiles, seconds; default: off)")
     p.add_argument("--auto-rule", default="affinity", choices=["affinity", "centroid", "perplexity"],
                    help="how profile 'auto' picks a hosted profile for a prompt: the most router mass inside its "
                         "pool (affinity), the nearest centroid fingerprint, or the least prompt perplexity "
@@ -67,12 +69,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "models) (default: on)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the CPUs this process may use: its "
                    "affinity mask and cgroup CPU quota; OMP_NUM_THREADS, when set, wins)")
+    p.add_argument("--mlock", action="store_true",
+                   help="lock in memory the base weights and the experts the hosted profiles use, so page-cache "
+                        "pressure cannot evict them (pre-faults them instead where locking is not allowed; "
+                        "quantized matrices are repacked at start; default: off)")
     p.add_argument("--verify", action="store_true",
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
                         "(default: the same check in the background after start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="(default info: start-up summary and one access line per request)")
+                   help="log detail (default info: start-up summary and one access line per request)")
     return p.parse_args(argv)
 
 
@@ -177,6 +183,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"emo-serve: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         log.warning("binding %s without --api-key: anyone who reaches it can use it", args.host)
+    if args.mlock:
+        reg = state.registry
+        pinned = reg.model.pin(reg.union_pool() if reg.profiles else None)
+        log.info("--mlock: %s of %.2f GiB (%d quantized matrices repacked)%s", pinned["method"],
+                 pinned["bytes"] / 1024**3, pinned["repacked_matrices"],
+                 f"; {pinned['error']}" if "error" in pinned else "")
     _, capped = context_length(cfg, state.registry.model.config.max_position_embeddings)
     if capped:
         log.warning("--max-model-len %d is more than the model's limit (%d): capped to %d", args.max_model_len,

@@ -420,6 +420,10 @@ class Registry:
                 "profiles_union_expert_bytes": union_bytes,
                 "loaded_expert_bytes": self._expert_tensors(None)[2], "data": data}
 
+    def union_pool(self) -> dict[int, list[int]]:
+        """Every expert some hosted profile routes to, per layer."""
+        return self._union_pool()
+
     def _union_pool(self) -> dict[int, list[int]]:
         union: dict[int, set[int]] = {}
         for p in self.profiles.values():

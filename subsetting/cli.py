@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
 from modeling.gguf_export import ExportError
+from modeling.quant import PRESETS, WeightScheme, preset
+from modeling.quant.quantize import check_config
+from modeling.safetensors_io import CheckpointFiles
 from modeling.tokenizer import TokenizerError
 
 from .corpus import read_corpus, sample, small_calibration, tokenize
@@ -187,6 +191,33 @@ def _exclusion(args) -> str | None:
         raise SubsetError("--exclude-cluster needs --fingerprints (clustered by `emo-subset discover`)")
     args.method = "exclude-domain"
     return args.exclude_domain if args.exclude_domain is not None else f"cluster {args.exclude_cluster}"
+def _scheme(args) -> WeightScheme | None:
+    if args.quantize is None:
+        if args.group_size is not None or args.quantize_lm_head:
+            raise SubsetError("--group-size and --quantize-lm-head need --quantize")
+        return None
+    return preset(args.quantize, args.group_size)
+
+
+def cmd_quantize(args) -> int:
+    from modeling.quant.writer import quantize_checkpoint
+
+    scheme = _scheme(args)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    from modeling import resolve_checkpoint
+
+    src = resolve_checkpoint(args.model)
+    total = CheckpointFiles(src).total_bytes()
+    _say(args, f"quantizing {src} ({scheme.describe()}) to {out}")
+    with tqdm(total=total, desc=f"quantize {src.name}", unit="B", unit_scale=True, disable=args.quiet,
+              leave=False) as bar:
+        summ = quantize_checkpoint(src, out, scheme, lm_head=args.quantize_lm_head,
+                                   max_shard_bytes=args.max_shard_bytes, force=args.force, on_progress=bar.update)
+    _emit(args, summ, f"wrote {out}: {summ['quantized']} matrices quantized ({summ['scheme']}), "
+                      f"{summ['bytes_in'] / 1e6:.1f} MB -> {summ['bytes'] / 1e6:.1f} MB")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -202,8 +233,11 @@ def cmd_build(args) -> int:
     exclude = _exclusion(args)
     if args.method == "exclude-domain" and exclude is None:
         raise SubsetError("--method exclude-domain needs --exclude-domain X or --exclude-cluster N")
+    scheme = _scheme(args)
     t0 = time.time()
     model = _load(args, args.model)
+    if scheme is not None:
+        check_config(model.config, scheme)  # before any calibration work
     layout = Layout.of(model)
     if not layout.moe_layers:
         raise SubsetError(f"{args.model}: the model has no mixture-of-experts layer")
@@ -244,7 +278,7 @@ def cmd_build(args) -> int:
     t_sel = time.time() - t0
     man = write_profile(model, out, name, kept, selection=selection, calibration=calib, coverage=cov, centroid=cent,
                         max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet,
-                        save_dtype=args.save_dtype)
+                        save_dtype=args.save_dtype, quantize=scheme, quantize_lm_head=args.quantize_lm_head)
     summ = {"profile": str(out), "name": man.name, "method": selection["method"],
             "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
             "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
@@ -388,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Documentation: docs/architecture.md and docs/profiles.md in the repository.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def quant_opts(p, required: bool = False):
+        p.add_argument("--quantize", choices=tuple(PRESETS), default=None, required=required,
+                       help="store linear weights quantized (compressed-tensors): int8 per output channel, int4 in "
+                            "groups of 128 inputs, symmetric or (int4-zp) with zero points; router, norms and "
+                            "embeddings keep their dtype" + ("" if required else " (default: not quantized)"))
+        p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input (default 128)")
+        p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: lm_head keeps its dtype)")
+
     def model_opts(p):
         p.add_argument("--max-tokens", type=int, default=512, help="tokens per document; longer ones are "
                        "truncated (default %(default)s)")
@@ -459,8 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the profile's weights in this dtype (default: the base's), converted tensor by "
                         "tensor as the shards are written")
     p.add_argument("--force", action="store_true", help="replace an existing profile (default: refuse)")
+    quant_opts(p)
     model_opts(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("quantize", parents=[common], help="write a whole checkpoint (or profile) with quantized "
+                       "linear weights (compressed-tensors pack-quantized)")
+    p.add_argument("model", help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3,
+                   help="largest shard file to write, in bytes (default 2000000000)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder (default: refuse)")
+    quant_opts(p, required=True)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("eval", parents=[common], help="held-out perplexity: profile vs full vs random",
                        description="Perplexity of each profile on held-out text, against the full model and random "

@@ -16,6 +16,8 @@ from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
 from modeling.safetensors_io import CheckpointFiles, write_checkpoint
 from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.quant import WeightScheme, preset
+from modeling.quant.quantize import ignore_list, is_quantized_linear, quantize_matrix
 from modeling.weights import PROFILE_FILE
 
 from .errors import SubsetError
@@ -37,8 +39,10 @@ class _Plan:
     left out: their expert count would no longer match the config.
     """
 
-    def __init__(self, model: Model, slots: dict[int, list[int]], save_dtype: torch.dtype | None = None):
+    def __init__(self, model: Model, slots: dict[int, list[int]], save_dtype: torch.dtype | None = None,
+                 quantize: WeightScheme | None = None, quantize_lm_head: bool = False):
         self.model, self.slots, self.save_dtype = model, slots, save_dtype
+        self.quantize, self.quantize_lm_head = quantize, quantize_lm_head
         self.files: CheckpointFiles = model.files
         self.names = model.config.names
         self.sources: dict[str, list[str]] = {}
@@ -55,13 +59,17 @@ class _Plan:
             # One tensor at a time, as the writer streams: peak memory is one shard's
             # worth of converted tensors, never a converted copy of the base.
             t = t.to(self.save_dtype)
-        self.sources[out] = src
-        nb = t.numel() * t.element_size()
-        if expert:
-            self.expert_bytes += nb
-        else:
-            self.non_expert_bytes += nb
-        return out, t
+        pieces = [(out, t)]
+        if self.quantize is not None and is_quantized_linear(out, self.names, self.quantize_lm_head):
+            pieces = quantize_matrix(out, t, self.quantize)  # packed values, scales (zero points), shape
+        for o, x in pieces:
+            self.sources[o] = src
+            nb = x.numel() * x.element_size()
+            if expert:
+                self.expert_bytes += nb
+            else:
+                self.non_expert_bytes += nb
+            yield o, x
 
     def _first(self, *names: str) -> str | None:
         return next((n for n in names if n in self.files), None)
@@ -79,17 +87,17 @@ class _Plan:
                 continue  # a layer the config does not have (GLM's MTP layer): left out
             top.append(name)
         for name in (x for x in top if x == n.embed):
-            yield self._emit(name, f.get(name), [name], False)
+            yield from self._emit(name, f.get(name), [name], False)
         for i in range(cfg.num_layers):
             E = cfg.experts_per_layer[i]
             routed = n.routed_expert_tensors(i, E) if E else set()
             for name in per_layer[i]:
                 if name not in routed:
-                    yield self._emit(name, f.get(name), [name], False)
+                    yield from self._emit(name, f.get(name), [name], False)
             if E:
                 yield from self._layer_experts(i)
         for name in (x for x in top if x != n.embed):
-            yield self._emit(name, f.get(name), [name], False)
+            yield from self._emit(name, f.get(name), [name], False)
 
     def _layer_experts(self, i: int) -> Iterator[tuple[str, torch.Tensor]]:
         cfg, f, n = self.model.config, self.files, self.names
@@ -99,25 +107,25 @@ class _Plan:
             yield from self._stacked(i, idx)
             return
         rname = self._first(n.router(i), n.fused_router(i))
-        yield self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
+        yield from self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
         bname = self._first(n.router_bias(i), n.fused_router_bias(i))
         if bname is not None:
-            yield self._emit(n.router_bias(i), f.get(bname)[idx].clone(), [bname], False)
+            yield from self._emit(n.router_bias(i), f.get(bname)[idx].clone(), [bname], False)
         I = cfg.intermediate_size
         for new, j in enumerate(kept):
             per = n.expert_tensor_names(i, j)
             outs = n.expert_tensor_names(i, new)
             if per[0] in f:
                 for o, src in zip(outs, per):
-                    yield self._emit(o, f.get(src), [src], True)
+                    yield from self._emit(o, f.get(src), [src], True)
             else:  # fused source layout: written out per expert
                 gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
                 if gu_name not in f or d_name not in f:
                     raise SubsetError(f"{f.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing")
                 gu = f.get(gu_name)[j]
-                yield self._emit(outs[0], gu[:I], [gu_name], True)
-                yield self._emit(outs[1], gu[I:], [gu_name], True)
-                yield self._emit(outs[2], f.get(d_name)[j], [d_name], True)
+                yield from self._emit(outs[0], gu[:I], [gu_name], True)
+                yield from self._emit(outs[1], gu[I:], [gu_name], True)
+                yield from self._emit(outs[2], f.get(d_name)[j], [d_name], True)
 
 
     def _stacked(self, i: int, idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -128,23 +136,33 @@ class _Plan:
         for name in sorted(x for x in n.routed_expert_tensors(i, 0) if x in f):
             if name.endswith(("_blocks", "_scales")):
                 self.mxfp4.append(name)
-            yield self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
+            yield from self._emit(name, f.get(name)[idx].clone(), [name], name not in router)
 
 def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list[int]], *,
                   selection: dict[str, Any] | None = None, calibration: dict[str, Any] | None = None,
                   coverage: dict[int, float] | None = None, centroid: np.ndarray | None = None,
                   max_shard_bytes: int = 2 * 1000**3, force: bool = False, progress: bool = False,
-                  save_dtype: str | torch.dtype | None = None) -> ProfileManifest:
+                  save_dtype: str | torch.dtype | None = None, quantize: str | WeightScheme | None = None,
+                  quantize_lm_head: bool = False) -> ProfileManifest:
     """Write the profile folder `out` keeping `kept` ({layer: original ids}) of `model`:
     `modeling.write_checkpoint` (atomic, streamed) plus profile.json. `save_dtype`
-    (e.g. "bfloat16") stores floating tensors in that dtype, converted as they are written."""
+    (e.g. "bfloat16") stores floating tensors in that dtype, converted as they are written.
+    `quantize` ("int8", "int4", "int4-zp" or a WeightScheme) stores the linear weights
+    (attention, experts, dense MLPs; lm_head with `quantize_lm_head`) in the
+    compressed-tensors pack-quantized layout, quantized one matrix at a time as
+    the shards are written; router, norms and embeddings keep their dtype."""
+    scheme = preset(quantize) if isinstance(quantize, str) else quantize
+    if scheme is not None and model.config.raw.get("quantization_config") is not None:
+        raise SubsetError(f"{model.path}: the model is already quantized")
     layout = Layout.of(model)
     kept = validate_kept(kept, layout)
     slots = {i: [model.layer_experts(i).ids.index(e) for e in ids] for i, ids in kept.items()}
     cfg = model.config
     dtype = parse_dtype(save_dtype)
-    plan = _Plan(model, slots, dtype)
+    plan = _Plan(model, slots, dtype, scheme, quantize_lm_head)
     config = cfg.pruned_dict(slots)
+    if scheme is not None:
+        config["quantization_config"] = scheme.quantization_config(ignore_list(cfg.names, quantize_lm_head))
     if dtype is not None:
         for key in ("torch_dtype", "dtype"):
             if key in config or key == "torch_dtype" and "dtype" not in config:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.checkpoints import emo_config, write_checkpoint_dir, write_domain_corpus
 from tests.test_server import _emo_subset
@@ -24,3 +25,13 @@ def ckpt(tmp_path_factory):
     listed = root / "listed.json"
     listed.write_text(json.dumps({"0": [0, 3, 7], "1": [1, 2, 7], "2": [5, 6, 7]}))
     return {"root": root, "base": base, "code": root / "code", "prose": root / "prose", "listed": listed}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tiny models run fastest on one thread, above all on a shared, busy machine
+    (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -674,8 +674,9 @@ def test_memory_request_reads_safetensors_headers(tmp_path):
     assert r["kv_cache_bytes"] == 2 * 1 * 2 * 2 * 4 * 2 * 16
 
 
-@pytest.mark.parametrize("dtype,asked", [(None, None), ("float32", 10_000)])
-def test_memory_request_kv_cache_is_the_one_the_server_allocates(tmp_path, dtype, asked):
+@pytest.mark.parametrize("family,dtype,asked", [("emo", None, None), ("emo", "float32", 10_000),
+                                                ("gpt_oss", None, 64)])  # gpt_oss: sliding-window layers
+def test_memory_request_kv_cache_is_the_one_the_server_allocates(tmp_path, family, dtype, asked):
     """Same defaults (batch), same context-length rule (a --max-model-len over the model's limit is
     capped) and same dtype as the engine emo-serve builds: its KV cache, byte for byte."""
     import torch
@@ -686,9 +687,19 @@ def test_memory_request_kv_cache_is_the_one_the_server_allocates(tmp_path, dtype
     from subsetting.writer import write_profile
     from tests.checkpoints import emo_config, write_checkpoint_dir
 
-    base = write_checkpoint_dir(tmp_path / "base", emo_config(num_key_value_heads=2), seed=1, dtype=torch.bfloat16)
+    base = tmp_path / "base"
+    if family == "emo":
+        write_checkpoint_dir(base, emo_config(num_key_value_heads=2), seed=1, dtype=torch.bfloat16)
+    else:
+        from tests.families import write_hf_checkpoint
+
+        write_hf_checkpoint(base, family)
+    model = load_model(base)
+    assert family == "emo" or any(w is not None for w in model.config.sliding_windows)
     prof = tmp_path / "p"
-    write_profile(load_model(base), prof, "p", {i: [0, 1, 7] for i in range(3)})
+    kept = {i: model.expert_ids(i)[-model.config.top_k:] for i in range(model.config.num_layers)
+            if model.expert_ids(i)}  # the last ones: EMO's shared expert is the last
+    write_profile(model, prof, "p", kept)
     state = build_state(ServerConfig(model=str(base), profiles=[str(prof)], max_model_len=asked, dtype=dtype))
     cache = state.engine.cache
     want = sum(t.numel() * t.element_size() for t in [*cache.k.values(), *cache.v.values()])

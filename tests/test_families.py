@@ -15,12 +15,7 @@ from tests.families import FAMILY_CONFIGS, IDS, hf_logits, write_hf_checkpoint
 FAMILIES = list(FAMILY_CONFIGS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ COUNT_KEY = {"qwen3_moe": "num_local_experts",  # the key transformers 5 writes 
              "olmoe": "num_experts"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,7 @@ KEPT = {0: [1, 2, 5, 7], 1: [0, 3, 4, 6], 2: [2, 3, 5, 6]}
 MX_MODULES = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def to_mxfp4(src: Path, dst: Path) -> None:

@@ -48,7 +48,21 @@ def _undocumented(name: str, parser: argparse.ArgumentParser) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("command", ["emo-subset", "emo-client"])
+@pytest.mark.parametrize("command", ["emo-subset", "emo-client", "emo-serve"])
 def test_every_option_has_help_with_its_default(command, monkeypatch):
     parser = _parsers(monkeypatch)[command]
     assert _undocumented(command, parser) == []
+
+
+def test_emo_serve_defaults_are_the_server_configs():
+    """deploy/memory_request.py sizes containers from ServerConfig's defaults: the command's must be the same."""
+    import dataclasses
+
+    import server.cli
+    from server.config import ServerConfig
+
+    args = vars(server.cli.parse_args([]))
+    base = ServerConfig()
+    differ = {f.name: (args[f.name], getattr(base, f.name)) for f in dataclasses.fields(ServerConfig)
+              if f.name in args and args[f.name] != getattr(base, f.name)}
+    assert differ == {}

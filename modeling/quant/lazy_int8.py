@@ -39,7 +39,7 @@ class Int8Weight:
         return cls(q, scales.to(act_dtype))
 
 
-def _drop_pages(t: Tensor, mapped: list[tuple[int, int]]) -> None:
+def drop_pages(t: Tensor, mapped: list[tuple[int, int]]) -> None:
     """Give back the resident pages of a view of a mapped checkpoint file.
 
     Only inside a file mapping: there a dropped page is read again from the
@@ -69,7 +69,7 @@ class Int8Cache:
         q = self._w.get(key)
         if q is None:
             q = self._w[key] = Int8Weight.from_weight(w, self.act_dtype)
-            _drop_pages(w, self.mapped)
+            drop_pages(w, self.mapped)
         return q
 
     def linear(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
