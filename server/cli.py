@@ -10,10 +10,23 @@ _T0 = time.monotonic()  # process start, as near as Python lets us see it
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 
 log = logging.getLogger("emo_serve")
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_size(text: str) -> int:
+    """'6GiB', '512MB', '1e9' or '0' -> bytes (an argparse type: a bad value is a usage error)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", text.lower())
+    if not m or m.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number of bytes, or with a unit: 512MB, 6GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
                         "(default: the same check in the background after start)")
+    p.add_argument("--mxfp4-cache", type=parse_size, default=0, metavar="SIZE",
+                   help="keep up to SIZE (e.g. 6GiB, 512MB) of dequantized MXFP4 experts (gpt-oss), least recently "
+                        "used out: decode stops dequantizing the experts a stream keeps choosing, at the cost of "
+                        "their bf16 bytes; a profile's bf16 expert size keeps all of them (default: 0, every use "
+                        "dequantizes and memory holds only the 4-bit bytes)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log detail (default info: start-up summary and one access line per request)")
     return p.parse_args(argv)
@@ -129,6 +147,10 @@ def startup_summary(state, threads: str, capped_from: int | None, url: str) -> l
              f"context {eng.max_model_len} tokens" + (f" (--max-model-len {capped_from} capped to the model's "
                                                       f"limit)" if capped_from else "")
              + f", batch {eng.max_batch}, queue {eng.max_queue}"]
+    cache = model.transformer.mxfp4_cache
+    if cache is not None:
+        lines.append(f"MXFP4 dequantized-expert cache up to {cache.max_bytes / 2**30:.2f} GiB" if
+                     model.config.extra.get("mxfp4") else "--mxfp4-cache ignored: the model has no MXFP4 experts")
     d = reg.describe(with_residency=False)
     for p in d["data"]:
         per = sorted(set(p["experts_per_layer"].values()))
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
                        served_model_name=args.served_model_name, host=args.host, port=args.port, api_keys=keys,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                        max_prefill_tokens=args.max_prefill_tokens, device=args.device, dtype=args.dtype,
-                       quantize=args.quantize, compile=args.compile,
+                       quantize=args.quantize, compile=args.compile, mxfp4_cache_bytes=args.mxfp4_cache,
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
                        max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
                        shutdown_timeout=args.shutdown_timeout, verify=args.verify,

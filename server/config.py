@@ -22,6 +22,7 @@ class ServerConfig:
     dtype: str | None = None
     quantize: str | None = None  # None (exact) or "int8" (weight-only, lazy)
     compile: bool = False  # compiled bf16 GEMV for single-row products (modeling.kernels)
+    mxfp4_cache_bytes: int = 0  # dequantized MXFP4 experts kept (gpt-oss); 0 dequantizes at every use
     max_body_bytes: int = 1 << 20
     max_n: int = 16
     max_logprobs: int = 20

@@ -105,7 +105,7 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
 
 
 def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str,
-                quantize: str | None = None, compile: bool = False) -> Model:
+                quantize: str | None = None, compile: bool = False, mxfp4_cache_bytes: int = 0) -> Model:
     """The model that serves `folders`' experts (and the base's, when given).
 
     Each profile's experts come from its own shards: `add_experts_from` takes
@@ -116,10 +116,12 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
     if base is None:
         if not folders:
             raise StartupError("no --model and no --profile to serve")
-        model = load_model(folders[0], dtype=dtype, device=device, quantize=quantize, compile=compile)
+        model = load_model(folders[0], dtype=dtype, device=device, quantize=quantize, compile=compile,
+                           mxfp4_cache_bytes=mxfp4_cache_bytes)
         rest = folders[1:]
     else:
-        model = load_model(base, dtype=dtype, device=device, quantize=quantize, compile=compile)
+        model = load_model(base, dtype=dtype, device=device, quantize=quantize, compile=compile,
+                           mxfp4_cache_bytes=mxfp4_cache_bytes)
         rest = folders
     for f in rest:
         model.add_experts_from(f)
@@ -160,7 +162,8 @@ class Registry:
         if lists and base is None:
             raise StartupError("a profile given as a list of expert ids needs a full --model")
         try:
-            model = build_model(base, folders, cfg.dtype, cfg.device, cfg.quantize, cfg.compile)
+            model = build_model(base, folders, cfg.dtype, cfg.device, cfg.quantize, cfg.compile,
+                                cfg.mxfp4_cache_bytes)
         except StartupError:
             raise
         except (modeling.ModelNotFound, modeling.ConfigError, modeling.CheckpointError, modeling.PoolError,

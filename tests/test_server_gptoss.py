@@ -76,3 +76,31 @@ def test_chat_uses_the_models_template_and_decodes_as_the_core(gptoss):
     assert body["usage"]["prompt_tokens"] == len(model.tokenizer.encode(prompt))
     want = model.generate(prompt, SamplingParams(max_tokens=12, temperature=0), pool=pool)
     assert body["choices"][0]["message"]["content"] == want.text and body["profile"] == "code"
+
+
+def test_mxfp4_cache_serves_the_same_tokens(gptoss):
+    """--mxfp4-cache keeps dequantized experts between steps: the same greedy tokens as the
+    uncached server (a cache hit returns the very values a fresh dequantization would)."""
+    body = {"model": "tiny-gptoss", "profile": "code", "prompt": "def add(a, b):", "max_tokens": 10,
+            "temperature": 0, "logprobs": 1}
+    want = gptoss["server"].post("/v1/completions", body)
+    assert want.status_code == 200, want.text
+    cached = Server(["--model", str(gptoss["base"]), "--profile", str(gptoss["root"] / "code"),
+                     "--served-model-name", "tiny-gptoss", "--mxfp4-cache", "64MiB", "--log-level", "info"],
+                    gptoss["root"] / "cached.log").wait()
+    try:
+        got = cached.post("/v1/completions", body)
+        assert got.status_code == 200, got.text
+        w, g = want.json()["choices"][0], got.json()["choices"][0]
+        assert g["text"] == w["text"]
+        assert max(abs(a - b) for a, b in zip(g["logprobs"]["token_logprobs"], w["logprobs"]["token_logprobs"])) < 1e-6
+    finally:
+        cached.stop()
+    assert "MXFP4 dequantized-expert cache up to 0.06 GiB" in (gptoss["root"] / "cached.log").read_text()
+
+
+@pytest.mark.parametrize("size", ["lots", "-1GB", "6 parsecs"])
+def test_bad_mxfp4_cache_size_is_a_usage_error(gptoss, size):
+    p = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(gptoss["base"]), f"--mxfp4-cache={size}"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--mxfp4-cache" in p.stderr and "is not a size" in p.stderr, p.stderr
