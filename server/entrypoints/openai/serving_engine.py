@@ -230,6 +230,9 @@ class SeqResult:
     first_token_at: float | None = None
 
 
+CLIENT_CHECK_S = 0.5  # how often a waiting request asks whether its client is still connected
+
+
 class ClientDisconnected(Exception):
     """The client went away before its answer was ready (its work is cancelled)."""
 
@@ -263,6 +266,7 @@ class Run:
         self.done = [False] * len(self.seqs)
         self.status = "ok"
         self._metrics_done = False
+        self._client_checked = self.started  # when _next last asked whether the client is still there
         # read by the access log line (server.app.AccessLog) once the response is sent
         self.access: dict[str, Any] = {"profile": profile}
         if request is not None:
@@ -298,19 +302,26 @@ class Run:
 
     async def _next(self, request: Request | None) -> tuple[int, SeqEvent]:
         """The next event; meanwhile, every half second: client still there,
-        engine still alive, deadline not passed."""
+        engine still alive, deadline not passed. The client check runs on the
+        clock, not only when the queue is idle: a request whose tokens keep
+        coming (a long non-streaming answer) must notice a client that left."""
         while True:
             wait = 0.5
             if self.deadline is not None:
                 wait = max(0.0, min(wait, self.deadline - time.monotonic()))
             try:
-                return await asyncio.wait_for(self.queue.get(), timeout=wait)
+                ev = await asyncio.wait_for(self.queue.get(), timeout=wait)
             except asyncio.TimeoutError:
-                pass
-            if request is not None and await request.is_disconnected():
-                self.status = "cancelled"
-                self.cancel()
-                raise ClientDisconnected()
+                ev = None
+            now = time.monotonic()
+            if request is not None and now - self._client_checked >= CLIENT_CHECK_S:
+                self._client_checked = now
+                if await request.is_disconnected():
+                    self.status = "cancelled"
+                    self.cancel()
+                    raise ClientDisconnected()
+            if ev is not None:
+                return ev
             if not self.queue.empty():
                 continue
             if not self.state.engine.thread.is_alive() or self.state.engine.failure is not None:
