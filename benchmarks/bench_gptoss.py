@@ -12,7 +12,8 @@ part in a fresh process so resident memory is clean:
   b) single-sequence prefill and decode tokens/s of the profile and RSS after
      them: emo-serve's model core (MXFP4 experts mapped, dequantized per expert
      at every use), the same with a dequantized-expert cache as large as the
-     profile's experts in bf16 (`load_model(mxfp4_cache_bytes=...)`), and
+     profile's experts in bf16 (`--mxfp4-cache`), the same with `--compile`
+     (decode multiplies the 4-bit bytes in a fused compiled loop), and
      transformers (AutoModelForCausalLM on the same folder: on a CPU without
      triton kernels it dequantizes every MXFP4 expert to bf16 at load)
 
@@ -101,9 +102,11 @@ def write_base(folder: Path, layers: int) -> Path:
     return folder
 
 
-def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_bytes: int = 0) -> dict:
+def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_bytes: int = 0,
+               compile: int = 0) -> dict:
     """emo-serve's model core on the profile: prefill, then greedy decode; RSS after them.
-    `cache_bytes` > 0 keeps that many bytes of dequantized experts (modeling.mxfp4.DequantCache)."""
+    `cache_bytes` > 0 keeps that many bytes of dequantized experts (modeling.mxfp4.DequantCache);
+    `compile` decodes through the fused MXFP4 GEMV (`emo-serve --compile`; compiled in the warm-up)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -111,10 +114,11 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_byte
     from modeling import Batch, load_model
 
     t0 = time.perf_counter()
-    m = load_model(path, mxfp4_cache_bytes=cache_bytes)
+    m = load_model(path, mxfp4_cache_bytes=cache_bytes, compile=bool(compile))
     load_s = time.perf_counter() - t0
     ids = list(range(1000, 1000 + n_prompt))
     m.logits(ids[:16])  # warm-up: both contenders start from the page cache
+    m.logits(ids[:1])  # one row: compiles the fused GEMV's two matrix shapes with --compile
     cache = m.new_cache(1, n_prompt + n_decode + 8)
     state = {"tok": 5}
 
@@ -195,6 +199,8 @@ def main() -> None:
     expanded = args.layers * KEEP * 3 * H * I * 2  # every kept expert in bf16
     res["ours+cache"] = run_child("ours", prof, args.threads, args.prompt, args.decode, expanded)
     print(f"ours+cache: {res['ours+cache']}", file=sys.stderr)
+    res["ours --compile"] = run_child("ours", prof, args.threads, args.prompt, args.decode, 0, 1)
+    print(f"ours --compile: {res['ours --compile']}", file=sys.stderr)
     if not args.skip_hf:
         try:
             res["transformers"] = run_child("hf", prof, args.threads, args.prompt, args.decode)
@@ -211,7 +217,7 @@ def main() -> None:
           f"(MXFP4 bytes kept): built in {b['wall_s']:.1f} s, peak RSS {b['peak_rss'] / gb:.2f} GB")
     print("| engine | prefill tok/s | decode tok/s | load s | RSS after forward GB |")
     print("|---|---|---|---|---|")
-    for key in ("ours", "ours+cache", "transformers"):
+    for key in ("ours", "ours+cache", "ours --compile", "transformers"):
         r = res.get(key)
         if isinstance(r, dict):
             print(f"| {key} | {r['prefill_tok_s']:.2f} | {r['decode_tok_s']:.3f} | {r['load_s']:.1f} "
@@ -220,7 +226,7 @@ def main() -> None:
             print(f"| {key} | {r} |")
     if isinstance(res.get("transformers"), dict):
         t = res["transformers"]
-        for key in ("ours", "ours+cache"):
+        for key in ("ours", "ours+cache", "ours --compile"):
             o = res[key]
             print(f"{key} / transformers: prefill x{o['prefill_tok_s'] / t['prefill_tok_s']:.2f}, "
                   f"decode x{o['decode_tok_s'] / t['decode_tok_s']:.2f}, RSS x{o['rss'] / t['rss']:.2f}")

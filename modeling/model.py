@@ -22,7 +22,7 @@ from torch import Tensor
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
 from .kernels import linear_decode
-from .mxfp4 import DequantCache
+from .mxfp4 import DequantCache, gemv as mxfp4_gemv
 from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
 from .weights import Expert, LayerWeights, ModelWeights
@@ -309,7 +309,8 @@ class Transformer:
         if e.interleaved:
             ex = self.cfg.extra
             linear = F.linear if e.mx_gate_up is not None else self._linear
-            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache)
+            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache,
+                                         fused_decode=self.compile_decode)
         return expert_forward(e, x, self._linear)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
@@ -453,14 +454,25 @@ def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
 
 
 def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear,
-                          cache: DequantCache | None = None) -> Tensor:
+                          cache: DequantCache | None = None, fused_decode: bool = False) -> Tensor:
     """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
     up interleaved in one product (gate = columns 0::2), gate clamped above at
     `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
-    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`)."""
-    gu_w, dn_w = e.weights(x.dtype, cache)
-    gate_up = linear(x, gu_w, e.gate_up_bias)
+    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`);
+    with `fused_decode` (`--compile`) and no cache, one row multiplies the 4-bit
+    bytes directly (`mxfp4.gemv`), never expanding the expert."""
+    if fused_decode and cache is None and e.mx_gate_up is not None and x.shape[0] == 1:
+        gate_up = mxfp4_gemv(x, e.mx_gate_up, e.gate_up_bias)
+
+        def down(h: Tensor) -> Tensor:
+            return mxfp4_gemv(h, e.mx_down, e.down_bias)
+    else:
+        gu_w, dn_w = e.weights(x.dtype, cache)
+        gate_up = linear(x, gu_w, e.gate_up_bias)
+
+        def down(h: Tensor) -> Tensor:
+            return linear(h, dn_w, e.down_bias)
     gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     gate = gate.clamp(min=None, max=limit)
     up = up.clamp(min=-limit, max=limit)
-    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), dn_w, e.down_bias)
+    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))

@@ -41,6 +41,52 @@ def _pairs(dtype: torch.dtype, device: torch.device) -> Tensor:
     return _PAIRS[key]
 
 
+def _e2m1_float32(codes: Tensor, scales: Tensor) -> Tensor:
+    """4-bit codes (int32) and their blocks' E8M0 scales (int32, broadcast) -> float32,
+    built from bits: E2M1 times 2^(s - 127) is a float32 with exponent field
+    s + e - 1 and the code's mantissa bit on top (0.5 x 2^(s-127) for the one
+    subnormal code). Exact for 2 <= s <= 252; `gemv` checks the range."""
+    e, m = (codes >> 1) & 3, codes & 1
+    normal = ((scales + e - 1) << 23) | (m << 22)
+    half = (scales - 1) << 23
+    mag = torch.where(e > 0, normal, torch.where(m > 0, half, torch.zeros_like(normal)))
+    return (mag | ((codes & 8) << 28)).view(torch.float32)
+
+
+def _gemv_impl(blocks: Tensor, scales: Tensor, x: Tensor) -> Tensor:
+    # [R, G, 16] codes, [R, G] scales, [G * 32] input -> [R] float32. One fused
+    # pass over the 4-bit bytes once compiled: nothing of the matrix is expanded.
+    R, G, B = blocks.shape
+    q = blocks.to(torch.int32)
+    sc = scales.to(torch.int32).unsqueeze(-1)
+    xx = x.float().view(G, B, 2)
+    return (_e2m1_float32(q & 15, sc) * xx[..., 0] + _e2m1_float32(q >> 4, sc) * xx[..., 1]).sum(-1).sum(-1)
+
+
+_gemv = None
+gemv_calls = 0  # products taken by the fused loop (tests check that decode uses it)
+
+
+def gemv(x: Tensor, m: "Mxfp4Matrix", bias: Tensor | None = None) -> Tensor:
+    """`x` `[1, cols]` times an MXFP4 matrix (nn.Linear layout) without expanding it:
+    a TorchInductor-compiled loop over the stored bytes (compiled once per matrix
+    shape), for single-sequence decode under `--compile`. Products and their sum
+    are float32 of the exact dequantized values, so the result differs from
+    dequantize + F.linear only by the order of accumulation. Scales outside
+    [2, 252] (values that would be subnormal or overflow) take the dequantizing path."""
+    global _gemv, gemv_calls
+    lo, hi = int(m.scales.min()), int(m.scales.max())
+    if x.shape[0] != 1 or x.device.type != "cpu" or lo < 2 or hi > 252:
+        return F.linear(x, m.dequantize(x.dtype), bias)
+    if _gemv is None:
+        _gemv = torch.compile(_gemv_impl, dynamic=False)
+    y = _gemv(m.blocks, m.scales, x[0])[None]
+    gemv_calls += 1
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 class Mxfp4Error(ValueError):
     """Blocks and scales that do not describe the matrix the config implies."""
 

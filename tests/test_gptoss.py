@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, load_model
+from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, SamplingParams, load_model, mxfp4
 from modeling.layers import RopeConfig, rope_tables
-from modeling.mxfp4 import FP4_VALUES, dequantize, quantize
+from modeling.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize, quantize
+from modeling.mxfp4 import gemv as mxfp4_gemv
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer
@@ -205,6 +207,50 @@ def test_dequantized_expert_cache_is_bounded_and_changes_nothing(ckpt):
     misses = big.transformer.mxfp4_cache.misses
     torch.testing.assert_close(big.logits(LONG), plain.logits(LONG), atol=0, rtol=0)
     assert big.transformer.mxfp4_cache.misses == misses  # everything was kept
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_fused_mxfp4_gemv_equals_dequantize_then_linear(dt):
+    """mxfp4.gemv (the --compile decode path) multiplies the 4-bit bytes directly: every
+    code and sign in both nibbles, typical scales, the two range ends the fused loop
+    takes (2 and 252), and scales outside it, which go to the dequantizing path;
+    equal to dequantize + F.linear up to the order of float32 accumulation."""
+    g = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (48, 4, 16), dtype=torch.uint8, generator=g)
+    x = torch.randn(1, 4 * 32, generator=g)
+    x[0, 32:64] *= 2.0 ** -120  # keeps the products of the 2^125 block finite
+    x, bias = x.to(dt), torch.randn(48, generator=g).to(dt)
+    typical = torch.randint(115, 131, (48, 4), dtype=torch.uint8, generator=g)
+    ends, outside = typical.clone(), typical.clone()
+    ends[0, 0], ends[1, 1] = 2, 252
+    outside[2, 2], outside[3, 3] = 0, 1  # subnormal weights (above 252 a 6.0 code overflows to inf anyway)
+    for scales, fused in ((typical, True), (ends, True), (outside, False)):
+        m = Mxfp4Matrix(blocks, scales)
+        want = F.linear(x.float(), m.dequantize(torch.float32), bias.float())
+        calls = mxfp4.gemv_calls
+        got = mxfp4_gemv(x, m, bias)
+        assert (mxfp4.gemv_calls > calls) == fused
+        assert got.dtype == dt and got.shape == (1, 48) and bool(torch.isfinite(got).all())
+        if dt == torch.float32:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+        else:  # both round the float32 result to bf16 once; an accumulation-order difference may flip the last bit
+            torch.testing.assert_close(got.float(), want.to(dt).float(), rtol=2 ** -7, atol=0)
+
+
+def test_compiled_decode_of_mxfp4_experts_equals_the_plain_model(ckpt):
+    """--compile decodes one row through the fused MXFP4 GEMV: same logits (float32
+    accumulation order only) and the same greedy tokens as dequantizing per use."""
+    plain, fused = load_model(ckpt["mxfp4"]), load_model(ckpt["mxfp4"], compile=True)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert plain.generate(LONG[:12], params).token_ids == fused.generate(LONG[:12], params).token_ids
+    cache = fused.new_cache(1, 40)
+    fused.forward(Batch(torch.tensor(LONG[:6]), [0], [0], [6], []), cache)
+    for pos in range(6, 12):  # one token per step: the fused path
+        out = fused.forward(Batch(torch.tensor(LONG[pos:pos + 1]), [0], [pos], [1], []), cache).logits[0]
+        torch.testing.assert_close(out, plain.logits(LONG[:pos + 1])[-1], atol=1e-4, rtol=0)
+    calls = mxfp4.gemv_calls
+    fused.forward(Batch(torch.tensor(LONG[12:13]), [0], [12], [1], []), cache)
+    assert mxfp4.gemv_calls > calls  # it did take the fused loop
 
 
 def _mx_variant(ckpt, tmp_path, change) -> Path:
