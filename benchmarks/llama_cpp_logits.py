@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 IDS = [5, 17, 42, 3, 99, 250, 7, 64, 128, 31, 2, 200, 11, 12, 13, 14]
 CASES = {  # family -> (config overrides, kept experts per MoE layer)
-    "olmoe": ({}, {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]}),
+    "olmoe": ({"num_key_value_heads": 4}, {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]}),
     "qwen3_moe": ({"mlp_only_layers": [], "attention_bias": False}, {i: [0, 2, 5, 7] for i in range(3)}),
     "mixtral": ({}, {0: [0, 2, 5, 6], 1: [1, 3, 4, 7], 2: [2, 3, 5, 7]}),
     "glm4_moe-air": ({}, {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]}),
@@ -39,7 +39,7 @@ CASES = {  # family -> (config overrides, kept experts per MoE layer)
 def llama_logits(llama_cpp, gguf_path: Path, ids: list[int]):
     import numpy as np
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_batch=64, logits_all=True, verbose=False,
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, n_batch=64, logits_all=True, verbose=bool(os.environ.get("LLAMA_VERBOSE")),
                           n_threads=1)
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float64)

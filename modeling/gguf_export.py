@@ -81,6 +81,12 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
             raise ExportError(f"{cfg.source}: dense layers {dense} are not the leading layers llama.cpp's glm4moe expects")
     elif dense:
         raise ExportError(f"{cfg.source}: layers {dense} are dense; llama.cpp's {fam.gguf_arch} has MoE layers only")
+    if fam.gguf_arch == "olmoe" and cfg.num_kv_heads != cfg.num_heads:
+        # llama.cpp's olmoe builds attn_k_norm with n_embd values (OLMoE's own checkpoints have as many
+        # kv heads as query heads); a GQA one would be written but refused at load ("wrong shape")
+        raise ExportError(f"{cfg.source}: OLMoE with grouped-query attention ({cfg.num_kv_heads} kv heads for "
+                          f"{cfg.num_heads} query heads) is not exported: llama.cpp's olmoe normalises keys over "
+                          f"the full width")
     if cfg.routing.n_group > 1:
         raise ExportError(f"{cfg.source}: group-limited routing (n_group {cfg.routing.n_group}) is not exported")
     if any(cfg.always_active_per_layer) or any(cfg.shared_per_layer):
