@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,9 @@ class Model:
         self.weights = read_weights(path, files, config, dtype, device)
         self.sources: dict[str, CheckpointFiles] = {str(path): files}
         self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
+        # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
+        # thread) never interleave: a pass sees the slots all before or all after.
+        self.lock = threading.RLock()
         self._mapped: list[tuple[int, int]] = []
         self._note_mappings(files)
         int8 = Int8Cache(dtype, self._mapped) if quantize == "int8" else None
@@ -136,6 +140,10 @@ class Model:
         key = str(Path(folder))
         if key == str(self.path):
             raise PoolError(f"{folder}: the model's own checkpoint cannot be withdrawn")
+        with self.lock:  # after the forward pass in flight, before the next
+            return self._withdraw(key)
+
+    def _withdraw(self, key: str) -> dict[int, list[int]]:
         self._withdrawn.add(key)
         alternatives = [s for s in self.sources if s not in self._withdrawn]
         orphans: dict[int, list[int]] = {}
@@ -235,7 +243,8 @@ class Model:
 
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
                 collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
-        return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
+        with self.lock:
+            return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
 
     def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
         """`[len(token_ids), vocab]` float32 logits of one sequence."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import threading
 import os
 import struct
 from pathlib import Path
@@ -220,6 +221,32 @@ def test_withdrawing_a_corrupt_profile_puts_sound_bytes_back(tmp_path):
     assert only.withdraw(dirs["a"]) == {i: [0] for i in range(3)}
     with pytest.raises(PoolError, match="cannot be withdrawn"):
         only.withdraw(dirs["b"])
+
+
+def test_withdraw_waits_for_the_forward_pass_in_flight(tmp_path):
+    """The server's verifier thread withdraws while the engine thread runs forward passes: the
+    two are serialised on Model.lock, so a pass never sees half of the slots re-pointed."""
+    full = write_checkpoint_dir(tmp_path / "full", emo_config(), seed=5, tokenizer=False)
+    pool = {i: [0, 1, 7] for i in range(3)}
+    _prune(full, tmp_path / "a", pool)
+    (tmp_path / "a" / "profile.json").write_text(json.dumps({
+        "format": "emo-serve-profile/1", "name": "a", "base": load_model(full).identity,
+        "num_experts_original": [8] * 3, "kept_experts": {str(i): ids for i, ids in pool.items()}}))
+    m = load_model(full)
+    m.add_experts_from(tmp_path / "a")
+    le = m.layer_experts(0)
+    assert str(tmp_path / "a") in le.sources
+    done: list = []
+    for job in (lambda: done.append(m.withdraw(tmp_path / "a")), lambda: done.append(m.logits(IDS))):
+        t = threading.Thread(target=job, daemon=True)
+        with m.lock:  # what a forward pass in flight holds
+            t.start()
+            t.join(0.3)
+            assert t.is_alive() and not done  # waiting for the pass to end
+        t.join(30)
+        assert not t.is_alive() and len(done) == 1
+        done.clear()
+    assert str(tmp_path / "a") not in le.sources
 
 
 def test_profile_of_another_base_is_refused(tmp_path):
