@@ -159,8 +159,9 @@ def child_speed_ours(path: str, threads: int, n_prompt: int, n_decode: int, vari
 
     neighbour = None
     if variant == "busy":  # a bounded matmul loop in another process shares the cores while we are timed
+        plain = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
         neighbour = subprocess.Popen([sys.executable, __file__, "--child", "neighbour", "0", "600"],
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                     env={**plain, "PYTHONPATH": str(ROOT)})  # torch's defaults
         time.sleep(3)
 
     m = load_model(path, quantize="int8" if variant == "int8" else None, compile=variant == "compile")
@@ -253,7 +254,10 @@ def child_bandwidth(threads: int) -> dict:
 
 def run_child(kind: str, *args) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if kind == "ours" and "GOMP_SPINCOUNT" not in env:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what emo-serve sets (server.cli.openmp_wait_default)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -351,6 +355,11 @@ def main() -> None:
     for key, path in (("ours_olmoe_ct_int8", a.int8_ckpt), ("ours_olmoe_ct_int4", a.int4_ckpt)):
         if path:
             res[key] = run_child("ours", path, a.threads, a.prompt, a.decode)
+    if a.only_quant:  # --compile at each precision: decode through the fused single-row loops
+        for key, path in (("ours_olmoe_compile", olmoe), ("ours_olmoe_ct_int8_compile", a.int8_ckpt),
+                          ("ours_olmoe_ct_int4_compile", a.int4_ckpt)):
+            if path:
+                res[key] = run_child("ours", path, a.threads, a.prompt, a.decode, "compile")
     if a.busy:
         res["ours_olmoe_busy"] = run_child("ours", olmoe, a.threads, a.prompt, a.decode, "busy")
     if a.int4_profile:
@@ -383,6 +392,9 @@ def main() -> None:
              ("ours_emo_compile", "emo-serve --compile, EMO ckpt"), ("ours_emo_int8", "emo-serve lazy int8, EMO ckpt"),
              ("ours_olmoe_ct_int8", "emo-serve int8 (compressed-tensors), OLMoE"),
              ("ours_olmoe_ct_int4", "emo-serve int4 (compressed-tensors), OLMoE"),
+             ("ours_olmoe_compile", "emo-serve bf16 --compile, OLMoE"),
+             ("ours_olmoe_ct_int8_compile", "emo-serve int8 --compile, OLMoE"),
+             ("ours_olmoe_ct_int4_compile", "emo-serve int4 --compile, OLMoE"),
              ("ours_olmoe_busy", "emo-serve bf16, OLMoE, busy neighbour"),
              ("hf_olmoe", "transformers, OLMoE ckpt"), ("llama_cpp_olmoe", "llama.cpp, OLMoE ckpt (gguf bf16)"),
              ("llama_cpp_olmoe_q8_0", "llama.cpp, OLMoE ckpt (gguf Q8_0)"),
@@ -402,7 +414,10 @@ def main() -> None:
         print(f"    speed-up vs transformers (OLMoE ckpt): decode {res['ours_olmoe']['decode_tok_s'] / hf['decode_tok_s']:.2f}x, "
               f"prefill {res['ours_olmoe']['prefill_tok_s'] / hf['prefill_tok_s']:.2f}x   target >= 2.5x, within 2x of floor")
     pairs = [("bf16", "ours_olmoe", "llama_cpp_olmoe"), ("int8 / Q8_0", "ours_olmoe_ct_int8", "llama_cpp_olmoe_q8_0"),
-             ("int4 / Q4_0", "ours_olmoe_ct_int4", "llama_cpp_olmoe_q4_0")]
+             ("int4 / Q4_0", "ours_olmoe_ct_int4", "llama_cpp_olmoe_q4_0"),
+             ("bf16 compile", "ours_olmoe_compile", "llama_cpp_olmoe"),
+             ("int8 compile", "ours_olmoe_ct_int8_compile", "llama_cpp_olmoe_q8_0"),
+             ("int4 compile", "ours_olmoe_ct_int4_compile", "llama_cpp_olmoe_q4_0")]
     for label, ours_key, ll_key in pairs:
         if ours_key in res and ll_key in res:
             o, ll = res[ours_key], res[ll_key]

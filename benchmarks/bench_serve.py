@@ -44,12 +44,13 @@ def write_base(folder: Path, layers: int) -> None:
     """Random bf16 tensors streamed into shards (one layer's experts in memory at most)."""
     import torch
 
-    from modeling import TensorNames, write_checkpoint
+    from modeling import write_checkpoint
+    from modeling.names import EMO_NAMES
     from tests.checkpoints import write_tokenizer
 
     cfg = dict(EMO_SHAPE, num_hidden_layers=layers)
     H, V, I, E = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"], cfg["num_experts"]
-    n = TensorNames("emo")
+    n = EMO_NAMES
     g = torch.Generator().manual_seed(0)
 
     def r(*shape, scale=0.02):
@@ -89,7 +90,7 @@ def build_profiles(base: Path, work: Path, layers: int, keep: int, overlap: int,
             ids = {str(i): sorted({(start + 5 * i + j) % 127 for j in range(keep - 1)}) + [127] for i in range(layers)}
             f = work / f"{name}.experts.json"
             f.write_text(json.dumps(ids))
-            subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
+            subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
                             "--out", str(folder), "--name", folder.name, "--experts-file", str(f), "-q",
                             *(["--quantize", quantize] if quantize else [])], check=True, cwd=ROOT)
         out.append(folder)

@@ -58,7 +58,10 @@ def run_row(model: str, threads: int, policy: str | None, busy: bool, args) -> d
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     env.pop("OMP_WAIT_POLICY", None)
-    if policy:
+    env.pop("GOMP_SPINCOUNT", None)
+    if policy and policy.startswith("spin:"):  # libgomp: spin this many times before sleeping
+        env["GOMP_SPINCOUNT"] = policy.split(":", 1)[1]
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
     neighbour = None
     if busy:
@@ -87,6 +90,11 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48, help="tokens decoded per run (default 48)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens for the prefill rate (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs per row, best kept (default 3)")
+    p.add_argument("--policies", default="default,PASSIVE",
+                   help="OpenMP wait settings, comma-separated: default, PASSIVE, ACTIVE or spin:N "
+                        "(GOMP_SPINCOUNT=N) (default %(default)s)")
+    p.add_argument("--thread-counts", help="intra-op thread counts to try, comma-separated (default: 1 and the "
+                   "CPUs usable)")
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -106,17 +114,19 @@ def main() -> None:
     print(f"model {model}; {ncpu} CPUs usable; decode {args.tokens} tokens, prefill {args.prompt}; best of "
           f"{args.repeats}")
     print(f"{'threads':>7} {'OMP_WAIT_POLICY':>15} {'neighbour':>9} {'decode tok/s':>12} {'prefill tok/s':>13}")
+    policies = [None if x == "default" else x for x in args.policies.split(",")]
+    counts = sorted({int(x) for x in args.thread_counts.split(",")}) if args.thread_counts else sorted({1, ncpu})
     rows = {}
     for busy in (False, True):
-        for threads in sorted({1, ncpu}):
-            for policy in (None, "PASSIVE"):
+        for threads in counts:
+            for policy in policies:
                 r = run_row(model, threads, policy, busy, args)
                 rows[(busy, threads, policy)] = r
                 print(f"{threads:>7} {policy or '(default)':>15} {'busy' if busy else 'idle':>9} "
                       f"{r['decode']:12.1f} {r['prefill']:13.1f}", flush=True)
     print("\nslowdown next to the busy neighbour (idle / busy), decode and prefill:")
-    for threads in sorted({1, ncpu}):
-        for policy in (None, "PASSIVE"):
+    for threads in counts:
+        for policy in policies:
             a, b = rows[(False, threads, policy)], rows[(True, threads, policy)]
             print(f"  {threads} thread(s), {policy or 'default policy'}: decode {a['decode'] / b['decode']:.2f}x, "
                   f"prefill {a['prefill'] / b['prefill']:.2f}x")

@@ -29,6 +29,23 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
+def openmp_wait_default() -> str:
+    """Let idle OpenMP threads sleep (OMP_WAIT_POLICY=PASSIVE) unless the user chose.
+
+    libgomp's default keeps a thread that reached the end of a parallel region
+    spinning for its peers. When another process shares the cores, the peer it
+    waits for is often descheduled and the spinning burns the very CPU that
+    peer needs: next to a busy neighbour, 2-thread decode fell 4.9x (PASSIVE:
+    1.7x; benchmarks/bench_threads.py, docs/http-api.md). On
+    idle cores sleeping costs a futex wake per region, a few percent on a real
+    model. OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment wins."""
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if var in os.environ:
+            return f"{var}={os.environ[var]} (environment)"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return "passive (default; OMP_WAIT_POLICY overrides)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="emo-serve", description=__doc__)
     p.add_argument("--model", help="checkpoint folder or Hugging Face repo id (default: the bundled demo model "
@@ -171,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     keys = list(args.api_key) + [k.strip() for k in os.environ.get("EMO_SERVE_API_KEYS", "").split(",") if k.strip()]
     check_args(args, keys)
     sock = bind_socket(args.host, args.port)
+    wait = openmp_wait_default()  # before torch loads the OpenMP runtime, which reads it once
 
     import torch
     import uvicorn
@@ -190,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         torch.set_num_threads(budget.threads)
         threads = f"{budget.threads} threads ({budget.describe()})"
+    threads += f", OpenMP wait {wait}"
     cfg = ServerConfig(model=args.model, profiles=args.profile, profiles_dirs=args.profiles_dir,
                        served_model_name=args.served_model_name, host=args.host, port=args.port, api_keys=keys,
                        max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,

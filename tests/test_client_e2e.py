@@ -69,7 +69,7 @@ def model_args(tmp_path_factory) -> tuple[str, list[str]]:
     base = write_checkpoint_dir(root / "tiny-emo", emo_config())
     corpus = write_domain_corpus(root / "corpus.jsonl")
     for name in ("code", "prose"):
-        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
+        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
                                "--out", str(root / name), "--name", name, "-q", "--corpus", str(corpus),
                                "--domain", name, "--keep", "4"],
                               cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

@@ -738,7 +738,7 @@ def test_memory_request_agrees_with_the_server(tmp_path):
         ("def add(a, b):\n    return a + b\n", "code"), ("class Point:\n    pass\n", "code"),
         ("The quick brown fox jumps over the lazy dog.", "prose"), ("A licence grants permission.", "prose")]))
     for name in ("code", "prose"):
-        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
+        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
                                "--out", str(tmp_path / "profiles" / name), "--name", name, "-q", "--corpus",
                                str(corpus), "--domain", name, "--keep", "4"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)

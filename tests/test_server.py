@@ -40,11 +40,13 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
+    for var in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # servers under test run with emo-serve's own default
+        env.pop(var, None)
     return env
 
 
 def _emo_subset(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from subsetting.cli import main; main()", *args], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", *args], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -26,7 +26,7 @@ def qwen(tmp_path_factory):
     write_tokenizer(base, 300)
     corpus = write_domain_corpus(root / "corpus.jsonl")
     for name in ("code", "prose"):
-        p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
+        p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
                             "--out", str(root / name), "--name", name, "-q", "--corpus", str(corpus), "--domain", name,
                             "--keep", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr

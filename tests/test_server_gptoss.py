@@ -33,7 +33,7 @@ def gptoss(tmp_path_factory):
     to_mxfp4(root / "float", base)
     (base / "chat_template.jinja").write_text(HARMONY)
     corpus = write_domain_corpus(root / "corpus.jsonl")
-    p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; main()", "build", str(base),
+    p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
                         "--out", str(root / "code"), "--name", "code", "-q", "--corpus", str(corpus),
                         "--domain", "code", "--keep", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True,
                        timeout=120)

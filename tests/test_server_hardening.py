@@ -273,7 +273,7 @@ def test_startup_summary_and_access_lines(ckpt):
     finally:
         s.stop()
     log = s.log.read_text()
-    for words in (("device cpu", "dtype float32", "1 threads"), ("context 128 tokens", "capped"),
+    for words in (("device cpu", "dtype float32", "1 threads", "OpenMP wait passive (default"), ("context 128 tokens", "capped"),
                   ("profile code:", "4 experts per MoE layer", "MiB of experts"), ("profile full:",),
                   (f"listening on {s.url}",), ("--max-model-len 100000 is more than the model's limit",)):
         assert any(all(w in line for w in words) for line in log.splitlines()), (words, log)
