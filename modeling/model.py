@@ -163,7 +163,7 @@ class Transformer:
 
     def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
         if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
-            return w.linear(x, bias, fused_decode=self.compile_decode)
+            return w.linear(x, bias)
         if self.int8 is not None:
             return self.int8.linear(x, w, bias)
         if self.compile_decode:

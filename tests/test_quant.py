@@ -107,30 +107,6 @@ def test_quantized_profiles_load_and_stay_close_to_the_float_profile(tiny, name,
     assert m.expert_bytes(0, 0) < load_model(tiny["plain"]).expert_bytes(0, 0) / (3 if name == "int8" else 5)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int4-zp"])
-def test_compiled_decode_reads_the_quantized_bytes_and_equals_the_kernels(tiny, name):
-    """--compile: one decoded row times a quantized matrix goes through a fused compiled loop
-    over its int8 / packed int4 bytes (plus scales and zero points); the same logits as the
-    ATen kernels, step by step from the KV cache, and the same greedy tokens."""
-    from modeling import Batch, SamplingParams
-    from modeling.quant import packed
-
-    plain, fused = load_model(tiny[name]), load_model(tiny[name], compile=True)
-    w = fused.weights.layers[0].experts.experts[1].down
-    x = torch.randn(1, w.shape[1])
-    torch.testing.assert_close(w.linear(x, fused_decode=True), x @ w.dequantize(torch.float32).t(),
-                               rtol=1e-4, atol=1e-5)
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    assert plain.generate(IDS[:5], params).token_ids == fused.generate(IDS[:5], params).token_ids
-    cache = fused.new_cache(1, 32)
-    fused.forward(Batch(torch.tensor(IDS[:4]), [0], [0], [4], []), cache)
-    calls = packed.fused_calls
-    for pos in range(4, len(IDS)):
-        out = fused.forward(Batch(torch.tensor(IDS[pos:pos + 1]), [0], [pos], [1], []), cache).logits[0]
-        torch.testing.assert_close(out, plain.logits(IDS[:pos + 1])[-1], rtol=1e-4, atol=1e-4)
-    assert packed.fused_calls > calls  # decode took the fused loops
-
-
 def test_quantize_whole_checkpoint_matches_the_quantized_profile(tiny):
     """`emo-subset quantize` over a profile gives the same tensors as `build --quantize`."""
     out = tiny["root"] / "plain-int4"

@@ -37,43 +37,6 @@ def unpack(packed: Tensor, bits: int, rows: int, cols: int) -> Tensor:
     return torch.stack((b & 0xF, b >> 4), dim=-1).view(rows, -1)[:, :cols].to(torch.int16)
 
 
-# -- single-row products straight from the quantized bytes (decode under --compile) --------------
-# Written as fused multiply-and-reduce and compiled by TorchInductor (once per matrix
-# shape): one pass over 1 (int8) or 1/2 (int4) byte per weight, with float32
-# accumulation, where the ATen kernels are built for many rows. Results differ from
-# the dequantized product only by the order of float32 accumulation.
-
-def _int8_gemv_impl(q: Tensor, scales: Tensor, x: Tensor) -> Tensor:
-    # int8 [N, K], per-row scales [N], x [K] -> [N] float32
-    return (q.float() * x.float()).sum(-1) * scales.float()
-
-
-def _int4_gemv_impl(nibbles: Tensor, scale: Tensor, x: Tensor) -> Tensor:
-    # uint8 [N, G, g / 2] (two values q + 8 per byte, low nibble first), scale [N, G] float32, x [K]
-    N, G, H = nibbles.shape
-    u = nibbles.to(torch.int32)
-    xx = x.float().view(G, H, 2)
-    part = (((u & 15) - 8).float() * xx[..., 0] + ((u >> 4) - 8).float() * xx[..., 1]).sum(-1)
-    return (part * scale).sum(-1)
-
-
-def _int4_zp_gemv_impl(nibbles: Tensor, scale: Tensor, zero_scale: Tensor, x: Tensor) -> Tensor:
-    # as above with zero points: sum_g scale (q . x_g) - (zp * scale) * sum(x_g)
-    N, G, H = nibbles.shape
-    xg = x.float().view(G, 2 * H).sum(-1)
-    return _int4_gemv_impl(nibbles, scale, x) - (zero_scale * xg).sum(-1)
-
-
-_COMPILED: dict[str, Callable] = {}
-fused_calls = 0  # products taken by the fused single-row loops (tests check that decode uses them)
-
-
-def _compiled(fn: Callable) -> Callable:
-    if fn.__name__ not in _COMPILED:
-        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn.__name__]
-
-
 class PackedLinear:
     """One pack-quantized linear weight `[N, K]`, made runnable on first use."""
 
@@ -85,8 +48,6 @@ class PackedLinear:
         self.device = packed.device
         self._run: Callable[[Tensor], Tensor] | None = None
         self._held: list[Tensor] = []  # what the kernel reads once prepared
-        self._gemv: Callable[[Tensor], Tensor] | None = None  # the fused single-row product, once made
-        self._fused_ok = True  # False: no fused loop for this scheme / shape
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,49 +91,11 @@ class PackedLinear:
         return [t for t in (self.packed, self.scale, self.zero_point) if t is not None]
 
     # -- running --------------------------------------------------------------------
-    def linear(self, x: Tensor, bias: Tensor | None = None, fused_decode: bool = False) -> Tensor:
-        """x [M, K] times the weight. `fused_decode`: one CPU row goes through the
-        compiled single-row loop over the quantized bytes (`--compile`)."""
-        if fused_decode and x.shape[0] == 1 and x.device.type == "cpu" and self._fused_ok:
-            if self._gemv is None:
-                self._make_gemv(x.dtype)
-            if self._gemv is not None:
-                global fused_calls
-                fused_calls += 1
-                y = self._gemv(x[0])[None]
-                if bias is not None:
-                    y = y + bias.float()
-                return y.to(x.dtype)
+    def linear(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         if self._run is None:
             self._prepare(x.dtype)
         y = self._run(x)
         return y if bias is None else y + bias
-
-    def _make_gemv(self, act_dtype: torch.dtype) -> None:
-        s = self.scheme
-        N, K = self.shape
-        if s.bits == 8 and s.group_size is None and self.zero_point is None:
-            if self._run is None:
-                self._prepare(act_dtype)
-            q, scales = self._held  # the int8 kernel's own copy: nothing more is held
-            fn = _compiled(_int8_gemv_impl)
-            self._gemv = lambda x: fn(q, scales, x)
-        elif s.bits == 4 and s.group_size and K % s.group_size == 0 and s.group_size % 2 == 0 and K % 8 == 0:
-            # the stored int32 words are the nibbles in order, low first: a view of the mapped
-            # file, read in place (pages the kernel's repacking dropped fault back in once)
-            G = K // s.group_size
-            nibbles = self.packed.contiguous().view(torch.uint8).view(N, G, s.group_size // 2)
-            scale = self.scale.float().contiguous()
-            zp = self.zero_points()
-            if zp is None:
-                fn = _compiled(_int4_gemv_impl)
-                self._gemv = lambda x: fn(nibbles, scale, x)
-            else:
-                zs = (zp.float() * scale).contiguous()
-                fn = _compiled(_int4_zp_gemv_impl)
-                self._gemv = lambda x: fn(nibbles, scale, zs, x)
-        else:
-            self._fused_ok = False
 
     def prepare(self, act_dtype: torch.dtype) -> None:
         """Repack for the kernel now (otherwise done by the first `linear`)."""
