@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .lazy_int8 import drop_pages
+from .lazy_int8 import drop_pages, release_freed_heap
 from .scheme import WeightScheme
 
 
@@ -117,6 +117,7 @@ class PackedLinear:
         for t in (self.packed, self.zero_point):
             if t is not None:
                 drop_pages(t, self.mapped)
+        release_freed_heap()  # the unpacking transients, or they stay resident
 
     def _prepare_int8(self, act_dtype: torch.dtype) -> None:
         N, K = self.shape
