@@ -89,8 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every matrix but the router, made "
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
     p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
-                   "bf16 GEMV, and for MXFP4 experts (gpt-oss) a fused loop over their 4-bit bytes (faster decode; the "
-                   "first request per matrix shape compiles, seconds; default: off)")
+                   "bf16 GEMV, and for MXFP4 experts (gpt-oss) a fused loop over their 4-bit bytes; the first "
+                   "request per matrix shape compiles (seconds). MXFP4: several times faster than dequantizing per "
+                   "use; bf16: faster on AVX-512 CPUs, slower on the AVX2 one measured (README, Performance) "
+                   "(default: off)")
     p.add_argument("--auto-rule", default="affinity", choices=["affinity", "centroid", "perplexity"],
                    help="how profile 'auto' picks a hosted profile for a prompt: the most router mass inside its "
                         "pool (affinity), the nearest centroid fingerprint, or the least prompt perplexity "
