@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_model import _time_decode, rss_bytes  # noqa: E402
-from bench_qwen3 import child_hf  # noqa: E402  (transformers: AutoModelForCausalLM, bf16, prefill + decode)
+from bench_model import _time_decode, rss_bytes, run_script_child  # noqa: E402
+from bench_qwen3 import build_profile, child_hf  # noqa: E402  (child_hf: transformers, bf16, prefill + decode)
 
 H, HEADS, KV, D, E, I, K, V = 2880, 64, 8, 64, 32, 2880, 4, 201088
 KEEP = 16
@@ -136,32 +136,7 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_byte
 
 
 def run_child(kind: str, *args) -> dict:
-    import os
-    import subprocess
-
-    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if out.returncode != 0:  # -9: killed, most likely by the kernel's OOM killer
-        raise RuntimeError(f"{kind} failed with exit status {out.returncode}:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def build_profile(base: Path, out: Path, threads: int) -> dict:
-    import os
-    import subprocess
-
-    cmd = [sys.executable, "-m", "subsetting.cli", "build", str(base), "--out", str(out), "--keep", str(KEEP),
-           "--method", "random", "--threads", str(threads), "--force", "--json", "-q"]
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    out_text, err = p.communicate()
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"emo-subset build failed:\n{err[-3000:]}")
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"wall_s": wall, "peak_rss": peak, "profile_bytes": json.loads(out_text)["bytes"]["total"]}
+    return run_script_child(__file__, kind, *args)
 
 
 def bytes_per_decoded_token(layers: int) -> int:
@@ -192,7 +167,7 @@ def main() -> None:
     prof = root / f"gptoss-{args.layers}l-keep{KEEP}"
     res: dict = {"layers": args.layers, "threads": args.threads, "prompt": args.prompt, "decode": args.decode,
                  "base_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors"))}
-    res["build"] = build_profile(base, prof, args.threads)
+    res["build"] = build_profile(base, prof, args.threads, KEEP)
     print(f"build: {res['build']}", file=sys.stderr)
     res["ours"] = run_child("ours", prof, args.threads, args.prompt, args.decode)
     print(f"ours: {res['ours']}", file=sys.stderr)

@@ -252,15 +252,21 @@ def child_bandwidth(threads: int) -> dict:
     return {"copy_GBps": 2 * a.numel() / best_copy / 1e9, "read_GBps": a.numel() / best_read / 1e9}
 
 
-def run_child(kind: str, *args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if kind == "ours" and "GOMP_SPINCOUNT" not in env:
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what emo-serve sets (server.cli.openmp_wait_default)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
+def run_script_child(script: str, kind: str, *args, env: dict | None = None) -> dict:
+    """`python SCRIPT --child KIND ARGS...` in a fresh process (clean resident memory); its
+    last line of output is the JSON result. Shared by the benchmark scripts."""
+    cmd = [sys.executable, script, "--child", kind, *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    if out.returncode != 0:  # -9: killed, most likely by the kernel's OOM killer
+        raise RuntimeError(f"{kind} failed with exit status {out.returncode}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(kind: str, *args) -> dict:
+    env = {}
+    if kind == "ours" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"  # what emo-serve sets (server.cli.openmp_wait_default)
+    return run_script_child(__file__, kind, *args, env=env)
 
 
 def run_llama_bench(binary: str, gguf: str, threads: int, n_prompt: int, n_decode: int) -> dict:

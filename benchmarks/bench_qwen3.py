@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_model import _time_decode, child_bandwidth, rss_bytes, run_llama_bench  # noqa: E402
+from bench_model import _time_decode, child_bandwidth, rss_bytes, run_llama_bench, run_script_child  # noqa: E402
 
 H, HEADS, KV, D, E, I, K, V = 2048, 32, 4, 128, 128, 768, 8, 151936
 KEEP = 32
@@ -159,15 +159,12 @@ def child_hf(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
 
 
 def run_child(kind: str, *args) -> dict:
-    cmd = [sys.executable, __file__, "--child", kind, *map(str, args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if out.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_script_child(__file__, kind, *args)
 
 
-def build_profile(base: Path, out: Path, threads: int) -> dict:
-    cmd = [sys.executable, "-m", "subsetting.cli", "build", str(base), "--out", str(out), "--keep", str(KEEP),
+def build_profile(base: Path, out: Path, threads: int, keep: int = KEEP) -> dict:
+    """`emo-subset build --keep KEEP --method random`: wall time, the build's own peak RSS, profile bytes."""
+    cmd = [sys.executable, "-m", "subsetting.cli", "build", str(base), "--out", str(out), "--keep", str(keep),
            "--method", "random", "--threads", str(threads), "--force", "--json", "-q"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

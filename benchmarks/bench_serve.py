@@ -90,7 +90,7 @@ def build_profiles(base: Path, work: Path, layers: int, keep: int, overlap: int,
             ids = {str(i): sorted({(start + 5 * i + j) % 127 for j in range(keep - 1)}) + [127] for i in range(layers)}
             f = work / f"{name}.experts.json"
             f.write_text(json.dumps(ids))
-            subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
+            subprocess.run([sys.executable, "-m", "subsetting.cli", "build", str(base),
                             "--out", str(folder), "--name", folder.name, "--experts-file", str(f), "-q",
                             *(["--quantize", quantize] if quantize else [])], check=True, cwd=ROOT)
         out.append(folder)

@@ -68,12 +68,11 @@ def model_args(tmp_path_factory) -> tuple[str, list[str]]:
     root = tmp_path_factory.mktemp("e2e-model")
     base = write_checkpoint_dir(root / "tiny-emo", emo_config())
     corpus = write_domain_corpus(root / "corpus.jsonl")
+    from tests.test_server import emo_subset
+
     for name in ("code", "prose"):
-        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
-                               "--out", str(root / name), "--name", name, "-q", "--corpus", str(corpus),
-                               "--domain", name, "--keep", "4"],
-                              cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, f"emo-subset build {name} failed:\n{done.stdout}{done.stderr}"
+        emo_subset("build", base, "--out", root / name, "--name", name, "-q", "--corpus", corpus, "--domain", name,
+                   "--keep", "4", env=_env())
     return "tiny-emo", ["--model", str(base), "--profile", str(root / "code"), "--profile", str(root / "prose")]
 
 

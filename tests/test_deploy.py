@@ -737,12 +737,11 @@ def test_memory_request_agrees_with_the_server(tmp_path):
     corpus.write_text("".join(json.dumps({"text": t, "domain": d}) + "\n" for t, d in [
         ("def add(a, b):\n    return a + b\n", "code"), ("class Point:\n    pass\n", "code"),
         ("The quick brown fox jumps over the lazy dog.", "prose"), ("A licence grants permission.", "prose")]))
+    from tests.test_server import emo_subset
+
     for name in ("code", "prose"):
-        done = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
-                               "--out", str(tmp_path / "profiles" / name), "--name", name, "-q", "--corpus",
-                               str(corpus), "--domain", name, "--keep", "4"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
+        emo_subset("build", base, "--out", tmp_path / "profiles" / name, "--name", name, "-q", "--corpus", corpus,
+                   "--domain", name, "--keep", "4", env=env)
     dirs = [tmp_path / "profiles" / "code", tmp_path / "profiles" / "prose"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,9 +45,20 @@ def _env() -> dict:
     return env
 
 
+# emo-subset as a child process (its exit status kept: main() returns it)
+EMO_SUBSET = [sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())"]
+
+
 def _emo_subset(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", *args], cwd=ROOT,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([*EMO_SUBSET, *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def emo_subset(*args, env: dict | None = None, timeout: float = 300) -> None:
+    """Run emo-subset to the end; a failure fails the test with the command's output."""
+    p = subprocess.run([*EMO_SUBSET, *map(str, args)], cwd=ROOT, env=env or _env(), capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, f"emo-subset {args[0]} failed:\n{p.stdout}{p.stderr}"
 
 
 class Server:

@@ -4,8 +4,6 @@ the numbers equal the model core's pool-restricted forward."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +11,7 @@ import torch
 from modeling import ProfileManifest, load_model
 from tests.checkpoints import write_domain_corpus, write_tokenizer
 from tests.families import write_hf_checkpoint
-from tests.test_server import ROOT, Server, _env
+from tests.test_server import Server, emo_subset
 
 pytest.importorskip("transformers")
 
@@ -26,10 +24,8 @@ def qwen(tmp_path_factory):
     write_tokenizer(base, 300)
     corpus = write_domain_corpus(root / "corpus.jsonl")
     for name in ("code", "prose"):
-        p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
-                            "--out", str(root / name), "--name", name, "-q", "--corpus", str(corpus), "--domain", name,
-                            "--keep", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0, p.stderr
+        emo_subset("build", base, "--out", root / name, "--name", name, "-q", "--corpus", corpus, "--domain", name,
+                   "--keep", "4", timeout=120)
     server = Server(["--model", str(base), "--profile", str(root / "code"), "--profile", str(root / "prose"),
                      "--served-model-name", "tiny-qwen3"], root / "server.log").wait()
     try:

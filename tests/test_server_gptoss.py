@@ -14,7 +14,7 @@ from modeling import ProfileManifest, SamplingParams, load_model
 from tests.checkpoints import write_domain_corpus
 from tests.families import write_hf_checkpoint
 from tests.test_gptoss import to_mxfp4
-from tests.test_server import ROOT, Server, _env
+from tests.test_server import ROOT, Server, _env, emo_subset
 
 pytest.importorskip("transformers")
 
@@ -33,11 +33,8 @@ def gptoss(tmp_path_factory):
     to_mxfp4(root / "float", base)
     (base / "chat_template.jinja").write_text(HARMONY)
     corpus = write_domain_corpus(root / "corpus.jsonl")
-    p = subprocess.run([sys.executable, "-c", "from subsetting.cli import main; raise SystemExit(main())", "build", str(base),
-                        "--out", str(root / "code"), "--name", "code", "-q", "--corpus", str(corpus),
-                        "--domain", "code", "--keep", "4"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
+    emo_subset("build", base, "--out", root / "code", "--name", "code", "-q", "--corpus", corpus, "--domain", "code",
+               "--keep", "4", timeout=120)
     server = Server(["--model", str(base), "--profile", str(root / "code"), "--served-model-name", "tiny-gptoss"],
                     root / "server.log").wait()
     try:
