@@ -15,6 +15,8 @@ import os
 import numpy as np
 import torch
 
+from modeling.pinning import page_ranges
+
 _PAGE = mmap.PAGESIZE
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
@@ -25,32 +27,13 @@ except (OSError, AttributeError):  # not Linux/glibc: report nothing as known
     _mincore = None
 
 
-def _page_ranges(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """Merged [start, end) page-aligned address ranges of CPU tensors."""
-    spans = []
-    for t in tensors:
-        if t is None or t.device.type != "cpu" or t.numel() == 0:
-            continue
-        a = t.data_ptr()
-        b = a + t.numel() * t.element_size()
-        spans.append(((a // _PAGE) * _PAGE, -(-b // _PAGE) * _PAGE))
-    spans.sort()
-    merged: list[list[int]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(a, b) for a, b in merged]
-
-
 def resident_bytes(tensors: list[torch.Tensor]) -> tuple[int, int] | None:
     """(resident bytes, mapped bytes) of the pages under `tensors`; None when unknown
     (no mincore, or tensors on an accelerator)."""
     if _mincore is None or any(t is not None and t.device.type != "cpu" for t in tensors):
         return None
     resident = total = 0
-    for a, b in _page_ranges(tensors):
+    for a, b in page_ranges(tensors):
         n = (b - a) // _PAGE
         vec = (ctypes.c_ubyte * n)()
         if _mincore(ctypes.c_void_p(a), b - a, vec) != 0:

@@ -101,3 +101,12 @@ def write_hf_checkpoint(folder: Path, name: str, seed: int = 0, **over):
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float()
+
+
+def stock(folder):
+    """The checkpoint as stock transformers loads it (float32); nothing missing, nothing left over."""
+    transformers = pytest.importorskip("transformers")
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()

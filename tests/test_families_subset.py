@@ -14,7 +14,7 @@ from modeling import ProfileManifest, load_model
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import IDS, hf_logits, write_hf_checkpoint
+from tests.families import IDS, hf_logits, stock, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,14 +49,6 @@ def bases(tmp_path_factory):
 
 def run(*args) -> int:
     return main([str(a) for a in args])
-
-
-def stock(folder):
-    """The profile as stock transformers loads it; nothing missing, nothing left over."""
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                                    output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
 
 
 @pytest.mark.parametrize("name", list(KEPT))

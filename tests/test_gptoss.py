@@ -21,7 +21,7 @@ from modeling.mxfp4 import gemv as mxfp4_gemv
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import IDS, hf_logits, write_hf_checkpoint
+from tests.families import IDS, hf_logits, stock, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -284,13 +284,6 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
-def _stock(folder):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                                    output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return model.eval()
-
-
 @pytest.mark.parametrize("kind", ["float", "mxfp4"])
 def test_uniform_profile_loads_in_stock_transformers_and_equals_the_pool(ckpt, tmp_path, kind):
     base = ckpt[kind]
@@ -303,7 +296,7 @@ def test_uniform_profile_loads_in_stock_transformers_and_equals_the_pool(ckpt, t
     assert cfg["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
     pooled = load_model(base).logits(LONG, pool=KEPT)
     assert not torch.allclose(pooled, load_model(base).logits(LONG), atol=1e-3)
-    torch.testing.assert_close(_stock(prof)(torch.tensor([LONG])).logits[0], pooled, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stock(prof)(torch.tensor([LONG])).logits[0], pooled, atol=1e-4, rtol=0)
     torch.testing.assert_close(load_model(prof).logits(LONG), pooled, atol=1e-5, rtol=0)
     man = ProfileManifest.read(prof)
     src, dst = load_model(base).files, load_model(prof).files
@@ -336,4 +329,4 @@ def test_every_method_builds_a_gptoss_profile(ckpt, tmp_path, method):
     assert all(len(v) == 4 for v in man.kept_experts.values())
     pooled = load_model(ckpt["mxfp4"]).logits(LONG, pool=man.pool())
     torch.testing.assert_close(load_model(prof).logits(LONG), pooled, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_stock(prof)(torch.tensor([LONG])).logits[0], pooled, atol=1e-4, rtol=0)
+    torch.testing.assert_close(stock(prof)(torch.tensor([LONG])).logits[0], pooled, atol=1e-4, rtol=0)
