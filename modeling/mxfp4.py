@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +76,7 @@ def gemv(x: Tensor, m: "Mxfp4Matrix", bias: Tensor | None = None) -> Tensor:
     dequantize + F.linear only by the order of accumulation. Scales outside
     [2, 252] (values that would be subnormal or overflow) take the dequantizing path."""
     global _gemv, gemv_calls
-    lo, hi = int(m.scales.min()), int(m.scales.max())
-    if x.shape[0] != 1 or x.device.type != "cpu" or lo < 2 or hi > 252:
+    if x.shape[0] != 1 or x.device.type != "cpu" or not m.bit_exact_scales:
         return F.linear(x, m.dequantize(x.dtype), bias)
     if _gemv is None:
         _gemv = torch.compile(_gemv_impl, dynamic=False)
@@ -139,6 +139,12 @@ class Mxfp4Matrix:
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
         return dequantize(self.blocks, self.scales, dtype)
+
+    @cached_property
+    def bit_exact_scales(self) -> bool:
+        """Every scale in [2, 252], where `gemv` builds float32 weights from bits
+        (read once per matrix, not at every decode step)."""
+        return 2 <= int(self.scales.min()) and int(self.scales.max()) <= 252
 
     def tensors(self) -> list[Tensor]:
         return [self.blocks, self.scales]
