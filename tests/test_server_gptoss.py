@@ -101,3 +101,10 @@ def test_bad_mxfp4_cache_size_is_a_usage_error(gptoss, size):
     p = subprocess.run([sys.executable, "-m", "server.cli", "--model", str(gptoss["base"]), f"--mxfp4-cache={size}"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--mxfp4-cache" in p.stderr and "is not a size" in p.stderr, p.stderr
+
+
+def test_sizes_take_si_iec_and_kubernetes_units():
+    from server.cli import parse_size
+
+    assert parse_size("0") == 0 and parse_size("1e9") == 10 ** 9 and parse_size("512MB") == 512 * 10 ** 6
+    assert parse_size("6GiB") == parse_size("6Gi") == 6 * 2 ** 30 and parse_size("1.5 g") == 15 * 10 ** 8
