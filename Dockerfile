@@ -4,52 +4,88 @@
 #
 #   CPU (default):  docker build -t emo-serve:cpu .
 #   CUDA 12.8:      docker build --build-arg TORCH_INDEX=cu128 -t emo-serve:cu128 .
+#   this project's machines (podman, no image registry): make image   (deploy/build_image.py)
 #
-#   docker run --rm -p 127.0.0.1:8000:8000 \
-#     -v "$PWD/models:/models:ro" -v "$PWD/profiles:/profiles:ro" \
-#     emo-serve:cpu --model /models/emo-demo --profiles-dir /profiles
+#   docker run --rm --read-only -p 127.0.0.1:8000:8000 emo-serve:cpu          # the bundled demo
+#   docker run --rm --read-only -p 127.0.0.1:8000:8000 -v "$PWD/profiles:/profiles:ro" \
+#     emo-serve:cpu --model /opt/emo-demo --profiles-dir /profiles              # demo + mounted profiles
 #
+# BASE_IMAGE: any Debian-based image with python3 (3.11+) and its venv module.
+# The default is the public Python slim image; machines without a registry use a
+# Debian base made by mmdebstrap (`make image` builds and picks it).
 # TORCH_INDEX picks PyTorch's wheel index (https://download.pytorch.org/whl/<index>):
-# `cpu`, or a CUDA build such as `cu126` / `cu128`; the CUDA wheels carry their own
-# CUDA libraries, so the final stage stays a plain Python image and only needs the
-# host's NVIDIA driver and container toolkit (`docker run --gpus all ... --device cuda`).
+# `cpu`, or a CUDA build such as `cu126` / `cu128`, whose wheels carry their own
+# CUDA libraries (the final stage only needs the host's NVIDIA driver and container
+# toolkit: `docker run --gpus all ... --device cuda`). Empty: pip's configured
+# sources, as `make setup` does (a local wheel mirror; `make image` mounts it).
 # See deploy/README.md.
 
-ARG PYTHON_VERSION=3.11
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- builder: a virtual environment with torch and emo-serve, nothing else ----
-FROM python:${PYTHON_VERSION}-slim-bookworm AS builder
+# ---- builder: a virtual environment with torch and emo-serve, built with g++ ----
+FROM ${BASE_IMAGE} AS builder
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=cpu
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    DEBIAN_FRONTEND=noninteractive
 
-RUN python -m venv /opt/venv
+# g++ builds the project's C++ torch extension (when the tree has one) against the
+# installed torch. The python image carries Python's headers; Debian's python3 needs
+# python3-dev for them.
+# hadolint ignore=DL3008
+RUN pyinc="$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')" \
+    && dev="$(test -f "$pyinc/Python.h" || echo python3-dev)" \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends g++ $dev \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
-# torch first, from PyTorch's own index, so `pip install .` finds it satisfied.
-RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}" \
-        "torch==${TORCH_VERSION}"
+# torch first (its own layer: it is most of the image and changes least), then the
+# build tools `pip install --no-build-isolation` uses from this venv.
+RUN if [ -n "$TORCH_INDEX" ]; then set -- --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"; fi \
+    && pip install "$@" "torch==${TORCH_VERSION}" \
+    && pip install "setuptools>=77" wheel
 
+# The project's dependencies in their own layer, keyed on pyproject.toml alone, so that
+# a change to the code reinstalls only the project.
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY modeling ./modeling
-COPY server ./server
-COPY subsetting ./subsetting
-COPY clients ./clients
-COPY training ./training
-# A regular (non-editable) install: the package, its bundled demo model and the
-# console scripts land in /opt/venv. Then drop the installers: the final image
-# has no pip, setuptools or wheel, and no compiler was ever installed.
-RUN pip install --no-cache-dir . \
-    && pip uninstall --yes pip setuptools wheel \
-    && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
+COPY pyproject.toml ./
+RUN python -P -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 
-# ---- final: slim Python, the venv, a non-root user ----
-FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime
+# The build context is an allowlist (.dockerignore): pyproject.toml, README.md,
+# setup.py when present, and the packages. A regular (non-editable) install: the
+# package, its bundled demo model and the console scripts land in /opt/venv, compiled
+# to bytecode there (the root file system is read-only at run time). Then the
+# installers go: the venv has no pip, setuptools or wheel (the python image's own
+# pip, outside the venv, stays; Debian's python3 has none). `python -P`: the
+# installed package, not the sources in the working directory.
+COPY . .
+RUN pip install --no-build-isolation --no-deps . \
+    && pip uninstall --yes pip setuptools wheel \
+    && python -P -c "import server.cli"
+
+# What the final stage adds to the base besides the venv, prepared here so that the
+# final stage has no RUN step (mounts given to `podman build -v` leave empty mount
+# points in every layer a RUN step makes): the non-root user, the mount points, and
+# /opt/emo-demo, the bundled demo model, for `--model /opt/emo-demo --profiles-dir /profiles`.
+RUN groupadd --system --gid 10001 emo \
+    && useradd --system --uid 10001 --gid emo --no-create-home --home-dir /nonexistent \
+               --shell /usr/sbin/nologin emo \
+    && mkdir -p /rootfs/etc /rootfs/opt /rootfs/models /rootfs/profiles \
+    && cp /etc/passwd /etc/group /rootfs/etc/ \
+    && ln -s "$(python -P -c 'import modeling, pathlib; print(pathlib.Path(modeling.__file__).parent / "bundled" / "emo-demo")')" \
+             /rootfs/opt/emo-demo
+
+# ---- final: the same base, the venv, a non-root user; no compiler, no RUN step ----
+FROM ${BASE_IMAGE} AS runtime
 
 ARG TORCH_INDEX=cpu
 LABEL org.opencontainers.image.title="emo-serve" \
@@ -57,17 +93,12 @@ LABEL org.opencontainers.image.title="emo-serve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.emo-serve.torch-index="${TORCH_INDEX}"
 
-# The base image's own pip/setuptools/wheel go too: nothing in this stage builds or installs.
-RUN python -m pip uninstall --yes pip setuptools wheel \
-    && groupadd --system --gid 10001 emo \
-    && useradd --system --uid 10001 --gid emo --no-create-home --home-dir /nonexistent \
-               --shell /usr/sbin/nologin emo \
-    && mkdir -p /models /profiles
-
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /rootfs/ /
 
 # HOME and caches on /tmp so the image runs with a read-only root file system
-# (compose `read_only: true`, k8s `readOnlyRootFilesystem: true` plus a /tmp volume).
+# (`--read-only`, compose `read_only: true`, k8s `readOnlyRootFilesystem: true`);
+# /tmp is a volume, so it stays writable there.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -75,6 +106,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     HF_HOME=/tmp/.cache/huggingface \
     HF_HUB_OFFLINE=1
+VOLUME ["/tmp"]
 
 USER 10001:10001
 WORKDIR /tmp
@@ -87,6 +119,7 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
 
 # 0.0.0.0 inside the container only: publish the port on the host deliberately
 # (`-p 127.0.0.1:8000:8000`), or not at all behind the router. Arguments given to
-# `docker run` / compose `command:` / k8s `args:` are appended to these.
+# `docker run` / compose `command:` / k8s `args:` replace CMD and are appended to
+# these; none (the default) serves the bundled demo model with its bundled profiles.
 ENTRYPOINT ["emo-serve", "--host", "0.0.0.0", "--port", "8000"]
 CMD []
