@@ -39,7 +39,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN pyinc="$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')" \
     && dev="$(test -f "$pyinc/Python.h" || echo python3-dev)" \
     && apt-get update \
-    && apt-get install -y --no-install-recommends g++ $dev \
+    && apt-get install -y --no-install-recommends g++ ${dev:+"$dev"} \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3 -m venv /opt/venv
@@ -47,9 +47,8 @@ ENV PATH=/opt/venv/bin:$PATH
 
 # torch first (its own layer: it is most of the image and changes least), then the
 # build tools `pip install --no-build-isolation` uses from this venv.
-RUN if [ -n "$TORCH_INDEX" ]; then set -- --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"; fi \
-    && pip install "$@" "torch==${TORCH_VERSION}" \
-    && pip install "setuptools>=77" wheel
+RUN pip install ${TORCH_INDEX:+--index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"} "torch==${TORCH_VERSION}" \
+    && pip install setuptools==84.2.1 wheel==0.48.0
 
 # The project's dependencies in their own layer, keyed on pyproject.toml alone, so that
 # a change to the code reinstalls only the project.

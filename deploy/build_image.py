@@ -131,20 +131,20 @@ def resolve_base(base: str, suite: str) -> str | None:
 
 
 def build(tag: str = DEFAULT_TAG, base: str = "auto", suite: str = "bookworm", torch_index: str | None = None,
-          extra: list[str] | None = None) -> int:
+          extra: list[str] | None = None, file: Path = ROOT / "Dockerfile", context: Path = ROOT) -> int:
     if not shutil.which("podman"):
         print("build_image: podman is not installed (make setup-system installs it)", file=sys.stderr)
         return 2
     base_ref = resolve_base(base, suite)
     with tempfile.TemporaryDirectory(prefix="emo-pip-") as tmp:
         cmd = ["podman", "build", "--format", "docker",  # docker format: OCI images drop HEALTHCHECK
-               "--file", str(ROOT / "Dockerfile"), "--tag", tag]
+               "--file", str(file), "--tag", tag]
         if base_ref:
             cmd += ["--build-arg", f"BASE_IMAGE={base_ref}"]
         cmd += pip_build_args(pip_settings(), Path(tmp))
         if torch_index is not None:
             cmd += ["--build-arg", f"TORCH_INDEX={torch_index}"]
-        cmd += [*(extra or []), str(ROOT)]
+        cmd += [*(extra or []), str(context)]
         print("build_image:", " ".join(cmd), file=sys.stderr)
         t0 = time.monotonic()
         rc = subprocess.run(cmd).returncode
@@ -161,9 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", default="bookworm", help="Debian suite of the auto base (default bookworm: Python 3.11)")
     p.add_argument("--torch-index", help="PyTorch wheel index (cpu, cu128, ...; empty: pip's sources). Default: "
                                          "the sources when this machine has a local mirror, else cpu")
+    p.add_argument("--file", type=Path, default=ROOT / "Dockerfile",
+                   help="Containerfile (default: the Dockerfile; deploy/compose/router.Containerfile: the router)")
+    p.add_argument("--context", type=Path, help="build context (default: the repository, or the file's folder "
+                                                "for another Containerfile)")
     p.add_argument("podman_args", nargs="*", help="more `podman build` arguments (after --)")
     args = p.parse_args(argv)
-    return build(args.tag, args.base, args.suite, args.torch_index, args.podman_args)
+    context = args.context or (ROOT if args.file.resolve() == ROOT / "Dockerfile" else args.file.resolve().parent)
+    return build(args.tag, args.base, args.suite, args.torch_index, args.podman_args, args.file, context)
 
 
 if __name__ == "__main__":

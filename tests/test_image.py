@@ -25,6 +25,7 @@ installs it). Figures are printed (`pytest -s`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -223,3 +224,83 @@ def test_sigterm_ends_streams_and_the_container_within_the_shutdown_timeout(cont
     assert code in (0, 143), container.logs()
     log = container.logs()
     assert "Traceback" not in log and " ERROR " not in log, log
+
+
+# -- compose: two replicas with different profiles behind the router -------------------------------
+
+ROUTER_IMAGE = "localhost/litellm-router:1.80.0"  # deploy/compose/router.Containerfile: LiteLLM from PyPI
+GROUPS = {"code": ("python", "c"), "prose": ("prose", "arith")}  # as deploy/compose/litellm-config.yaml
+
+
+@pytest.fixture(scope="module")
+def router_image() -> str:
+    if shutil.which("podman-compose") is None:
+        pytest.skip("podman-compose is not installed (`make setup-system` installs it)")
+    p = subprocess.run([sys.executable, str(ROOT / "deploy" / "build_image.py"), "--tag", ROUTER_IMAGE,
+                        "--file", str(ROOT / "deploy" / "compose" / "router.Containerfile")],
+                       capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, f"router image build failed:\n{p.stdout[-4000:]}{p.stderr[-8000:]}"
+    return ROUTER_IMAGE
+
+
+def test_compose_routes_each_profile_to_the_replica_that_hosts_it(image, router_image, tmp_path):
+    data = tmp_path / "profiles"
+    for group, names in GROUPS.items():
+        for name in names:
+            shutil.copytree(DEMO / "profiles" / name, data / group / name)
+    port = _free_port()
+    project = f"emo-image-test-{port}"
+    router_key, upstream_key = "sk-test-router-key", "sk-test-upstream-key"
+    env = {**os.environ, "EMO_IMAGE": image, "LITELLM_IMAGE": router_image, "EMO_PROFILES_DIR": str(data),
+           "EMO_ROUTER_PORT": str(port), "EMO_API_KEY": router_key, "EMO_UPSTREAM_API_KEY": upstream_key}
+    compose = ["podman-compose", "--project-name", project, "--file", str(ROOT / "deploy" / "compose.yaml")]
+    t0 = time.monotonic()
+    up = subprocess.run([*compose, "up", "--detach"], env=env, capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        auth = {"Authorization": f"Bearer {router_key}"}
+        answered = {}
+        for names in GROUPS.values():
+            for name in names:
+                body = {"model": f"emo-demo:{name}", "prompt": "The quick brown fox", "max_tokens": 8,
+                        "temperature": 0}
+                while True:  # the replicas and the router start together: wait for the route to answer
+                    try:
+                        r = httpx.post(url, json=body, headers=auth, timeout=60)
+                        if r.status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        r = None
+                    assert time.monotonic() - t0 < 300, f"no answer for {name}: {r and r.text}\n{_compose_logs(project)}"
+                    time.sleep(1)
+                answered[name] = r.json()["choices"][0]["text"]
+        figure("compose up to every profile answered through the router", f"{time.monotonic() - t0:.0f} s")
+        # each replica's access log names only its own group's profiles
+        for group, names in GROUPS.items():
+            log = _container_log(project, f"emo-serve-{group}")
+            served = {name for g in GROUPS.values() for name in g if f"profile={name} " in log}
+            assert served == set(names), (group, served, log)
+        assert httpx.post(url, json={**body, "model": "emo-demo:nope"}, headers=auth, timeout=60).status_code >= 400
+        assert httpx.post(url, json=body, timeout=60).status_code == 401  # the router wants its key
+    finally:
+        subprocess.run([*compose, "down", "--timeout", "5"], env=env, capture_output=True, text=True, timeout=300)
+        # podman-compose 1.0.3's `down` leaves the project's networks
+        for net in podman("network", "ls", "--format", "{{.Name}}").stdout.split():
+            if net.startswith(project + "_"):
+                podman("network", "rm", net, check=False)
+
+
+def _compose_containers(project: str) -> list[str]:
+    return podman("ps", "--all", "--filter", f"label=io.podman.compose.project={project}",
+                  "--format", "{{.Names}}").stdout.split()
+
+
+def _container_log(project: str, service: str) -> str:
+    name = next(n for n in _compose_containers(project) if service in n)
+    p = podman("logs", name, check=False)
+    return p.stdout + p.stderr
+
+
+def _compose_logs(project: str) -> str:
+    return "\n".join(f"--- {n}\n{_container_log(project, n)[-3000:]}" for n in _compose_containers(project))
