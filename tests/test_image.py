@@ -276,6 +276,7 @@ def test_compose_routes_each_profile_to_the_replica_that_hosts_it(image, router_
                     time.sleep(1)
                 answered[name] = r.json()["choices"][0]["text"]
         figure("compose up to every profile answered through the router", f"{time.monotonic() - t0:.0f} s")
+        figure("a completion's fields after the router", {k: v for k, v in r.json().items() if k != "choices"})
         # each replica's access log names only its own group's profiles
         for group, names in GROUPS.items():
             log = _container_log(project, f"emo-serve-{group}")
