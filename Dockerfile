@@ -22,8 +22,8 @@
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# ---- builder: a virtual environment with torch and emo-serve, built with g++ ----
-FROM ${BASE_IMAGE} AS builder
+# ---- deps: g++ and a virtual environment with torch and the project's dependencies ----
+FROM ${BASE_IMAGE} AS deps
 
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=cpu
@@ -51,7 +51,7 @@ RUN pip install ${TORCH_INDEX:+--index-url "https://download.pytorch.org/whl/${T
     && pip install setuptools==84.2.1 wheel==0.48.0
 
 # The project's dependencies in their own layer, keyed on pyproject.toml alone, so that
-# a change to the code reinstalls only the project.
+# a change to the code rebuilds only the project's stage.
 WORKDIR /src
 COPY pyproject.toml ./
 RUN python -P -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
@@ -59,31 +59,40 @@ RUN python -P -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The build context is an allowlist (.dockerignore): pyproject.toml, README.md,
-# setup.py when present, and the packages. A regular (non-editable) install: the
-# package, its bundled demo model and the console scripts land in /opt/venv, compiled
-# to bytecode there (the root file system is read-only at run time). Then the
-# installers go: the venv has no pip, setuptools or wheel (the python image's own
-# pip, outside the venv, stays; Debian's python3 has none). `python -P`: the
-# installed package, not the sources in the working directory.
-COPY . .
-RUN pip install --no-build-isolation --no-deps . \
-    && pip uninstall --yes pip setuptools wheel \
-    && python -P -c "import server.cli"
+# ---- builder: the project, into /opt/emo (outside the venv) ----
+FROM deps AS builder
 
-# What the final stage adds to the base besides the venv, prepared here so that the
-# final stage has no RUN step (mounts given to `podman build -v` leave empty mount
-# points in every layer a RUN step makes): the non-root user, the mount points, and
-# /opt/emo-demo, the bundled demo model, for `--model /opt/emo-demo --profiles-dir /profiles`.
+# The build context is an allowlist (.dockerignore): pyproject.toml, README.md,
+# setup.py when present, and the packages. A regular (non-editable) install, compiled
+# to bytecode (the root file system is read-only at run time), into /opt/emo: the
+# package, its bundled demo model, the console scripts (run by /opt/venv/bin/python),
+# and a C++ torch extension when the tree has one. Kept out of the venv so that a
+# change to the code leaves the venv's 1.5 GB layer of the final image as it was.
+# `python -P`: the installed package, not the sources in the working directory.
+COPY . .
+RUN pip install --no-build-isolation --no-deps --target /opt/emo . \
+    && PYTHONPATH=/opt/emo python -P -c "import server.cli"
+
+# What the final stage adds to the base besides the venv and /opt/emo, prepared here so
+# that the final stage has no RUN step (mounts given to `podman build --volume` leave
+# empty mount points in every layer a RUN step makes): the non-root user, the mount
+# points, and /opt/emo-demo, the bundled demo model, for
+# `--model /opt/emo-demo --profiles-dir /profiles`.
 RUN groupadd --system --gid 10001 emo \
     && useradd --system --uid 10001 --gid emo --no-create-home --home-dir /nonexistent \
                --shell /usr/sbin/nologin emo \
     && mkdir -p /rootfs/etc /rootfs/opt /rootfs/models /rootfs/profiles \
     && cp /etc/passwd /etc/group /rootfs/etc/ \
-    && ln -s "$(python -P -c 'import modeling, pathlib; print(pathlib.Path(modeling.__file__).parent / "bundled" / "emo-demo")')" \
-             /rootfs/opt/emo-demo
+    && ln -s /opt/emo/modeling/bundled/emo-demo /rootfs/opt/emo-demo
 
-# ---- final: the same base, the venv, a non-root user; no compiler, no RUN step ----
+# ---- venv: the dependencies' venv as the final image has it ----
+# No pip, setuptools or wheel (the python image keeps its own, outside the venv;
+# Debian's python3 has none), and /opt/emo on its path.
+FROM deps AS venv
+RUN python -P -c "import site; print('/opt/emo', file=open(site.getsitepackages()[0] + '/emo-serve.pth', 'w'))" \
+    && pip uninstall --yes pip setuptools wheel
+
+# ---- final: the same base, the venv, the project, a non-root user; no compiler, no RUN step ----
 FROM ${BASE_IMAGE} AS runtime
 
 ARG TORCH_INDEX=cpu
@@ -92,13 +101,14 @@ LABEL org.opencontainers.image.title="emo-serve" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.emo-serve.torch-index="${TORCH_INDEX}"
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=venv /opt/venv /opt/venv
+COPY --from=builder /opt/emo /opt/emo
 COPY --from=builder /rootfs/ /
 
 # HOME and caches on /tmp so the image runs with a read-only root file system
 # (`--read-only`, compose `read_only: true`, k8s `readOnlyRootFilesystem: true`);
 # /tmp is a volume, so it stays writable there.
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/emo/bin:/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

@@ -602,9 +602,10 @@ def test_dockerfile_structure():
     final = stages[-1]
     # both stages on BASE_IMAGE: the public Python slim image unless the build says otherwise
     assert final[0][1].startswith("${BASE_IMAGE}") and stages[0][0][1].startswith("${BASE_IMAGE}")
+    assert {stage[0][1] for stage in stages[1:-1]} <= {"deps AS builder", "deps AS venv"}
     assert "slim" in args["BASE_IMAGE"] and "python" in args["BASE_IMAGE"]
     # the builder compiles the project's C++ extension against the torch it installed first
-    builder_text = " ".join(f"{k} {v}" for k, v in stages[0])
+    builder_text = " ".join(f"{k} {v}" for stage in stages[:-1] for k, v in stage)
     assert "g++" in builder_text and "--no-build-isolation" in builder_text
     assert builder_text.index("torch==") < builder_text.index("--no-build-isolation")
     # no build tools, no package installs, no RUN at all in the final stage (a RUN step would
@@ -614,7 +615,7 @@ def test_dockerfile_structure():
         assert tool not in final_text, tool
     assert "RUN" not in [k for k, _ in final]
     copies = [v for k, v in final if k == "COPY"]
-    assert copies and all(c.startswith("--from=builder") for c in copies)
+    assert copies and all(c.startswith(("--from=builder", "--from=venv")) for c in copies)
     user = [v for k, v in final if k == "USER"]
     assert user and user[-1].split(":")[0] not in ("0", "root")
     health = [v for k, v in final if k == "HEALTHCHECK"]

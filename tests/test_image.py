@@ -145,7 +145,7 @@ def test_image_config(image):
     # nothing of the build's pip sources is in the image (no pip config, no empty mount points), and no pip
     p = podman("run", "--rm", "--entrypoint", "sh", image, "-c",
                "ls -A /opt && ! test -e /etc/pip.conf && ! test -e /etc/xdg/pip && ! python -m pip --version")
-    assert p.stdout.split() == ["emo-demo", "venv"], p.stdout
+    assert p.stdout.split() == ["emo", "emo-demo", "venv"], p.stdout
     assert "No module named pip" in p.stderr, p.stderr
 
 
