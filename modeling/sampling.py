@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     repetition_penalty: float = 1.0  # vLLM/CTRL: logits of prompt and output tokens divided (>0) or multiplied (<0)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    # grammar-constrained decoding (modeling.structured.Constraint): one per sequence, it masks the
+    # tokens its grammar forbids; whoever appends the sampled token calls its `accept`
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def finite(name: str) -> float:
@@ -144,6 +148,7 @@ def process_logits(logits: Tensor, params: list[SamplingParams], outputs: list[l
     """Logit bias, minimum length (stop tokens banned) and penalties; a new tensor."""
     logits = logits.float().clone()
     V = logits.shape[-1]
+    raw = {r: logits[r].clone() for r, p in enumerate(params) if p.constraint is not None}
     for r, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor([t for t in p.logit_bias if 0 <= t < V], dtype=torch.long)
@@ -156,6 +161,15 @@ def process_logits(logits: Tensor, params: list[SamplingParams], outputs: list[l
     pen = [r for r, p in enumerate(params) if p.penalized]
     if pen and outputs is not None:
         _apply_penalties(logits, pen, params, outputs, prompts)
+    for r, p in enumerate(params):
+        if p.constraint is not None:
+            allowed = p.constraint.allowed()[:V]
+            row = logits[r]
+            if not (torch.isfinite(row[: allowed.numel()]) & allowed).any():
+                # bias or min_tokens removed every token the grammar allows (say its end): the grammar wins
+                row.copy_(raw[r])
+            row[: allowed.numel()].masked_fill_(~allowed, float("-inf"))
+            row[allowed.numel():] = float("-inf")
     return logits
 
 

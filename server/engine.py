@@ -470,12 +470,17 @@ class Engine:
         s.output.append(tok)
         ev.tokens.append(info)
         M.GENERATED_TOKENS.inc()
+        grammar = s.params.constraint  # structured output: the grammar advances, and may be complete
+        grammar_done = grammar is not None and (not grammar.accept(tok) or grammar.done)
         if s.detok is not None:
             delta, hit = s.stops.feed(s.detok.add([tok]))
             ev.text = delta
             if hit:
                 self._finish(s, ev, "stop")
                 return
+        if grammar_done:
+            self._finish(s, ev, "stop")
+            return
         if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
             self._finish(s, ev, "length")
             return
