@@ -146,9 +146,9 @@ class OutputSplitter:
         return "tool_calls" if reason == "stop" and self.made else reason
 
 
-async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
-    state: AppState = request.app.state.emo
-    req = await parse_body(request, ChatCompletionRequest)
+async def start_chat(state: AppState, request: Request, req: ChatCompletionRequest,
+                     k: int | None) -> tuple[Run, list[int], list[OutputSplitter]]:
+    """Template, grammar, limits and the submitted run of a chat request (shared with /v1/responses)."""
     model = state.registry.model
     tok = model.tokenizer
     if tok is None or tok.chat_template is None:
@@ -160,9 +160,6 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     grammar = (await asyncio.to_thread(checked, model, tools.grammar, "tool_choice") if tools.grammar is not None
                else await structured_grammar(model, req))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    k = req.top_logprobs if req.logprobs else None
-    if req.logprobs and k is None:
-        k = 0
     max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
     stop = stop_list(req.stop)
     vocab = model.config.vocab_size
@@ -170,8 +167,17 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
              for j in range(req.n)]
     run = Run(state, request, profile, specs, k, False, req.return_routing)
     run.submit()
+    return run, prompt, [OutputSplitter(state, tools, prompt_text) for _ in specs]
+
+
+async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
+    state: AppState = request.app.state.emo
+    req = await parse_body(request, ChatCompletionRequest)
+    k = req.top_logprobs if req.logprobs else None
+    if req.logprobs and k is None:
+        k = 0
+    run, prompt, splitters = await start_chat(state, request, req, k)
     base = state.registry.base_name
-    splitters = [OutputSplitter(state, tools, prompt_text) for _ in specs]
 
     def model_id() -> str:
         return base if run.profile == "full" else f"{base}:{run.profile}"
