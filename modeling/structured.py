@@ -109,13 +109,15 @@ class Constraint:
         self.words = (self.vocab_size + 31) // 32
         self._next: concurrent.futures.Future | None = None
         self.failed: str | None = None  # why the grammar could not go on (a token it refused)
+        # read only between masks: the matcher must not be touched while a worker computes one
+        self._stopped = self.matcher.is_stopped()
         self.mask_seconds = 0.0  # time spent computing masks (on the worker), for the benchmark
         self._start_mask()
 
     @property
     def done(self) -> bool:
         """The grammar is complete (or broken): the sequence must stop."""
-        return self.failed is not None or self.matcher.is_stopped()
+        return self.failed is not None or self._stopped
 
     def _compute(self) -> Tensor:
         t0 = time.perf_counter()
@@ -143,7 +145,8 @@ class Constraint:
             self.failed = _short(self.matcher.get_error() or f"token {token_id} not allowed")
             self._next = None
             return False
-        self._next = None if self.matcher.is_stopped() else _POOL.submit(self._compute)
+        self._stopped = self.matcher.is_stopped()
+        self._next = None if self._stopped else _POOL.submit(self._compute)
         return True
 
 

@@ -4,7 +4,8 @@ file hashes (`emo-subset verify` stays green).
 
     python -m training.chat_template modeling/bundled/emo-demo
 
-A minimal role-tagged format with Hermes-style tool calls (`<tool_call>{"name",
+A minimal role-tagged format (short, tools listed by name and
+parameter names: the demo's context is 256 tokens; the grammar, not the prompt, holds their schemas) with Hermes-style tool calls (`<tool_call>{"name",
 "arguments"}</tool_call>`, what server.tool_parsers reads by default), so that
 chat, tools and structured output work on the demo out of the box. The demo
 was never trained on it: it is the frame constrained decoding fills in.
@@ -22,9 +23,10 @@ TEMPLATE = """{%- if tools %}
 <|system|>
 {% if messages[0].role == 'system' %}{{ messages[0].content }}
 
-{% endif %}You may call these tools. For each call write <tool_call>, a JSON object with "name" and "arguments", \
-then </tool_call>:
-{% for t in tools %}{{ t.function | tojson }}
+{% endif %}Tools; call as <tool_call>{"name", "arguments"}</tool_call>:
+{% for t in tools %}- {{ t.function.name }}({{ ((t.function.parameters or {}).properties or {}) | join(', ') }})\
+{% if t.function.description %}: {{ t.function.description }}{% endif %}
+
 {% endfor %}
 {% endif %}
 {%- for m in messages %}
