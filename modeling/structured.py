@@ -37,8 +37,9 @@ class GrammarError(ValueError):
     """A grammar (JSON schema, regex, Lark) the library refuses; the message names the failing part."""
 
 
-# masks are computed off the engine thread; the Rust side drops the GIL while it works
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="emo-grammar")
+# masks are computed off the engine thread, while the forward pass runs (the Rust side drops the GIL); one
+# worker: a mask costs well under a millisecond, and the forward's own threads should keep the cores
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="emo-grammar")
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
@@ -111,7 +112,8 @@ class Constraint:
         self.failed: str | None = None  # why the grammar could not go on (a token it refused)
         # read only between masks: the matcher must not be touched while a worker computes one
         self._stopped = self.matcher.is_stopped()
-        self.mask_seconds = 0.0  # time spent computing masks (on the worker), for the benchmark
+        self.mask_seconds = 0.0  # time spent computing masks (on a worker), for benchmarks/bench_structured.py
+        self.wait_seconds = 0.0  # time the sampler waited for a mask (what the overlap with the forward missed)
         self._start_mask()
 
     @property
@@ -132,7 +134,9 @@ class Constraint:
     def allowed(self) -> Tensor:
         """`[vocab]` bool: the tokens the grammar allows next (waits for the
         mask started by the last `accept`)."""
+        t0 = time.perf_counter()
         bits = self._next.result() if self._next is not None else self._compute()
+        self.wait_seconds += time.perf_counter() - t0
         return ((bits[:, None] >> _BITS) & 1).bool().flatten()[: self.vocab_size]
 
     def accept(self, token_id: int) -> bool:
