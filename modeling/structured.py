@@ -11,11 +11,12 @@ GIL dropped, so the mask of step t+1 is computed on a worker thread while the
 forward pass of step t+1 runs.
 
 Contract with the sampler (`modeling.sampling`): `SamplingParams.constraint`
-holds one `Constraint` per sequence; before sampling, `mask_logits(row)` sets
-the logits of forbidden tokens to -inf; after the token is chosen the owner
-calls `accept(token)`, which also starts computing the next mask in the
-background. `done` turns true once the grammar is complete (only then is the
-end-of-sequence token allowed, and the sequence should stop).
+holds one `Constraint` per sequence; before sampling, `process_logits` sets the
+logits of the tokens outside `allowed()` to -inf; after the token is chosen the
+owner (the server's engine) calls `accept(token)`, which also starts computing
+the next mask in the background. `done` turns true once the grammar is
+complete (only then is the end-of-sequence token allowed, and the sequence
+should stop).
 """
 
 from __future__ import annotations

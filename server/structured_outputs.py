@@ -92,3 +92,10 @@ async def structured_grammar(model, req) -> str | None:
 
 def constraint(model, grammar: str | None) -> Constraint | None:
     return None if grammar is None else compiler_for(model).constraint(grammar)
+
+
+async def constraints(model, grammar: str | None, n: int) -> list[Constraint | None]:
+    """One constraint per sequence; matchers are built off the event loop (a large grammar takes a while)."""
+    if grammar is None:
+        return [None] * n
+    return await asyncio.to_thread(lambda: [constraint(model, grammar) for _ in range(n)])

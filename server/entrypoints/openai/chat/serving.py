@@ -24,7 +24,7 @@ from ....engine import TokenInfo
 from ....errors import APIError, bad_request
 from ....reasoning import ReasoningSplitter, enabled as reasoning_enabled
 from ....state import AppState
-from ....structured_outputs import checked, constraint, structured_grammar
+from ....structured_outputs import checked, constraints, structured_grammar
 from ....tool_parsers import ToolCall, ToolCallExtractor, ToolFormat, format_for
 from ..completions.protocol import dump
 from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
@@ -163,7 +163,8 @@ async def start_chat(state: AppState, request: Request, req: ChatCompletionReque
     max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
     stop = stop_list(req.stop)
     vocab = model.config.vocab_size
-    specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config, vocab, constraint(model, grammar)))
+    grammars = await constraints(model, grammar, req.n)
+    specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config, vocab, grammars[j]))
              for j in range(req.n)]
     run = Run(state, request, profile, specs, k, False, req.return_routing)
     run.submit()

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ....engine import TokenInfo
 from ....errors import bad_request
 from ....state import AppState
-from ....structured_outputs import constraint, structured_grammar
+from ....structured_outputs import constraints, structured_grammar
 from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 
@@ -82,11 +82,12 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
     stop = stop_list(req.stop)
     model = state.registry.model
     grammar = await structured_grammar(model, req)
+    grammars = iter(await constraints(model, grammar, len(prompts) * req.n))
     specs = []
     for p in prompts:
         for j in range(req.n):
             specs.append((p, sampling_params(req, max_tokens, j, stop, state.config, model.config.vocab_size,
-                                             constraint(model, grammar))))
+                                             next(grammars))))
     run = Run(state, request, profile, specs, req.logprobs, want_prompt_lp, req.return_routing)
     run.submit()
     tok = state.registry.model.tokenizer
