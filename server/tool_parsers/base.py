@@ -62,6 +62,59 @@ def parameter_value(text: str, schema: dict[str, Any] | None) -> Any:
         return t
 
 
+# -- grammars (Lark text in llguidance's dialect) -----------------------------------------
+
+def lark_str(text: str) -> str:
+    """A Lark string literal matching `text` exactly."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def json_rule(schema: dict[str, Any] | None) -> str:
+    """An inline Lark rule for JSON of `schema` (compact: no runs of blanks)."""
+    schema = dict(schema or {"type": "object"})
+    schema["x-guidance"] = {"whitespace_flexible": False}
+    return "%json " + json.dumps(schema)
+
+
+def bare_value_rule(schema: dict[str, Any] | None, stop: str = "<") -> str:
+    """A parameter value written as bare text (XML-style formats): a string as its characters (never `stop`,
+    which starts the closing tag; at most maxLength of them), an enum of strings as one of them, anything
+    else as JSON."""
+    schema = schema or {}
+    if schema.get("type") == "string":
+        if isinstance(schema.get("enum"), list) and all(isinstance(v, str) for v in schema["enum"]):
+            return "(" + " | ".join(lark_str(v) for v in schema["enum"]) + ")"
+        most = schema.get("maxLength")
+        count = f"{{{int(schema.get('minLength', 0))},{int(most)}}}" if isinstance(most, int) else "*"
+        return f"/[^{stop}]{count}/"
+    return json_rule(schema)
+
+
+def calls_rule(alternatives: list[str], parallel: bool, open_: str, close: str, sep: str = "") -> str:
+    """`start:` over one call (several when `parallel`, `sep` between them), each `open_`, one of the
+    alternatives (rule names), `close`."""
+    many = f"call ({lark_str(sep)} call)*" if sep else "call+"
+    return f"start: {many if parallel else 'call'}\ncall: {lark_str(open_)} ({' | '.join(alternatives)}) " \
+           f"{lark_str(close)}\n"
+
+
+def tool_rules(tools: list[dict], body) -> tuple[list[str], str]:
+    """(rule names, rule text): one rule `f<i>` per tool, its right-hand side `body(tool)`."""
+    names = [f"f{i}" for i in range(len(tools))]
+    return names, "".join(f"{n}: {body(t)}\n" for n, t in zip(names, tools))
+
+
+def parameter_rules(tool: dict, one) -> str:
+    """The tool's parameters in schema order, `one(key, schema)` each; the ones not required optional."""
+    params = tool.get("parameters") or {}
+    required = set(params.get("required") or [])
+    parts = []
+    for k, sch in (params.get("properties") or {}).items():
+        rule = one(k, sch if isinstance(sch, dict) else {})
+        parts.append(rule if k in required else f"({rule})?")
+    return " ".join(parts)
+
+
 class ToolFormat:
     """One model family's way of writing tool calls (subclasses fill these in)."""
 

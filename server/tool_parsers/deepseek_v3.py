@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from .base import ToolCall, ToolFormat, arguments_text
+from .base import ToolCall, ToolFormat, arguments_text, json_rule, lark_str, tool_rules
 
 _CALL = re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.S)
 _FENCED = re.compile(r"^\s*([^\n]+?)\s*\n```(?:json)?\s*\n(.*?)\n?```\s*$", re.S)
@@ -35,3 +35,13 @@ class DeepSeekV3Format(ToolFormat):
                 return None
             calls.append(ToolCall(name.strip(), text))
         return calls
+
+    def grammar(self, tools, parallel):
+        # V3's form: every call inside one begin/end block
+        def body(tool):
+            return " ".join([lark_str(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{tool['name']}\n```json\n"),
+                             json_rule(tool.get("parameters")), lark_str("\n```<｜tool▁call▁end｜>")])
+
+        names, rules = tool_rules(tools, body)
+        call = "(" + " | ".join(names) + ")"
+        return (f"start: {lark_str(self.start)} {call}{'+' if parallel else ''} {lark_str(self.end)}\n" + rules)

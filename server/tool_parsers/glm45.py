@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import re
 
-from .base import ToolCall, ToolFormat, parameter_value
+from .base import (ToolCall, ToolFormat, bare_value_rule, calls_rule, lark_str, parameter_rules, parameter_value,
+                   tool_rules)
 
 _ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
 
@@ -23,3 +24,14 @@ class Glm45Format(ToolFormat):
         props = (tools.get(name) or {}).get("properties") or {}
         args = {k.strip(): parameter_value(v, props.get(k.strip())) for k, v in _ARG.findall(block)}
         return [ToolCall(name, json.dumps(args, ensure_ascii=False))]
+
+    def grammar(self, tools, parallel):
+        def parameter(key, schema):
+            return " ".join([lark_str(f"<arg_key>{key}</arg_key>\n<arg_value>"), bare_value_rule(schema),
+                             lark_str("</arg_value>\n")])
+
+        def body(tool):
+            return " ".join([lark_str(tool["name"] + "\n"), parameter_rules(tool, parameter)])
+
+        names, rules = tool_rules(tools, body)
+        return calls_rule(names, parallel, "<tool_call>", "</tool_call>", sep="\n") + rules

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from .base import ToolCall, ToolFormat, arguments_text
+from .base import ToolCall, ToolFormat, arguments_text, calls_rule, json_rule
 
 
 class HermesFormat(ToolFormat):
@@ -26,6 +26,4 @@ class HermesFormat(ToolFormat):
                                                    "arguments": t.get("parameters") or {"type": "object"}},
                   "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
         schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        schema = json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})  # compact: no runs of blanks
-        start = 'call ("\\n" call)*' if parallel else "call"
-        return f'start: {start}\ncall: "<tool_call>\\n" %json {schema} "\\n</tool_call>"\n'
+        return calls_rule([json_rule(schema)], parallel, "<tool_call>\n", "\n</tool_call>", sep="\n")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .base import ToolCall, ToolFormat, arguments_text
+from .base import ToolCall, ToolFormat, arguments_text, json_rule, lark_str
 
 
 class MistralFormat(ToolFormat):
@@ -36,3 +36,12 @@ class MistralFormat(ToolFormat):
                     return None
                 calls.append(ToolCall(it["name"], text))
         return calls or None
+
+    def grammar(self, tools, parallel):
+        # the JSON-list form: every call in one list after the marker
+        calls = [{"type": "object", "properties": {"name": {"const": t["name"]},
+                                                   "arguments": t.get("parameters") or {"type": "object"}},
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        items = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        array = {"type": "array", "items": items, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        return f"start: {lark_str(self.start)} {json_rule(array)}\n"
