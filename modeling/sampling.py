@@ -42,6 +42,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     repetition_penalty: float = 1.0  # vLLM/CTRL: logits of prompt and output tokens divided (>0) or multiplied (<0)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text (harmony's markers are kept)
     # grammar-constrained decoding (modeling.structured.Constraint): one per sequence, it masks the
     # tokens its grammar forbids; whoever appends the sampled token calls its `accept`
     constraint: Any = field(default=None, compare=False, repr=False)

@@ -323,7 +323,8 @@ class Engine:
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
         s.stops = StopChecker(s.params.stop)
-        s.detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer is not None else None
+        s.detok = (IncrementalDetokenizer(self.model.tokenizer, s.params.skip_special_tokens)
+                   if self.model.tokenizer is not None else None)
         s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))

@@ -151,7 +151,7 @@ GRAMMAR_TOOLS = [
 ]
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", sorted(f for f in FORMATS if f != "harmony"))  # harmony: not constrained
 @pytest.mark.parametrize("parallel", [False, True])
 def test_every_formats_grammar_yields_calls_its_parser_reads(fmt, parallel):
     """Forced calls (tool_choice required) in every format: random tokens sampled under the format's grammar,
@@ -186,3 +186,32 @@ def test_every_formats_grammar_yields_calls_its_parser_reads(fmt, parallel):
         assert parallel or len(calls) == 1
         for call in calls:
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+HARMONY = [
+    # (output with special tokens kept, reasoning, content, calls)
+    ("<|channel|>analysis<|message|>User wants weather.<|end|><|start|>assistant<|channel|>commentary "
+     'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris", "days": 3}',
+     "User wants weather.", "", [("get_weather", PARIS)]),
+    ("<|channel|>analysis<|message|>Easy.<|end|><|start|>assistant<|channel|>final<|message|>It is 5.",
+     "Easy.", "It is 5.", []),
+    ('<|start|>assistant to=functions.search<|channel|>commentary json<|message|>{"q": "x"}', "", "",
+     [("search", {"q": "x"})]),
+    # malformed: a call whose text is not JSON stays content
+    ("<|channel|>commentary to=functions.search<|message|>{oops", "", "{oops", []),
+]
+
+
+@pytest.mark.parametrize("text,reasoning,content,calls", HARMONY)
+def test_harmony_channels_whole_and_at_every_boundary(text, reasoning, content, calls):
+    from server.tool_parsers import HarmonySplitter
+
+    for chunks in [[text]] + [[text[:i], text[i:]] for i in range(len(text) + 1)] + [list(text)]:
+        sp = HarmonySplitter(TOOLS)
+        r = c = ""
+        k = []
+        for j, ch in enumerate(chunks):
+            a, b, got = sp.feed(ch, last=j == len(chunks) - 1)
+            r, c, k = r + a, c + b, k + got
+        assert (r, c, _calls(k)) == (reasoning, content, calls), chunks
+    assert format_for("{{ '<|start|>assistant<|channel|>final<|message|>' }}").name == "harmony"

@@ -25,7 +25,7 @@ from ....errors import APIError, bad_request
 from ....reasoning import ReasoningSplitter, enabled as reasoning_enabled
 from ....state import AppState
 from ....structured_outputs import checked, constraints, structured_grammar
-from ....tool_parsers import ToolCall, ToolCallExtractor, ToolFormat, format_for
+from ....tool_parsers import HarmonyFormat, HarmonySplitter, ToolCall, ToolCallExtractor, ToolFormat, format_for
 from ..completions.protocol import dump
 from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
@@ -118,6 +118,9 @@ class OutputSplitter:
 
     def __init__(self, state: AppState, tools: ToolPlan, prompt_text: str):
         tok = state.registry.model.tokenizer
+        # gpt-oss's harmony: channels and recipients carry reasoning, content and calls together
+        self.harmony = HarmonySplitter(tools.tools if tools.parse else []) if isinstance(tools.fmt, HarmonyFormat) \
+            else None
         self.reasoning = (ReasoningSplitter(prompt_text)
                           if reasoning_enabled(tok.chat_template, state.config.reasoning_parser) else None)
         self.calls = ToolCallExtractor(tools.fmt, tools.tools) if tools.parse else None
@@ -135,6 +138,10 @@ class OutputSplitter:
 
     def feed(self, delta: str, last: bool = False) -> tuple[str, str, list[ToolCall]]:
         """(reasoning, content, completed calls) released by `delta`; `last`: the output ended."""
+        if self.harmony is not None:
+            reasoning, content, calls = self.harmony.feed(delta, last)
+            self.made += calls
+            return reasoning, content, calls
         reasoning, content = ("", delta) if self.reasoning is None else self.reasoning.feed(delta)
         if last and self.reasoning is not None:
             r2, c2 = self.reasoning.finish()
@@ -166,6 +173,9 @@ async def start_chat(state: AppState, request: Request, req: ChatCompletionReque
     grammars = await constraints(model, grammar, req.n)
     specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config, vocab, grammars[j]))
              for j in range(req.n)]
+    if isinstance(tools.fmt, HarmonyFormat):  # its markers are special tokens: the splitter needs them
+        for _, params in specs:
+            params.skip_special_tokens = False
     run = Run(state, request, profile, specs, k, False, req.return_routing)
     run.submit()
     return run, prompt, [OutputSplitter(state, tools, prompt_text) for _ in specs]
