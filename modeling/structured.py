@@ -59,8 +59,12 @@ class GrammarCompiler:
     def tokenizer(self) -> LLTokenizer:
         with self._lock:
             if self._tok is None:
-                self._tok = LLTokenizer(Path(self._path).read_text(encoding="utf-8"), n_vocab=self.vocab_size,
-                                        eos_token=self.eos_token_ids or None)
+                try:
+                    self._tok = LLTokenizer(Path(self._path).read_text(encoding="utf-8"), n_vocab=self.vocab_size,
+                                            eos_token=self.eos_token_ids or None)
+                except Exception as e:  # a tokenizer the library cannot read: no grammar can run on it
+                    raise GrammarError(f"structured output is not available for this model's tokenizer "
+                                       f"({type(e).__name__}: {_short(str(e))})") from None
             return self._tok
 
     # -- grammars (llguidance's own format: a JSON-wrapped set of Lark / JSON-schema / regex grammars) --
