@@ -98,4 +98,7 @@ async def constraints(model, grammar: str | None, n: int) -> list[Constraint | N
     """One constraint per sequence; matchers are built off the event loop (a large grammar takes a while)."""
     if grammar is None:
         return [None] * n
-    return await asyncio.to_thread(lambda: [constraint(model, grammar) for _ in range(n)])
+    try:
+        return await asyncio.to_thread(lambda: [constraint(model, grammar) for _ in range(n)])
+    except GrammarError as e:  # checked already; a matcher that still fails is the grammar's fault
+        raise bad_request(f"the grammar library refuses the requested format: {e}", None, "invalid_grammar") from None
