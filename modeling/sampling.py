@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     repetition_penalty: float = 1.0  # vLLM/CTRL: logits of prompt and output tokens divided (>0) or multiplied (<0)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    skip_special_tokens: bool = True  # vLLM's: special tokens left out of the text (harmony's markers are kept)
+    # grammar-constrained decoding (modeling.structured.Constraint): one per sequence, it masks the
+    # tokens its grammar forbids; whoever appends the sampled token calls its `accept`
+    constraint: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         def finite(name: str) -> float:
@@ -144,6 +149,8 @@ def process_logits(logits: Tensor, params: list[SamplingParams], outputs: list[l
     """Logit bias, minimum length (stop tokens banned) and penalties; a new tensor."""
     logits = logits.float().clone()
     V = logits.shape[-1]
+    cons = [r for r, p in enumerate(params) if p.constraint is not None]
+    raw = logits[cons] if cons else None  # (a copy) the rows before bias and bans
     for r, p in enumerate(params):
         if p.logit_bias:
             ids = torch.tensor([t for t in p.logit_bias if 0 <= t < V], dtype=torch.long)
@@ -156,6 +163,16 @@ def process_logits(logits: Tensor, params: list[SamplingParams], outputs: list[l
     pen = [r for r, p in enumerate(params) if p.penalized]
     if pen and outputs is not None:
         _apply_penalties(logits, pen, params, outputs, prompts)
+    if raw is not None:  # grammar masks, all constrained rows at once (a per-row op costs more than the mask)
+        allowed = torch.zeros(len(cons), V, dtype=torch.bool)
+        for j, r in enumerate(cons):
+            a = params[r].constraint.allowed()[:V]
+            allowed[j, :a.numel()] = a
+        rows = logits[cons]
+        # bias or min_tokens removed every token the grammar allows (say its end): the grammar wins
+        lost = ~(torch.isfinite(rows) & allowed).any(-1)
+        rows = torch.where(lost[:, None], raw, rows).masked_fill_(~allowed, float("-inf"))
+        logits[cons] = rows
     return logits
 
 

@@ -31,6 +31,7 @@ class Tokenizer:
             self._tok = HFTokenizer.from_file(str(f))
         except Exception as e:  # the Rust side raises a plain Exception
             raise TokenizerError(f"{f}: cannot load ({e})") from None
+        self.path = f  # tokenizer.json: grammar-constrained decoding builds its own view of the vocabulary from it
         tc_path = folder / "tokenizer_config.json"
         tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
         self.chat_template: str | None = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
@@ -66,22 +67,33 @@ class Tokenizer:
         """The text one token contributes (for logprobs' `tokens`)."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
+        """The template over `messages`, as transformers' `apply_chat_template(tokenize=False)` renders
+        it: `tools` (OpenAI's {"type": "function", "function": {...}} objects) and any other keyword
+        (`enable_thinking`, ...) are template variables."""
         if self.chat_template is None:
             raise TokenizerError("this model's tokenizer has no chat template")
         import jinja2.sandbox  # a template is data from the checkpoint: render it sandboxed
 
-        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                           extensions=["jinja2.ext.loopcontrols"])
 
         def raise_exception(msg: str) -> None:
             raise TokenizerError(f"chat template: {msg}")
 
+        def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+                   sort_keys: bool = False) -> str:
+            # transformers' filter: non-ASCII kept as is (jinja2's own escapes HTML characters)
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         # transformers' template globals: gpt-oss's harmony template dates its system message
         env.globals["strftime_now"] = lambda fmt: _dt.datetime.now().strftime(fmt)
         tmpl = env.from_string(self.chat_template)
-        return tmpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return tmpl.render(**{**kwargs, "messages": messages, "add_generation_prompt": add_generation_prompt,
+                              "tools": tools, "bos_token": self.bos_token or "", "eos_token": self.eos_token or ""})
 
 
 class IncrementalDetokenizer:

@@ -27,6 +27,7 @@ from .entrypoints.openai.completions.api_router import router as completions_rou
 from .entrypoints.openai.models.api_router import router as models_router
 from .entrypoints.openai.serving_engine import ClientDisconnected
 from .entrypoints.openai.tokenize.api_router import router as tokenize_router
+from .entrypoints.openai.responses.api_router import router as responses_router
 from .entrypoints.openai.routing.api_router import router as routing_router
 from .errors import APIError, error_body
 from .registry import Registry, StartupError
@@ -112,6 +113,7 @@ def create_app(state: AppState) -> FastAPI:
     app.state.emo = state
     app.include_router(completions_router)
     app.include_router(chat_router)
+    app.include_router(responses_router)
     app.include_router(models_router)
     app.include_router(tokenize_router)
     openapi.install(app)

@@ -13,6 +13,7 @@ import os  # noqa: E402
 import re  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
+from .tool_parsers import FORMATS  # noqa: E402  (stdlib only: --help stays fast)
 
 log = logging.getLogger("emo_serve")
 
@@ -116,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "used out: decode stops dequantizing the experts a stream keeps choosing, at the cost of "
                         "their bf16 bytes; a profile's bf16 expert size keeps all of them (default: 0, every use "
                         "dequantizes and memory holds only the 4-bit bytes)")
+    p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
+                   help="how the model writes tool calls (default: read from its chat template; hermes when the "
+                        "template says nothing)")
+    p.add_argument("--reasoning-parser", choices=["think", "none"],
+                   help="split <think>...</think> out of the content into reasoning_content (default: when the "
+                        "chat template mentions <think>)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log detail (default info: start-up summary and one access line per request)")
     return p.parse_args(argv)
@@ -221,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                        max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
                        shutdown_timeout=args.shutdown_timeout, verify=args.verify,
                        request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
-                       expert_metrics=args.expert_metrics)
+                       expert_metrics=args.expert_metrics, tool_call_parser=args.tool_call_parser,
+                       reasoning_parser=args.reasoning_parser)
     try:
         state = build_state(cfg, t0=_T0)
     except StartupError as e:

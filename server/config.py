@@ -34,6 +34,8 @@ class ServerConfig:
     verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"
     auto_rule: str = "affinity"  # how profile "auto" picks: affinity, centroid or perplexity (server.registry)
+    tool_call_parser: str | None = None  # tool-call format (server.tool_parsers); None: from the chat template
+    reasoning_parser: str | None = None  # "think" or "none"; None: from the chat template (server.reasoning)
     expert_metrics: bool = True  # per-layer expert-load counters at /metrics (layers x experts series)
 
 

@@ -323,7 +323,8 @@ class Engine:
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
         s.stops = StopChecker(s.params.stop)
-        s.detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer is not None else None
+        s.detok = (IncrementalDetokenizer(self.model.tokenizer, s.params.skip_special_tokens)
+                   if self.model.tokenizer is not None else None)
         s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))
@@ -470,12 +471,17 @@ class Engine:
         s.output.append(tok)
         ev.tokens.append(info)
         M.GENERATED_TOKENS.inc()
+        grammar = s.params.constraint  # structured output: the grammar advances, and may be complete
+        grammar_done = grammar is not None and (not grammar.accept(tok) or grammar.done)
         if s.detok is not None:
             delta, hit = s.stops.feed(s.detok.add([tok]))
             ev.text = delta
             if hit:
                 self._finish(s, ev, "stop")
                 return
+        if grammar_done:
+            self._finish(s, ev, "stop")
+            return
         if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
             self._finish(s, ev, "length")
             return

@@ -31,7 +31,8 @@ def test_openapi_document_describes_the_bodies(fuzz_server):
     assert body == {"$ref": "#/components/schemas/CompletionRequest"}
     props = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert {"prompt", "temperature", "top_p", "seed", "logit_bias", "frequency_penalty"} <= set(props)
-    assert {"/tokenize", "/detokenize", "/tokenizer_info", "/v1/chat/completions", "/v1/models"} <= set(doc["paths"])
+    assert {"/tokenize", "/detokenize", "/tokenizer_info", "/v1/chat/completions", "/v1/models",
+            "/v1/responses"} <= set(doc["paths"])
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

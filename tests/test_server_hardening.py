@@ -103,8 +103,8 @@ BAD = [
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"min_tokens": 9, "max_tokens": 8}, "min_tokens"),
     ({"best_of": 2}, "best_of"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"guided_regex": "a+"}, "guided_regex"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),  # no json_schema given
+    ({"guided_regex": "a("}, "guided_regex"),  # the grammar library refuses it
     ({"suffix": "x"}, "suffix"),
 ]
 
@@ -117,14 +117,18 @@ def test_unsupported_or_out_of_range_fields_are_named(srv, extra, field):
     assert err["param"].split(".")[0] == field and field in err["message"]
 
 
-def test_chat_tools_are_refused_by_name(srv):
+def test_chat_tool_settings_that_cannot_work_are_refused_by_name(srv):
     msgs = [{"role": "user", "content": "hi"}]
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
-    for extra, field in (({"tools": [tool]}, "tools"), ({"tool_choice": "required"}, "tool_choice"),
-                         ({"response_format": {"type": "json_schema"}}, "response_format")):
+    for extra, field in (({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools"),
+                         ({"tool_choice": "required"}, "tool_choice"),
+                         ({"tools": [tool], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                          "tool_choice"),
+                         ({"response_format": {"type": "json_schema"}}, "response_format"),
+                         ({"functions": [{"name": "f"}]}, "functions")):
         r = srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 2, **extra})
-        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-    ok = srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "tools": [], "tool_choice": "none",
+        assert r.status_code == 400 and r.json()["error"]["param"].split(".")[0] == field, r.text
+    ok = srv.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "tools": [tool], "tool_choice": "none",
                                            "response_format": {"type": "text"}, "best_of": 1})
     assert ok.status_code == 200, ok.text
 

@@ -124,3 +124,41 @@ def test_routing_page_in_a_real_browser(browser, tmp_path):
             shutil.copyfile(shot, os.environ["EMO_UI_SCREENSHOT"])
     finally:
         s.stop()
+
+
+def test_structured_output_box_in_a_real_browser(browser, tmp_path):
+    """The JSON-schema box: the answer under the chosen profile is JSON of the schema typed in the page; a schema
+    the grammar library refuses shows the server's message naming the failing part."""
+    import json
+
+    import jsonschema
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    s = Server([], tmp_path / "server.log").wait()  # the bundled demo, with its chat template
+    try:
+        drv = browser
+        wait = WebDriverWait(drv, 60)
+        drv.get(s.url + "/ui")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#profile option")) >= 6)
+        Select(drv.find_element(By.ID, "profile")).select_by_value("python")
+        schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                   "tags": {"type": "array", "maxItems": 3,
+                                                            "items": {"enum": ["io", "math", "text"]}}},
+                  "required": ["name", "tags"], "additionalProperties": False}
+        box = drv.find_element(By.ID, "schema")
+        box.clear()
+        box.send_keys(json.dumps(schema))
+        drv.find_element(By.ID, "structured").click()
+        wait.until(lambda d: d.find_element(By.ID, "structured-out").get_attribute("data-done"))
+        out = drv.find_element(By.ID, "structured-out")
+        assert out.get_attribute("data-done") == "1", drv.find_element(By.ID, "status").text
+        jsonschema.validate(json.loads(out.text), schema)
+        assert "profile “python”, stop" in drv.find_element(By.ID, "structured-served").text
+        box.clear()
+        box.send_keys(json.dumps({"type": "object", "properties": {"a": {"type": "strin"}}}))
+        drv.find_element(By.ID, "structured").click()
+        wait.until(lambda d: d.find_element(By.ID, "structured-out").get_attribute("data-done") == "error")
+        assert "strin" in drv.find_element(By.ID, "status").text
+    finally:
+        s.stop()

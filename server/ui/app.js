@@ -223,6 +223,41 @@ async function generate() {
   }
 }
 
+// -- structured output: a chat answer constrained to a JSON schema -------------------------
+
+async function structured() {
+  const out = $("structured-out");
+  delete out.dataset.done;
+  let schema;
+  try {
+    schema = JSON.parse($("schema").value);
+  } catch (e) {
+    say("The schema is not JSON: " + e.message, "error");
+    return;
+  }
+  out.textContent = "";
+  $("structured-served").textContent = "";
+  say("Answering as JSON…");
+  const body = { model: state.model, profile: $("profile").value, temperature: 0.7, seed: 0,
+                 max_tokens: Math.max(Number($("max-tokens").value) || 48, 128),
+                 messages: [{ role: "user", content: $("prompt").value }],
+                 response_format: { type: "json_schema", json_schema: { name: "answer", schema, strict: true } } };
+  try {
+    const data = await api("/v1/chat/completions", body);
+    const choice = data.choices[0];
+    let text = choice.message.content || "";
+    try { text = JSON.stringify(JSON.parse(text), null, 2); } catch (e) { /* cut short: shown as it came */ }
+    out.textContent = text;
+    $("structured-served").textContent = "· profile “" + data.profile + "”, " + choice.finish_reason;
+    say(choice.finish_reason === "stop" ? "JSON of the schema." : "Cut short at the token budget: raise Tokens.",
+        choice.finish_reason === "stop" ? "ok" : "error");
+    out.dataset.done = "1";
+  } catch (e) {
+    say(e.message, "error");
+    out.dataset.done = "error";
+  }
+}
+
 // -- start ------------------------------------------------------------------------------
 
 function init() {
@@ -234,6 +269,7 @@ function init() {
   });
   $("analyse").addEventListener("click", analyse);
   $("generate").addEventListener("click", generate);
+  $("structured").addEventListener("click", structured);
   loadProfiles().then(() => say("Ready: type or paste text, pick a profile.", "ok")).catch((e) => say(e.message, "error"));
 }
 

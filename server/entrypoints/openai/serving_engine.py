@@ -177,7 +177,8 @@ def check_prompts(state: AppState, prompts: list[list[int]], max_tokens: int | N
     return max_tokens
 
 
-def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg, vocab_size: int) -> SamplingParams:
+def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg, vocab_size: int,
+                    constraint=None) -> SamplingParams:
     if len(stop) > cfg.max_stop:
         raise bad_request(f"stop: {len(stop)} stop strings, at most {cfg.max_stop}", "stop", "too_many_stops")
     if any(len(s) > 256 for s in stop):
@@ -207,6 +208,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg
             frequency_penalty=float(req.frequency_penalty or 0.0),
             repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
             logit_bias=bias,
+            constraint=constraint,
         )
     except ValueError as e:  # the schema should have caught it: still the client's value
         raise bad_request(str(e)) from None

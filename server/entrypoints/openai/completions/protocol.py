@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
 from modeling.sampling import SEED_RANGE
 
@@ -26,6 +26,28 @@ Penalty = Annotated[Number, Field(ge=-2, le=2)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: Annotated[StrictStr, Field(max_length=64)] = "response"
+    description: StrictStr | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # None: any JSON value
+    strict: StrictBool | None = None  # output always follows the schema here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text (no constraint), any JSON object, or JSON of a schema."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
 
 
 class SamplingFields(BaseModel):
@@ -52,13 +74,14 @@ class SamplingFields(BaseModel):
     presence_penalty: Penalty | None = None
     repetition_penalty: Annotated[Number, Field(gt=0, le=10)] | None = None
     logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    # structured output (server.structured_outputs): at most one of these
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None  # vLLM: a JSON schema (object or its text)
+    guided_regex: Annotated[StrictStr, Field(max_length=4096)] | None = None  # vLLM: output matches this regex
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1, max_length=256)] | None = None  # one of these
+    guided_grammar: Annotated[StrictStr, Field(max_length=65536)] | None = None  # a Lark grammar (llguidance's)
     # defined by OpenAI or vLLM, not implemented here: only their neutral value is accepted
     best_of: StrictInt | None = None
-    response_format: dict[str, Any] | None = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     return_routing: StrictBool = False  # add a `routing` summary per choice (experts used per layer, affinity)
 
     def unsupported_fields(self) -> list[str]:
@@ -66,10 +89,6 @@ class SamplingFields(BaseModel):
         bad = []
         if self.best_of is not None and self.best_of != 1:
             bad.append("best_of")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            bad.append("response_format")
-        bad += [f for f in ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-                if getattr(self, f) is not None]
         return bad
 
 

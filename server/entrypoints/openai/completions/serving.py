@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ....engine import TokenInfo
 from ....errors import bad_request
 from ....state import AppState
+from ....structured_outputs import constraints, structured_grammar
 from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 
@@ -79,11 +80,14 @@ async def create_completion(request: Request) -> JSONResponse | StreamingRespons
     want_prompt_lp = req.echo and req.logprobs is not None
     max_tokens = check_prompts(state, prompts, req.max_tokens, req.n, req.logprobs, prompt_logprobs=want_prompt_lp)
     stop = stop_list(req.stop)
-    vocab = state.registry.model.config.vocab_size
+    model = state.registry.model
+    grammar = await structured_grammar(model, req)
+    grammars = iter(await constraints(model, grammar, len(prompts) * req.n))
     specs = []
     for p in prompts:
         for j in range(req.n):
-            specs.append((p, sampling_params(req, max_tokens, j, stop, state.config, vocab)))
+            specs.append((p, sampling_params(req, max_tokens, j, stop, state.config, model.config.vocab_size,
+                                             next(grammars))))
     run = Run(state, request, profile, specs, req.logprobs, want_prompt_lp, req.return_routing)
     run.submit()
     tok = state.registry.model.tokenizer

@@ -5,11 +5,11 @@ tokenizer) work unchanged."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Any, Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from ..chat.protocol import ChatMessage
+from ..chat.protocol import ChatMessage, ChatTool
 
 
 class TokenizeCompletionRequest(BaseModel):
@@ -24,6 +24,8 @@ class TokenizeChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None  # rendered by the template, as chat does
+    chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: StrictBool = True
     add_special_tokens: StrictBool = False
     return_token_strs: StrictBool = False

@@ -47,7 +47,7 @@ async def tokenize(request: Request) -> TokenizeResponse:
             if tok.chat_template is None:
                 raise APIError(400, "this model's tokenizer has no chat template", "invalid_request_error",
                                "messages", "no_chat_template")
-            return render_prompt(state, req)
+            return render_prompt(state, req)[0]
         return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
 
     ids = await asyncio.to_thread(run)
