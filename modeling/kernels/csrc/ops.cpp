@@ -103,7 +103,9 @@ class Pool {
         workers_.clear();
         stop_ = false;
         n_ = n;
-        for (int i = 1; i < n; i++) workers_.emplace_back([this, i] { loop(i); });
+        // a worker starts from the generation of now: a call made before its thread runs is still its own
+        const uint64_t now = gen_.load(std::memory_order_seq_cst);
+        for (int i = 1; i < n; i++) workers_.emplace_back([this, i, now] { loop(i, now); });
     }
 
     void set_spin_us(int us) { spin_us_ = us < 0 ? 0 : us; }
@@ -132,8 +134,7 @@ class Pool {
     }
 
    private:
-    void loop(int tid) {
-        uint64_t seen = gen_.load(std::memory_order_acquire);
+    void loop(int tid, uint64_t seen) {
         for (;;) {
             auto t0 = std::chrono::steady_clock::now();
             int spins = 0;
@@ -490,6 +491,16 @@ struct ExpertSet {
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// With bf16 activations the per-expert torch path rounds to bf16 after every product and elementwise
+// step; the fused call rounds at the same points, so both paths agree but for accumulation order.
+static inline float round_as(bool bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
 // out[t] = sum over the chosen experts e of t (in slot order) of weight(t, e) * expert_e(x[t]), float32.
 // `slots` [T, k] int64 (-1: no expert), `weights` [T, k] float32.
 static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, torch::Tensor weights) {
@@ -566,6 +577,7 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
         if (active.size() * ((I + rt - 1) / rt) < (size_t)(4 * threads)) rt = 16;
         for (int64_t r = 0; r < I; r += rt) items.push_back({s, r, std::min(I, r + rt)});
     }
+    const bool rb = x.scalar_type() == torch::kBFloat16;
     parallel_items((int64_t)items.size(), [&](int64_t it) {
         const Item& item = items[it];
         const Expert& e = *es.slots[item.s];
@@ -581,7 +593,10 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
             k->gemm(e.up->m, A.a, rows, m, r0, r1, u.data(), I);
             for (int64_t i = 0; i < m; i++) {
                 float* h = hp + (off[item.s] + i) * inter_max;
-                for (int64_t r = r0; r < r1; r++) h[r] = silu(g[i * I + r]) * u[i * I + r];
+                for (int64_t r = r0; r < r1; r++) {
+                    const float gr = round_as(rb, g[i * I + r]), ur = round_as(rb, u[i * I + r]);
+                    h[r] = round_as(rb, round_as(rb, silu(gr)) * ur);
+                }
             }
         } else {  // gpt-oss: rows 2r (gate) and 2r + 1 (up) of the interleaved matrix
             const int64_t N2 = e.gate->m.N;
@@ -592,11 +607,12 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
             for (int64_t i = 0; i < m; i++) {
                 float* h = hp + (off[item.s] + i) * inter_max;
                 for (int64_t r = r0; r < r1; r++) {
-                    float gt = g[i * N2 + 2 * r] + (b ? b[2 * r] : 0.f);
-                    float up = g[i * N2 + 2 * r + 1] + (b ? b[2 * r + 1] : 0.f);
+                    float gt = round_as(rb, g[i * N2 + 2 * r] + (b ? b[2 * r] : 0.f));
+                    float up = round_as(rb, g[i * N2 + 2 * r + 1] + (b ? b[2 * r + 1] : 0.f));
                     gt = fminf(gt, limit);
                     up = fminf(fmaxf(up, -limit), limit);
-                    h[r] = (up + 1.f) * (gt / (1.f + expf(-alpha * gt)));
+                    const float sg = round_as(rb, 1.f / (1.f + expf(-round_as(rb, alpha * gt))));
+                    h[r] = round_as(rb, round_as(rb, up + 1.f) * round_as(rb, gt * sg));
                 }
             }
         }
@@ -624,7 +640,7 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
                 const float w = pair_w[off[s] + i];
                 float* o = op + t * H;
                 const float* yi = y.data() + i * H;
-                for (int64_t c = c0; c < c1; c++) o[c] += w * (yi[c] + (db ? db[c] : 0.f));
+                for (int64_t c = c0; c < c1; c++) o[c] += w * round_as(rb, yi[c] + (db ? db[c] : 0.f));
             }
         }
     });
