@@ -172,9 +172,14 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 sv = _mm256_maskload_ps(xs[i] + c / 4, half_lanes);
                 cv = _mm256_maskload_epi32(xc[i] + c / 4, half_lanes);
             }
+            // the offset (12 for MXFP4 codes, 8 for int4 without zero points) is the same for every weight
+            // row: its correction is computed once per activation row
+            const __m256i c8 = _mm256_slli_epi32(cv, 3);
+            const __m256i shared = _mm256_sub_epi32(_mm256_setzero_si256(),
+                                                    MX ? _mm256_add_epi32(c8, _mm256_slli_epi32(cv, 2)) : c8);
             for (int j = 0; j < NR; j++) {
                 __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xl), _mm256_maddubs_epi16(hi[j], xh));
-                __m256i corr = MX ? _mm256_mullo_epi32(cv, _mm256_set1_epi32(-12)) : _mm256_mullo_epi32(cv, zf[j]);
+                __m256i corr = (MX || !W.zp) ? shared : _mm256_mullo_epi32(cv, zf[j]);
                 __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p, ones), corr);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }

@@ -183,11 +183,13 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
             __m512i xh = _mm512_maskz_loadu_epi8(bm, xp + len);
             __m512 sv = _mm512_maskz_loadu_ps(lm, xs[i] + c / 4);
             __m512i cv = _mm512_maskz_loadu_epi32(lm, xc[i] + c / 4);
-            __m512i corr12 = _mm512_setzero_si512();
-            if (MX) corr12 = _mm512_sub_epi32(_mm512_setzero_si512(),
-                                              _mm512_add_epi32(_mm512_slli_epi32(cv, 3), _mm512_slli_epi32(cv, 2)));
+            // the offset (12 for MXFP4 codes, 8 for int4 without zero points) is the same for every weight
+            // row: its correction is computed once per activation row
+            const __m512i c8 = _mm512_slli_epi32(cv, 3);
+            const __m512i shared = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                    MX ? _mm512_add_epi32(c8, _mm512_slli_epi32(cv, 2)) : c8);
             for (int j = 0; j < NR; j++) {
-                __m512i d = MX ? corr12 : _mm512_mullo_epi32(cv, zf[j]);
+                __m512i d = (MX || !W.zp) ? shared : _mm512_mullo_epi32(cv, zf[j]);
                 d = _mm512_dpbusd_epi32(d, lo[j], xl);
                 d = _mm512_dpbusd_epi32(d, hi[j], xh);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
