@@ -10,11 +10,12 @@ STAMP   = $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py $(wildcard modeling/kernels/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q torch==2.13.0 'setuptools>=77' wheel
+	# --no-build-isolation: setup.py builds the native CPU kernels against this torch (needs g++)
+	$(BIN)/pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 serve: setup

@@ -224,10 +224,13 @@ class Model:
                     mats += [ex.gate_up] if ex.gate_up is not None else []
                     mats += ex.matrices()
         tensors, repacked = [], 0
+        native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
         for m in mats:
-            if isinstance(m, PackedLinear):
+            if isinstance(m, PackedLinear) and not native:
                 m.prepare(self.dtype)
                 repacked += 1
+            elif isinstance(m, PackedLinear):
+                tensors += m.tensors()
             elif m is not None:
                 tensors.append(m)
         return {**pin(tensors), "repacked_matrices": repacked}

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .config import ModelConfig
 from .layers import apply_rope, rms_norm, rope_tables
-from .kernels import linear_decode
+from .kernels import Kernels
 from .mxfp4 import DequantCache, gemv as mxfp4_gemv
 from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
@@ -160,15 +160,11 @@ class Transformer:
         self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
         self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
         self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
+        # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
+        self.kernels = Kernels(device, int8, compile_decode)
 
     def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
-        if isinstance(w, PackedLinear):  # stored quantized (compressed-tensors checkpoint)
-            return w.linear(x, bias)
-        if self.int8 is not None:
-            return self.int8.linear(x, w, bias)
-        if self.compile_decode:
-            return linear_decode(x, w, bias)
-        return F.linear(x, w, bias)
+        return self.kernels.linear(x, w, bias)
 
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
@@ -338,15 +334,25 @@ class Transformer:
         lw = self.w.layers[i]
         le = lw.experts
         r = self.route(i, h, allowed)
-        T, k = r.indices.shape
-        if T == 1:  # one token (single-sequence decode): no sorting, gathering or scattering
-            out = self._moe_one(le, h, r)
-        else:
-            out = self._moe_many(le, h, r)
+        out = self._moe_fused(le, h, r)
+        if out is None:  # the torch path: one call per expert matrix
+            out = self._moe_one(le, h, r) if r.indices.shape[0] == 1 else self._moe_many(le, h, r)
         out = out.to(h.dtype)
         if lw.shared_mlp is not None:
             out = out + self.expert(lw.shared_mlp, h)
         return out, (r if collect else None)
+
+    def _moe_fused(self, le, h: Tensor, r: Route) -> Tensor | None:
+        """Every chosen expert of every token in one native call (None: the native path does not take
+        these experts, or an MXFP4 dequantization cache was asked for)."""
+        if self.mxfp4_cache is not None:
+            return None
+        if any(e.interleaved for e in le.experts[:1]):
+            ex = self.cfg.extra
+            act = (ex["swiglu_alpha"], ex["swiglu_limit"])
+        else:
+            act = None
+        return self.kernels.moe(le, h, r.indices, r.weights, r.valid, act)
 
     def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
         # Same arithmetic as _moe_many for one row: float32 sum over the chosen

@@ -90,11 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", help="bfloat16, float16 or float32 (default: the checkpoint's; another one copies)")
     p.add_argument("--quantize", choices=["int8"], help="weight-only int8 for every matrix but the router, made "
                    "lazily as experts are first used: about half the bytes per token, not bit-exact (default: off)")
-    p.add_argument("--compile", action="store_true", help="single-sequence decode through a TorchInductor-compiled "
+    p.add_argument("--compile", action="store_true", help="on the pure-torch kernel path only (EMO_CPU_ISA=torch, "
+                   "or no native kernels built): single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV, and for MXFP4 experts (gpt-oss) a fused loop over their 4-bit bytes; the first "
-                   "request per matrix shape compiles (seconds). MXFP4: several times faster than dequantizing per "
-                   "use; bf16: faster on AVX-512 CPUs, slower on the AVX2 one measured (README, Performance) "
-                   "(default: off)")
+                   "request per matrix shape compiles (seconds); the native kernels are faster (default: off)")
     p.add_argument("--auto-rule", default="affinity", choices=["affinity", "centroid", "perplexity"],
                    help="how profile 'auto' picks a hosted profile for a prompt: the most router mass inside its "
                         "pool (affinity), the nearest centroid fingerprint, or the least prompt perplexity "
@@ -116,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="keep up to SIZE (e.g. 6GiB, 512MB) of dequantized MXFP4 experts (gpt-oss), least recently "
                         "used out: decode stops dequantizing the experts a stream keeps choosing, at the cost of "
                         "their bf16 bytes; a profile's bf16 expert size keeps all of them (default: 0, every use "
-                        "dequantizes and memory holds only the 4-bit bytes)")
+                        "dequantizes and memory holds only the 4-bit bytes). With the native kernels MXFP4 is multiplied "
+                        "as stored and a cache only moves those experts back to the torch path")
     p.add_argument("--tool-call-parser", choices=sorted(FORMATS),
                    help="how the model writes tool calls (default: read from its chat template; hermes when the "
                         "template says nothing)")
@@ -169,9 +169,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def startup_summary(state, threads: str, capped_from: int | None, url: str) -> list[str]:
     reg, eng, model = state.registry, state.engine, state.registry.model
+    from modeling.kernels import describe as kernels_line
+
     lines = [f"model {reg.base_name} ({model.config.model_type}) from {model.path}",
              f"device {model.device}, dtype {str(model.dtype).replace('torch.', '')}, "
              f"{'int8 weights' if model.quantize else 'exact weights'}, {threads}",
+             kernels_line(),
              f"context {eng.max_model_len} tokens" + (f" (--max-model-len {capped_from} capped to the model's "
                                                       f"limit)" if capped_from else "")
              + f", batch {eng.max_batch}, queue {eng.max_queue}"]
@@ -230,9 +233,12 @@ def main(argv: list[str] | None = None) -> None:
                        request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
                        expert_metrics=args.expert_metrics, tool_call_parser=args.tool_call_parser,
                        reasoning_parser=args.reasoning_parser)
+    from modeling.kernels import IsaError, selected
+
     try:
+        selected()  # EMO_CPU_ISA: a path this machine cannot run is a usage error, named before anything loads
         state = build_state(cfg, t0=_T0)
-    except StartupError as e:
+    except (StartupError, IsaError) as e:
         sys.exit(f"emo-serve: {e}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not keys:
         log.warning("binding %s without --api-key: anyone who reaches it can use it", args.host)

@@ -35,3 +35,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Models loaded in the test run on the pure-torch kernel path (EMO_CPU_ISA=torch): for what only
+    that path has (`--compile`'s Inductor loops, the MXFP4 dequantization cache)."""
+    monkeypatch.setenv("EMO_CPU_ISA", "torch")

@@ -192,7 +192,8 @@ def test_mxfp4_checkpoint_equals_transformers_and_is_read_zero_copy(ckpt):
     torch.testing.assert_close(m.logits(LONG), hf_logits(hf, LONG), atol=1e-4, rtol=0)
 
 
-def test_dequantized_expert_cache_is_bounded_and_changes_nothing(ckpt):
+def test_dequantized_expert_cache_is_bounded_and_changes_nothing(ckpt, torch_path):
+    """The cache serves the pure-torch path (the native kernels read MXFP4 bytes directly)."""
     plain = load_model(ckpt["mxfp4"])
     one = 2 * 32 * 32 * 4  # float32 bytes of one gate_up [64, 32] matrix
     m = load_model(ckpt["mxfp4"], mxfp4_cache_bytes=3 * one)
@@ -237,9 +238,10 @@ def test_fused_mxfp4_gemv_equals_dequantize_then_linear(dt):
             torch.testing.assert_close(got.float(), want.to(dt).float(), rtol=2 ** -7, atol=0)
 
 
-def test_compiled_decode_of_mxfp4_experts_equals_the_plain_model(ckpt):
+def test_compiled_decode_of_mxfp4_experts_equals_the_plain_model(ckpt, torch_path):
     """--compile decodes one row through the fused MXFP4 GEMV: same logits (float32
-    accumulation order only) and the same greedy tokens as dequantizing per use."""
+    accumulation order only) and the same greedy tokens as dequantizing per use (on the
+    pure-torch path: the native kernels replace the Inductor loop where they are built)."""
     plain, fused = load_model(ckpt["mxfp4"]), load_model(ckpt["mxfp4"], compile=True)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     assert plain.generate(LONG[:12], params).token_ids == fused.generate(LONG[:12], params).token_ids

@@ -1,0 +1,236 @@
+"""Native kernels against llama.cpp (issue 22): a Qwen3-30B-A3B-shaped 32-expert profile in bf16, int8 and int4,
+against llama.cpp on its own `emo-subset export-gguf` (bf16, and llama-quantize's Q8_0 / Q4_0 of it).
+
+In one run, each part in a fresh process, on whatever CPU this is (its flags are printed):
+  a) the base (bench_qwen3's writer: random bf16 weights, --layers layers) and three 32-expert profiles of it:
+     `emo-subset build --keep 32 --method random` plain, `--quantize int8` and `--quantize int4`
+  b) single-sequence prefill (--prompt tokens) and decode (--decode tokens) of each profile through emo-serve's
+     model core with emo-serve's defaults (OMP_WAIT_POLICY=PASSIVE, native kernels on the best ISA), then the
+     same forced to each other ISA the CPU runs (EMO_CPU_ISA) and on the pure-torch path (EMO_CPU_ISA=torch)
+  c) llama-bench (--llama-bench; `benchmarks/build_llama_cpp.sh` builds one) on the bf16 GGUF and its Q8_0 /
+     Q4_0 (--llama-quantize)
+  d) the memory floor: bytes read per decoded token (counted from the loaded profile) / measured read bandwidth
+  e) int4 decode next to a busy torch neighbour (a 2-thread matmul loop), against alone
+
+Usage: flock /tmp/emo-bench.lock python benchmarks/bench_kernels.py --dir /tmp/emo-bench-kernels [--layers 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_model import _time_decode, child_bandwidth, neighbour_loop, rss_bytes, run_llama_bench, run_script_child  # noqa: E402
+from bench_qwen3 import KEEP, export, write_base  # noqa: E402
+
+LLAMA = "/work/llama-build/llama.cpp/build/bin"
+
+
+def cpu_flags() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            keep = ("avx", "fma", "f16c", "amx", "vnni", "bf16")
+            return " ".join(sorted(f for f in line.split(":", 1)[1].split() if f.startswith(keep) or f in keep))
+    return "?"
+
+
+def cpu_model() -> str:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "?"
+
+
+# -- children -------------------------------------------------------------------------------------------------
+
+def bytes_read_per_token(m) -> int:
+    """Weight bytes one decoded token reads: every non-expert matrix (one embedding row), the router, and
+    top-k experts of each MoE layer (their average size)."""
+    from modeling.weights import weight_bytes
+
+    cfg = m.config
+    total = m.weights.embed.shape[1] * m.weights.embed.element_size() + weight_bytes(m.weights.lm_head)
+    for lw in m.weights.layers:
+        total += sum(weight_bytes(t) for t in (lw.q, lw.k, lw.v, lw.o))
+        le = lw.experts
+        if le is not None:
+            total += le.router.numel() * le.router.element_size()
+            sizes = [e.nbytes() for e in le.experts]
+            total += cfg.routing.top_k * sum(sizes) // len(sizes)
+    return total
+
+
+def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    from modeling import Batch, kernels, load_model
+
+    m = load_model(path)
+    ids = list(range(1000, 1000 + n_prompt))
+    m.logits(ids[:64])  # warm-up: pages in the experts the prompt uses, as llama-bench's warm-up run does
+    cache = m.new_cache(1, n_prompt + n_decode + 8)
+    state = {"tok": 5}
+
+    def prefill():
+        state["tok"] = int(m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache).logits[0].argmax())
+
+    def step():
+        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
+        state["tok"] = int(out.logits[0].argmax())
+
+    pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    return {"prefill_tok_s": pf, "decode_tok_s": dc, "rss": rss_bytes(), "kernels": kernels.describe(),
+            "bytes_per_token": bytes_read_per_token(m)}
+
+
+def child_neighbour(threads: int, seconds: int) -> dict:
+    neighbour_loop(threads, seconds)
+    return {}
+
+
+def run_child(kind: str, *args, env: dict | None = None) -> dict:
+    base = {} if {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ) else {"OMP_WAIT_POLICY": "PASSIVE"}
+    return run_script_child(__file__, kind, *args, env={**base, **(env or {})})
+
+
+# -- parts ----------------------------------------------------------------------------------------------------
+
+def build(base: Path, out: Path, threads: int, quantize: str | None) -> dict:
+    if (out / "profile.json").is_file():
+        return {"reused": True}
+    cmd = [sys.executable, "-m", "subsetting.cli", "build", str(base), "--out", str(out), "--keep", str(KEEP),
+           "--method", "random", "--threads", str(threads), "--force", "--json", "-q"]
+    if quantize:
+        cmd += ["--quantize", quantize]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if p.returncode != 0:
+        raise RuntimeError(f"emo-subset build failed:\n{p.stderr[-3000:]}")
+    return {"wall_s": time.perf_counter() - t0}
+
+
+def llama_quantize(binary: str, src: Path, dst: Path, kind: str) -> None:
+    if dst.is_file():
+        return
+    p = subprocess.run([binary, str(src), str(dst), kind], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"llama-quantize {kind} failed:\n{p.stderr[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp/emo-bench-kernels")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=32)
+    ap.add_argument("--llama-bench", default=f"{LLAMA}/llama-bench")
+    ap.add_argument("--llama-quantize", default=f"{LLAMA}/llama-quantize")
+    ap.add_argument("--precisions", default="bf16,int8,int4")
+    ap.add_argument("--other-isas", action="store_true", help="also rows forced to every other ISA and to torch")
+    ap.add_argument("--skip-neighbour", action="store_true")
+    ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "write":
+            write_base(Path(rest[0]), int(rest[1]))
+            print("{}")
+            return
+        fn = {"ours": child_ours, "bandwidth": child_bandwidth, "neighbour": child_neighbour}[kind]
+        conv = {"bandwidth": [int], "neighbour": [int, int]}.get(kind, [str, int, int, int])
+        print(json.dumps(fn(*[c(x) for c, x in zip(conv, rest)])))
+        return
+
+    from modeling import kernels
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / f"qwen3-30b-a3b-shape-{args.layers}l"
+    run_child("write", base, args.layers)
+    res: dict = {"cpu": cpu_model(), "flags": cpu_flags(), "supported": kernels.supported(), "layers": args.layers,
+                 "threads": args.threads, "prompt": args.prompt, "decode": args.decode, "rows": {}}
+    print(f"CPU: {res['cpu']}; flags: {res['flags']}; kernel paths: {', '.join(res['supported'])}", file=sys.stderr)
+    ggufs = {}
+    have_llama = Path(args.llama_bench).is_file()
+    for prec in args.precisions.split(","):
+        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-{prec}"
+        res.setdefault("build", {})[prec] = build(base, prof, args.threads, None if prec == "bf16" else prec)
+        isas = [None]
+        if args.other_isas:
+            isas += [i for i in kernels.supported()[1:]]
+        for isa in isas:
+            env = {} if isa is None else {"EMO_CPU_ISA": isa}
+            r = run_child("ours", prof, args.threads, args.prompt, args.decode, env=env)
+            key = f"ours {prec}" + ("" if isa is None else f" [{isa}]")
+            res["rows"][key] = r
+            print(f"{key}: {r}", file=sys.stderr)
+        if have_llama:
+            if prec == "bf16":
+                gg = root / f"qwen3-{args.layers}l-bf16.gguf"
+                if not gg.is_file():
+                    export(prof, gg)
+                ggufs["bf16"] = gg
+            elif Path(args.llama_quantize).is_file() and "bf16" in ggufs:
+                kind = {"int8": "Q8_0", "int4": "Q4_0"}[prec]
+                gg = root / f"qwen3-{args.layers}l-{kind}.gguf"
+                llama_quantize(args.llama_quantize, ggufs["bf16"], gg, kind)
+                ggufs[prec] = gg
+            if prec in ggufs:
+                r = run_llama_bench(args.llama_bench, str(ggufs[prec]), args.threads, args.prompt, args.decode)
+                res["rows"][f"llama.cpp {prec}"] = r
+                print(f"llama.cpp {prec}: {r}", file=sys.stderr)
+    res["bandwidth"] = run_child("bandwidth", args.threads)
+    if not args.skip_neighbour and "int4" in args.precisions:
+        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-int4"
+        alone = res["rows"]["ours int4"]
+        nb = subprocess.Popen([sys.executable, __file__, "--child", "neighbour", "2", "600"],
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            time.sleep(2)
+            busy = run_child("ours", prof, args.threads, args.prompt, args.decode)
+        finally:
+            nb.kill()
+            nb.wait()
+        res["neighbour"] = {"alone": alone, "busy": busy}
+
+    # -- the table ----------------------------------------------------------------------------------------
+    read_bw = res["bandwidth"]["read_GBps"] * 1e9
+    print(f"\nQwen3-30B-A3B shape, {args.layers} layers, {KEEP}-expert profile; {args.threads} threads; prompt "
+          f"{args.prompt}, decode {args.decode}\nCPU: {res['cpu']}\nflags: {res['flags']}\n"
+          f"read bandwidth {res['bandwidth']['read_GBps']:.1f} GB/s, copy {res['bandwidth']['copy_GBps']:.1f} GB/s")
+    print("| row | kernels | prefill tok/s | decode tok/s | vs llama.cpp (prefill / decode) | decode / memory floor |")
+    print("|---|---|---|---|---|---|")
+    for key, r in res["rows"].items():
+        prec = key.split()[1]
+        ll = res["rows"].get(f"llama.cpp {prec}")
+        vs = "" if not ll or key.startswith("llama") else \
+            f"{r['prefill_tok_s'] / ll['prefill_tok_s']:.2f}x / {r['decode_tok_s'] / ll['decode_tok_s']:.2f}x"
+        floor = ""
+        if "bytes_per_token" in r:
+            f = read_bw / r["bytes_per_token"]
+            floor = f"{r['decode_tok_s'] / f:.0%} of {f:.1f} tok/s ({r['bytes_per_token'] / 1e9:.2f} GB/token)"
+        print(f"| {key} | {r.get('kernels', 'llama.cpp')} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {vs} "
+              f"| {floor} |")
+    if "neighbour" in res:
+        a, b = res["neighbour"]["alone"], res["neighbour"]["busy"]
+        print(f"int4 next to a busy 2-thread torch neighbour: decode {b['decode_tok_s']:.2f} vs {a['decode_tok_s']:.2f} "
+              f"tok/s alone = {a['decode_tok_s'] / b['decode_tok_s']:.2f}x slower; prefill "
+              f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x slower")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

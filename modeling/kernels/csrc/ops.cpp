@@ -1,0 +1,686 @@
+// The extension's entry points: ISA dispatch, the thread pool, activation preparation, `linear` and the
+// fused mixture-of-experts call. Compiled for the baseline ISA; the wide kernels live in isa_*.cpp.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <math.h>
+#include <sched.h>
+
+#include "kern.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define EMO_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define EMO_PAUSE() asm volatile("yield")
+#else
+#define EMO_PAUSE() ((void)0)
+#endif
+
+namespace emo {
+
+// ---- CPU features and the ISA in use --------------------------------------------------------------------
+static bool cpu_has(const char* feature) {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    std::string f(feature);
+    if (f == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (f == "avx512")
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bf16");
+#else
+    (void)feature;
+#endif
+    return false;
+}
+
+static std::vector<std::string> supported_isas() {
+    std::vector<std::string> out;
+    if (avx512_kernels && cpu_has("avx512")) out.push_back("avx512");
+    if (avx2_kernels && cpu_has("avx2")) out.push_back("avx2");
+    out.push_back("portable");
+    return out;
+}
+
+static const IsaKernels* isa_by_name(const std::string& name) {
+    if (name == "avx512") return avx512_kernels;
+    if (name == "avx2") return avx2_kernels;
+    if (name == "portable") return portable_kernels;
+    return nullptr;
+}
+
+static const IsaKernels* g_isa = nullptr;
+
+static void set_isa(const std::string& name) {
+    auto ok = supported_isas();
+    for (auto& s : ok)
+        if (s == name) {
+            g_isa = isa_by_name(name);
+            return;
+        }
+    std::string list;
+    for (auto& s : ok) list += (list.empty() ? "" : ", ") + s;
+    TORCH_CHECK_VALUE(false, "ISA '", name, "' is not supported on this CPU; supported here: ", list);
+}
+
+static const IsaKernels* isa() {
+    if (!g_isa) set_isa(supported_isas().front());
+    return g_isa;
+}
+
+// ---- the thread pool ------------------------------------------------------------------------------------
+// Workers wake once per parallel call, spin for a short while after their share (the next call of a
+// forward pass usually comes within microseconds), then sleep on a condition variable, so idle threads
+// never hold a core another process needs. Work inside a call is taken from an atomic counter, so a
+// worker that the OS has descheduled (a busy neighbour) delays only the chunk it holds.
+class Pool {
+   public:
+    ~Pool() { resize(1); }
+
+    int size() const { return n_; }
+
+    void resize(int n) {
+        if (n < 1) n = 1;
+        if (n == n_) return;
+        {
+            std::lock_guard<std::mutex> lk(mu_);
+            stop_ = true;
+        }
+        cv_.notify_all();
+        for (auto& t : workers_) t.join();
+        workers_.clear();
+        stop_ = false;
+        n_ = n;
+        // a worker starts from the generation of now: a call made before its thread runs is still its own
+        const uint64_t now = gen_.load(std::memory_order_seq_cst);
+        for (int i = 1; i < n; i++) workers_.emplace_back([this, i, now] { loop(i, now); });
+    }
+
+    void set_spin_us(int us) { spin_us_ = us < 0 ? 0 : us; }
+
+    // f(thread index) on every thread, the caller being thread 0; returns when all are done.
+    void run(const std::function<void(int)>& f) {
+        if (n_ == 1) {
+            f(0);
+            return;
+        }
+        std::lock_guard<std::mutex> one_caller(run_mu_);  // one parallel call at a time (never nested)
+        job_ = &f;
+        pending_.store(n_ - 1, std::memory_order_relaxed);
+        gen_.fetch_add(1, std::memory_order_seq_cst);
+        if (sleepers_.load(std::memory_order_seq_cst) > 0) {
+            std::lock_guard<std::mutex> lk(mu_);
+            cv_.notify_all();
+        }
+        f(0);
+        int spins = 0;
+        while (pending_.load(std::memory_order_acquire) != 0) {
+            if (++spins < 20000) EMO_PAUSE();
+            else sched_yield();  // a worker is descheduled: give the core away
+        }
+        job_ = nullptr;
+    }
+
+   private:
+    void loop(int tid, uint64_t seen) {
+        for (;;) {
+            auto t0 = std::chrono::steady_clock::now();
+            int spins = 0;
+            while (gen_.load(std::memory_order_acquire) == seen) {
+                EMO_PAUSE();
+                if (++spins % 64 == 0 &&
+                    std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+                    std::unique_lock<std::mutex> lk(mu_);
+                    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+                    cv_.wait(lk, [&] { return stop_ || gen_.load(std::memory_order_seq_cst) != seen; });
+                    sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+                    break;
+                }
+            }
+            if (stop_) return;
+            seen = gen_.load(std::memory_order_acquire);
+            (*job_)(tid);
+            pending_.fetch_sub(1, std::memory_order_release);
+        }
+    }
+
+    int n_ = 1;
+    int spin_us_ = 100;
+    std::vector<std::thread> workers_;
+    std::atomic<uint64_t> gen_{0};
+    std::atomic<int> pending_{0};
+    std::atomic<int> sleepers_{0};
+    const std::function<void(int)>* job_ = nullptr;
+    std::mutex mu_, run_mu_;
+    std::condition_variable cv_;
+    bool stop_ = false;
+};
+
+static Pool& pool() {
+    static Pool* p = [] {
+        auto* q = new Pool();  // never destroyed: workers must not be joined during static destruction
+        const char* s = std::getenv("EMO_SPIN_US");
+        if (s) q->set_spin_us(std::atoi(s));
+        return q;
+    }();
+    int want = at::get_num_threads();
+    if (p->size() != want) p->resize(want);
+    return *p;
+}
+
+// Runs body(i) for i in [0, items) over the pool, chunks taken dynamically.
+static void parallel_items(int64_t items, const std::function<void(int64_t)>& body) {
+    Pool& p = pool();
+    if (items <= 1 || p.size() == 1) {
+        for (int64_t i = 0; i < items; i++) body(i);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    p.run([&](int) {
+        for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items;) body(i);
+    });
+}
+
+// ---- weights ----------------------------------------------------------------------------------------------
+// A weight matrix as the kernels read it: raw pointers into tensors this object keeps alive.
+struct Matrix {
+    Mat m{};
+    std::vector<torch::Tensor> keep;
+    std::string name;
+    int64_t rows() const { return m.N; }
+    int64_t cols() const { return m.K; }
+};
+using MatrixPtr = std::shared_ptr<Matrix>;
+
+static void check_rows(const torch::Tensor& t, const std::string& what, const std::string& name) {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": ", what, " is on ", t.device().str(), ", the native kernels run on the CPU");
+    TORCH_CHECK_VALUE(t.dim() >= 2, name, ": ", what, " must be 2-D, has shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.stride(-1) == 1, name, ": ", what, " rows must be contiguous");
+}
+
+static MatrixPtr dense(torch::Tensor w, std::string name) {
+    check_rows(w, "weight", name);
+    TORCH_CHECK_VALUE(w.dim() == 2, name, ": weight must be 2-D, has shape ", w.sizes());
+    auto M = std::make_shared<Matrix>();
+    if (w.scalar_type() == torch::kBFloat16) M->m.fmt = FMT_BF16;
+    else if (w.scalar_type() == torch::kFloat32) M->m.fmt = FMT_F32;
+    else TORCH_CHECK_VALUE(false, name, ": weight dtype ", w.scalar_type(), " has no native kernel (float32, bfloat16)");
+    M->m.N = w.size(0);
+    M->m.K = w.size(1);
+    M->m.w = (const uint8_t*)w.data_ptr();
+    M->m.ld = w.stride(0) * w.element_size();
+    M->keep = {w};
+    M->name = name;
+    return M;
+}
+
+static torch::Tensor float_rows(torch::Tensor t, int64_t N, int64_t G, const std::string& what, const std::string& name) {
+    TORCH_CHECK_VALUE(t.numel() == N * G, name, ": ", what, " has ", t.numel(), " values, expected ", N, " x ", G);
+    return t.to(torch::kFloat32).reshape({N, G}).contiguous();
+}
+
+static MatrixPtr int8(torch::Tensor w, int64_t K, torch::Tensor scale, bool is_signed, std::string name) {
+    check_rows(w, "weight", name);
+    TORCH_CHECK_VALUE(K % 32 == 0, name, ": int8 kernels need the input dimension to be a multiple of 32, not ", K);
+    TORCH_CHECK_VALUE(w.element_size() == 1 && w.size(1) >= K, name, ": int8 weight must be bytes of at least ", K,
+                      " per row, has shape ", w.sizes(), " of ", w.scalar_type());
+    auto M = std::make_shared<Matrix>();
+    M->m.fmt = FMT_I8;
+    M->m.w_signed = is_signed;
+    M->m.N = w.size(0);
+    M->m.K = K;
+    M->m.w = (const uint8_t*)w.data_ptr();
+    M->m.ld = w.stride(0);
+    auto s = float_rows(scale, M->m.N, 1, "weight_scale", name);
+    M->m.scale = s.data_ptr<float>();
+    M->m.sld = 1;
+    M->keep = {w, s};
+    M->name = name;
+    return M;
+}
+
+static MatrixPtr int4(torch::Tensor w, int64_t K, torch::Tensor scale, c10::optional<torch::Tensor> zp, int64_t group,
+                      std::string name) {
+    check_rows(w, "weight", name);
+    TORCH_CHECK_VALUE(K % 32 == 0, name, ": int4 kernels need the input dimension to be a multiple of 32, not ", K);
+    TORCH_CHECK_VALUE(group > 0 && K % group == 0 && group % (2 * isa()->vb) == 0, name, ": int4 group size ", group,
+                      " is not supported by the ", isa()->name, " kernels (a multiple of ", 2 * isa()->vb,
+                      " dividing ", K, ")");
+    TORCH_CHECK_VALUE(w.element_size() == 1 && w.size(1) * 2 >= K, name, ": int4 weight must be ", K / 2,
+                      " bytes per row, has shape ", w.sizes());
+    auto M = std::make_shared<Matrix>();
+    M->m.fmt = FMT_I4;
+    M->m.N = w.size(0);
+    M->m.K = K;
+    M->m.w = (const uint8_t*)w.data_ptr();
+    M->m.ld = w.stride(0);
+    M->m.group = (int32_t)group;
+    auto s = float_rows(scale, M->m.N, K / group, "weight_scale", name);
+    M->m.scale = s.data_ptr<float>();
+    M->m.sld = K / group;
+    M->keep = {w, s};
+    if (zp.has_value()) {
+        TORCH_CHECK_VALUE(zp->numel() == M->m.N * (K / group), name, ": weight_zero_point has ", zp->numel(),
+                          " values, expected ", M->m.N, " x ", K / group);
+        auto z = zp->to(torch::kInt8).reshape({M->m.N, K / group}).contiguous();
+        M->m.zp = z.data_ptr<int8_t>();
+        M->keep.push_back(z);
+    }
+    M->name = name;
+    return M;
+}
+
+static MatrixPtr mxfp4(torch::Tensor blocks, torch::Tensor scales, std::string name) {
+    TORCH_CHECK_VALUE(blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 3 && blocks.size(2) == 16, name,
+                      ": MXFP4 blocks must be uint8 [rows, cols / 32, 16], are ", blocks.scalar_type(), " ", blocks.sizes());
+    TORCH_CHECK_VALUE(scales.scalar_type() == torch::kUInt8 && scales.dim() == 2 && scales.size(0) == blocks.size(0) &&
+                          scales.size(1) == blocks.size(1),
+                      name, ": MXFP4 scales must be uint8 [", blocks.size(0), ", ", blocks.size(1), "], are ",
+                      scales.scalar_type(), " ", scales.sizes());
+    TORCH_CHECK_VALUE(blocks.stride(2) == 1 && blocks.stride(1) == 16 && scales.stride(1) == 1, name,
+                      ": MXFP4 blocks and scales must have contiguous rows");
+    auto M = std::make_shared<Matrix>();
+    M->m.fmt = FMT_MXFP4;
+    M->m.N = blocks.size(0);
+    M->m.K = blocks.size(1) * 32;
+    M->m.w = blocks.data_ptr<uint8_t>();
+    M->m.ld = blocks.stride(0);
+    M->m.e8 = scales.data_ptr<uint8_t>();
+    M->m.eld = scales.stride(0);
+    M->keep = {blocks, scales};
+    M->name = name;
+    return M;
+}
+
+// ---- activations ----------------------------------------------------------------------------------------
+struct ActStore {
+    torch::Tensor f, bf, q8, s8, c8, q4, s4, c4;
+    Act a{};
+};
+
+static int need_of(const IsaKernels* k, const Mat& m) {
+    if (!k->quantized) return 0;
+    switch (m.fmt) {
+        case FMT_BF16: return k->native_bf16 ? NEED_BF16 : 0;
+        case FMT_I8: return NEED_Q8;
+        case FMT_I4:
+        case FMT_MXFP4: return NEED_Q4;
+    }
+    return 0;
+}
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (uint16_t)((u >> 16) | 0x40);  // NaN stays NaN
+    u += 0x7fff + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+// x [M, K] (any float dtype) -> the forms the matrices that will read it need.
+static void prepare(ActStore& st, const torch::Tensor& x, int need, const IsaKernels* k) {
+    const int64_t M = x.size(0), K = x.size(1);
+    st.f = x.to(torch::kFloat32).contiguous();
+    st.a.M = M;
+    st.a.K = K;
+    st.a.f = st.f.data_ptr<float>();
+    if (need & NEED_BF16) {
+        st.bf = x.to(torch::kBFloat16).contiguous();
+        st.a.bf = (const uint16_t*)st.bf.data_ptr();
+    }
+    const bool q8 = need & NEED_Q8, q4 = need & NEED_Q4;
+    if (!q8 && !q4) return;
+    TORCH_CHECK_VALUE(K % 32 == 0, "quantized kernels need activations of a multiple of 32 values, not ", K);
+    auto opt = torch::TensorOptions().device(torch::kCPU);
+    if (q8) {
+        st.q8 = torch::empty({M, K}, opt.dtype(torch::kInt8));
+        st.s8 = torch::empty({M, K / 4}, opt.dtype(torch::kFloat32));
+        st.c8 = torch::zeros({M, K / 4}, opt.dtype(torch::kInt32));
+        st.a.q8 = st.q8.data_ptr<int8_t>();
+        st.a.s8 = st.s8.data_ptr<float>();
+        st.a.c8 = st.c8.data_ptr<int32_t>();
+    }
+    if (q4) {
+        st.q4 = torch::empty({M, K}, opt.dtype(torch::kInt8));
+        st.s4 = torch::empty({M, K / 8}, opt.dtype(torch::kFloat32));
+        st.c4 = torch::zeros({M, K / 8}, opt.dtype(torch::kInt32));
+        st.a.q4 = st.q4.data_ptr<int8_t>();
+        st.a.s4 = st.s4.data_ptr<float>();
+        st.a.c4 = st.c4.data_ptr<int32_t>();
+    }
+    const int64_t vb = k->vb, Kb = K / 2;
+    const Act& a = st.a;
+    auto row = [&](int64_t m) {
+        const float* xr = a.f + m * K;
+        for (int64_t b = 0; b < K / 32; b++) {
+            const float* xb = xr + b * 32;
+            float amax = 0.f;
+            for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(xb[e]));
+            const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            int8_t q[32];
+            int32_t sum = 0;
+            for (int e = 0; e < 32; e++) {
+                q[e] = (int8_t)nearbyintf(xb[e] * id);
+                sum += q[e];
+            }
+            if (q8) {
+                std::memcpy((int8_t*)a.q8 + m * K + b * 32, q, 32);
+                float* s = (float*)a.s8 + m * (K / 4) + b * 8;
+                for (int l = 0; l < 8; l++) s[l] = d;
+                ((int32_t*)a.c8)[m * (K / 4) + b * 8] = sum;
+            }
+            if (q4) {
+                float* s = (float*)a.s4 + m * (K / 8) + b * 4;
+                for (int l = 0; l < 4; l++) s[l] = d;
+                ((int32_t*)a.c4)[m * (K / 8) + b * 4] = sum;
+                int8_t* out = (int8_t*)a.q4 + m * K;
+                for (int e = 0; e < 32; e++) {  // input k lives in byte k / 2 of the weight row
+                    const int64_t k = b * 32 + e, i = k / 2, c = (i / vb) * vb;
+                    const int64_t len = Kb - c < vb ? Kb - c : vb;
+                    out[2 * c + ((k & 1) ? len : 0) + (i - c)] = q[e];
+                }
+            }
+        }
+    };
+    if (M * K < (1 << 16)) {
+        for (int64_t m = 0; m < M; m++) row(m);
+    } else {
+        parallel_items(M, [&](int64_t m) { row(m); });
+    }
+}
+
+// float32 activations ask for float32 products: quantized weights are then decoded to float as they are
+// read (the portable kernels) instead of meeting int8-quantized activations, so a float32 model equals
+// dequantize-then-linear to float rounding. bf16 / fp16 activations take the ISA's integer dot products.
+static bool is_quantized(const Mat& m) { return m.fmt == FMT_I8 || m.fmt == FMT_I4 || m.fmt == FMT_MXFP4; }
+static const IsaKernels* kernels_for(const torch::Tensor& x, bool quantized) {
+    return (quantized && x.scalar_type() == torch::kFloat32) ? portable_kernels : isa();
+}
+
+// ---- linear -----------------------------------------------------------------------------------------------
+static int64_t chunk_rows(int64_t N, int64_t work_per_row) {
+    // enough chunks for dynamic balance (8 per thread), each worth at least ~64k multiply-adds
+    const int64_t threads = pool().size();
+    int64_t r = (N + threads * 8 - 1) / (threads * 8);
+    const int64_t min_rows = (65536 + work_per_row - 1) / work_per_row;
+    if (r < min_rows) r = min_rows;
+    r = (r + 3) / 4 * 4;
+    return r < N ? r : N;
+}
+
+static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == W->m.K, W->name, ": input of shape ", x.sizes(),
+                      " does not match a weight of ", W->m.N, " x ", W->m.K);
+    const int64_t M = x.size(0), N = W->m.N;
+    const IsaKernels* k = kernels_for(x, is_quantized(W->m));
+    ActStore st;
+    prepare(st, x, need_of(k, W->m), k);
+    auto y = torch::empty({M, N}, torch::kFloat32);
+    float* yp = y.data_ptr<float>();
+    const int64_t R = chunk_rows(N, M * W->m.K);
+    const int64_t chunks = (N + R - 1) / R;
+    parallel_items(chunks, [&](int64_t c) {
+        const int64_t n0 = c * R, n1 = n0 + R < N ? n0 + R : N;
+        k->gemm(W->m, st.a, nullptr, M, n0, n1, yp, N);
+    });
+    if (bias.has_value()) y.add_(bias->to(torch::kFloat32));
+    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
+// ---- mixture of experts -----------------------------------------------------------------------------------
+enum Activation : int32_t { ACT_SWIGLU = 0, ACT_CLAMPED_SWIGLU = 1 };
+
+struct Expert {
+    MatrixPtr gate, up, down;  // ACT_CLAMPED_SWIGLU: `gate` holds the interleaved gate/up rows, `up` is null
+    torch::Tensor gate_up_bias, down_bias;  // float32 or undefined
+    int64_t inter = 0;
+};
+
+// The experts of one MoE layer by slot, filled in as slots are first used (an expert is never read before).
+struct ExpertSet {
+    int32_t act = ACT_SWIGLU;
+    float alpha = 1.f, limit = 0.f;
+    std::vector<std::shared_ptr<Expert>> slots;
+
+    ExpertSet(int64_t n, int32_t act, double alpha, double limit) : act(act), alpha((float)alpha), limit((float)limit), slots(n) {}
+
+    void set(int64_t slot, MatrixPtr gate, c10::optional<MatrixPtr> up, MatrixPtr down,
+             c10::optional<torch::Tensor> gate_up_bias, c10::optional<torch::Tensor> down_bias) {
+        TORCH_CHECK_VALUE(slot >= 0 && slot < (int64_t)slots.size(), "expert slot ", slot, " out of range");
+        auto e = std::make_shared<Expert>();
+        e->gate = gate;
+        e->down = down;
+        const int64_t H = gate->m.K;
+        if (act == ACT_SWIGLU) {
+            TORCH_CHECK_VALUE(up.has_value(), gate->name, ": a SwiGLU expert needs an up matrix");
+            e->up = *up;
+            TORCH_CHECK_VALUE(e->up->m.N == gate->m.N && e->up->m.K == H, e->up->name, ": shape ", e->up->m.N, " x ",
+                              e->up->m.K, " does not match the gate's ", gate->m.N, " x ", H);
+            e->inter = gate->m.N;
+        } else {
+            TORCH_CHECK_VALUE(gate->m.N % 2 == 0, gate->name, ": interleaved gate/up needs an even row count");
+            e->inter = gate->m.N / 2;
+        }
+        TORCH_CHECK_VALUE(down->m.K == e->inter && down->m.N == H, down->name, ": shape ", down->m.N, " x ",
+                          down->m.K, " does not match an expert of hidden ", H, " and intermediate ", e->inter);
+        if (gate_up_bias.has_value()) {
+            TORCH_CHECK_VALUE(gate_up_bias->numel() == gate->m.N, gate->name, ": bias has ", gate_up_bias->numel(),
+                              " values, expected ", gate->m.N);
+            e->gate_up_bias = gate_up_bias->to(torch::kFloat32).contiguous();
+        }
+        if (down_bias.has_value()) {
+            TORCH_CHECK_VALUE(down_bias->numel() == H, down->name, ": bias has ", down_bias->numel(), " values, expected ", H);
+            e->down_bias = down_bias->to(torch::kFloat32).contiguous();
+        }
+        slots[slot] = e;
+    }
+    bool has(int64_t slot) const { return slot >= 0 && slot < (int64_t)slots.size() && slots[slot] != nullptr; }
+};
+
+static inline float silu(float g) { return g / (1.f + expf(-g)); }
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+// With bf16 activations the per-expert torch path rounds to bf16 after every product and elementwise
+// step; the fused call rounds at the same points, so both paths agree but for accumulation order.
+static inline float round_as(bool bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// out[t] = sum over the chosen experts e of t (in slot order) of weight(t, e) * expert_e(x[t]), float32.
+// `slots` [T, k] int64 (-1: no expert), `weights` [T, k] float32.
+static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, torch::Tensor weights) {
+    TORCH_CHECK_VALUE(x.dim() == 2, "moe: hidden states must be [T, H], are ", x.sizes());
+    const int64_t T = x.size(0), H = x.size(1);
+    TORCH_CHECK_VALUE(slots.dim() == 2 && slots.size(0) == T && weights.sizes() == slots.sizes(),
+                      "moe: slots ", slots.sizes(), " and weights ", weights.sizes(), " must both be [", T, ", k]");
+    auto sl = slots.to(torch::kInt64).contiguous();
+    auto wt = weights.to(torch::kFloat32).contiguous();
+    const int64_t kk = sl.size(1), S = (int64_t)es.slots.size();
+    const int64_t* sp = sl.data_ptr<int64_t>();
+    const float* wp = wt.data_ptr<float>();
+
+    // pairs (token, weight) grouped by slot, slots in increasing order
+    std::vector<int64_t> count(S + 1, 0);
+    for (int64_t i = 0; i < T * kk; i++) {
+        const int64_t s = sp[i];
+        if (s < 0) continue;
+        TORCH_CHECK_VALUE(s < S, "moe: slot ", s, " out of range (", S, " slots)");
+        TORCH_CHECK_VALUE(es.slots[s] != nullptr, "moe: expert slot ", s, " has no weights set");
+        count[s + 1]++;
+    }
+    std::vector<int64_t> off(S + 1, 0);
+    for (int64_t s = 0; s < S; s++) off[s + 1] = off[s] + count[s + 1];
+    const int64_t P = off[S];
+    std::vector<int32_t> pair_tok(P);
+    std::vector<float> pair_w(P);
+    {
+        std::vector<int64_t> fill(off.begin(), off.end() - 1);
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t j = 0; j < kk; j++) {
+                const int64_t s = sp[t * kk + j];
+                if (s < 0) continue;
+                pair_tok[fill[s]] = (int32_t)t;
+                pair_w[fill[s]] = wp[t * kk + j];
+                fill[s]++;
+            }
+    }
+    std::vector<int64_t> active;
+    bool quantized = false;
+    for (int64_t s = 0; s < S; s++)
+        if (off[s + 1] > off[s]) {
+            const Expert& e = *es.slots[s];
+            quantized |= is_quantized(e.gate->m) || is_quantized(e.down->m) || (e.up && is_quantized(e.up->m));
+        }
+    const IsaKernels* k = kernels_for(x, quantized);
+    int need1 = 0, need2 = 0;
+    int64_t inter_max = 0;
+    for (int64_t s = 0; s < S; s++)
+        if (off[s + 1] > off[s]) {
+            active.push_back(s);
+            const Expert& e = *es.slots[s];
+            TORCH_CHECK_VALUE(e.gate->m.K == H, e.gate->name, ": expects hidden ", e.gate->m.K, ", got ", H);
+            need1 |= need_of(k, e.gate->m) | (e.up ? need_of(k, e.up->m) : 0);
+            need2 |= need_of(k, e.down->m);
+            TORCH_CHECK_VALUE(inter_max == 0 || e.inter == inter_max, e.down->name, ": experts of one layer must share "
+                              "their intermediate size (", e.inter, " vs ", inter_max, ")");
+            inter_max = e.inter;
+        }
+    auto out = torch::zeros({T, H}, torch::kFloat32);
+    if (P == 0) return out;
+    ActStore A;
+    prepare(A, x, need1, k);
+    auto hbuf = torch::empty({P, inter_max}, torch::kFloat32);
+    float* hp = hbuf.data_ptr<float>();
+
+    // 1. gate and up (and the activation) of every pair, by tiles of intermediate rows
+    struct Item { int64_t s, r0, r1; };
+    std::vector<Item> items;
+    const int64_t threads = pool().size();
+    for (int64_t s : active) {
+        const int64_t I = es.slots[s]->inter, m = off[s + 1] - off[s];
+        int64_t rt = (m * H >= (1 << 20)) ? 16 : 64;  // smaller tiles when many tokens share an expert
+        if (active.size() * ((I + rt - 1) / rt) < (size_t)(4 * threads)) rt = 16;
+        for (int64_t r = 0; r < I; r += rt) items.push_back({s, r, std::min(I, r + rt)});
+    }
+    const bool rb = x.scalar_type() == torch::kBFloat16;
+    parallel_items((int64_t)items.size(), [&](int64_t it) {
+        const Item& item = items[it];
+        const Expert& e = *es.slots[item.s];
+        const int64_t m = off[item.s + 1] - off[item.s];
+        const int32_t* rows = pair_tok.data() + off[item.s];
+        const int64_t r0 = item.r0, r1 = item.r1;
+        thread_local std::vector<float> g, u;
+        if (es.act == ACT_SWIGLU) {
+            const int64_t I = e.inter;
+            g.resize(m * I);
+            u.resize(m * I);
+            k->gemm(e.gate->m, A.a, rows, m, r0, r1, g.data(), I);
+            k->gemm(e.up->m, A.a, rows, m, r0, r1, u.data(), I);
+            for (int64_t i = 0; i < m; i++) {
+                float* h = hp + (off[item.s] + i) * inter_max;
+                for (int64_t r = r0; r < r1; r++) {
+                    const float gr = round_as(rb, g[i * I + r]), ur = round_as(rb, u[i * I + r]);
+                    h[r] = round_as(rb, round_as(rb, silu(gr)) * ur);
+                }
+            }
+        } else {  // gpt-oss: rows 2r (gate) and 2r + 1 (up) of the interleaved matrix
+            const int64_t N2 = e.gate->m.N;
+            g.resize(m * N2);
+            k->gemm(e.gate->m, A.a, rows, m, 2 * r0, 2 * r1, g.data(), N2);
+            const float* b = e.gate_up_bias.defined() ? e.gate_up_bias.data_ptr<float>() : nullptr;
+            const float alpha = es.alpha, limit = es.limit;
+            for (int64_t i = 0; i < m; i++) {
+                float* h = hp + (off[item.s] + i) * inter_max;
+                for (int64_t r = r0; r < r1; r++) {
+                    float gt = round_as(rb, g[i * N2 + 2 * r] + (b ? b[2 * r] : 0.f));
+                    float up = round_as(rb, g[i * N2 + 2 * r + 1] + (b ? b[2 * r + 1] : 0.f));
+                    gt = fminf(gt, limit);
+                    up = fminf(fmaxf(up, -limit), limit);
+                    const float sg = round_as(rb, 1.f / (1.f + expf(-round_as(rb, alpha * gt))));
+                    h[r] = round_as(rb, round_as(rb, up + 1.f) * round_as(rb, gt * sg));
+                }
+            }
+        }
+    });
+
+    // 2. down, by tiles of output columns: each tile sums its experts in slot order (deterministic)
+    ActStore B;
+    prepare(B, hbuf, need2, k);
+    std::vector<int32_t> iota(P);
+    for (int64_t i = 0; i < P; i++) iota[i] = (int32_t)i;
+    float* op = out.data_ptr<float>();
+    const int64_t ct = chunk_rows(H, P * inter_max / (int64_t)active.size() + 1);
+    const int64_t tiles = (H + ct - 1) / ct;
+    parallel_items(tiles, [&](int64_t tile) {
+        const int64_t c0 = tile * ct, c1 = std::min(H, c0 + ct);
+        thread_local std::vector<float> y;
+        for (int64_t s : active) {
+            const Expert& e = *es.slots[s];
+            const int64_t m = off[s + 1] - off[s];
+            y.resize(m * H);
+            k->gemm(e.down->m, B.a, iota.data() + off[s], m, c0, c1, y.data(), H);
+            const float* db = e.down_bias.defined() ? e.down_bias.data_ptr<float>() : nullptr;
+            for (int64_t i = 0; i < m; i++) {
+                const int64_t t = pair_tok[off[s] + i];
+                const float w = pair_w[off[s] + i];
+                float* o = op + t * H;
+                const float* yi = y.data() + i * H;
+                for (int64_t c = c0; c < c1; c++) o[c] += w * round_as(rb, yi[c] + (db ? db[c] : 0.f));
+            }
+        }
+    });
+    return out;
+}
+
+}  // namespace emo
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    using namespace emo;
+    m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
+    m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
+    m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
+    m.def("current_isa", [] { return std::string(isa()->name); });
+    m.def("set_spin_us", [](int us) { pool(); /* created */ pool().set_spin_us(us); });
+    m.def("pool_threads", [] { return pool().size(); });
+    py::class_<Matrix, MatrixPtr>(m, "Matrix")
+        .def_property_readonly("rows", &Matrix::rows)
+        .def_property_readonly("cols", &Matrix::cols)
+        .def_property_readonly("format", [](const Matrix& x) {
+            static const char* names[] = {"f32", "bf16", "int8", "int4", "mxfp4"};
+            return std::string(names[x.m.fmt]);
+        })
+        .def_readonly("name", &Matrix::name);
+    m.def("dense", &dense, py::arg("weight"), py::arg("name"));
+    m.def("int8", &int8, py::arg("weight"), py::arg("cols"), py::arg("scale"), py::arg("signed"), py::arg("name"));
+    m.def("int4", &int4, py::arg("weight"), py::arg("cols"), py::arg("scale"), py::arg("zero_point"), py::arg("group"),
+          py::arg("name"));
+    m.def("mxfp4", &mxfp4, py::arg("blocks"), py::arg("scales"), py::arg("name"));
+    m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+          py::call_guard<py::gil_scoped_release>());
+    py::class_<ExpertSet>(m, "ExpertSet")
+        .def(py::init<int64_t, int32_t, double, double>(), py::arg("slots"), py::arg("activation"), py::arg("alpha") = 1.0,
+             py::arg("limit") = 0.0)
+        .def("set", &ExpertSet::set, py::arg("slot"), py::arg("gate"), py::arg("up"), py::arg("down"),
+             py::arg("gate_up_bias") = py::none(), py::arg("down_bias") = py::none())
+        .def("has", &ExpertSet::has)
+        .def("__len__", [](const ExpertSet& s) { return s.slots.size(); });
+    m.def("moe", &moe, py::arg("x"), py::arg("experts"), py::arg("slots"), py::arg("weights"),
+          py::call_guard<py::gil_scoped_release>());
+    m.attr("ACT_SWIGLU") = (int)ACT_SWIGLU;
+    m.attr("ACT_CLAMPED_SWIGLU") = (int)ACT_CLAMPED_SWIGLU;
+}

@@ -1,0 +1,229 @@
+"""Every weight matrix as a kernel object, and the fused mixture-of-experts call.
+
+`Kernels.linear(x, w, bias)` is the one way the forward pass multiplies by a weight. The first use of
+a weight makes its kernel object (what the weight is, decided once: dense bf16 / float32, int8, int4
+with or without zero points, MXFP4, or the lazily int8-quantized copy of `--quantize int8`), kept
+while the weight lives; later calls go straight to it. On the native path the object reads the mapped
+bytes as stored (nothing is repacked or expanded); a weight the native kernels do not take (another
+dtype, an accelerator, an int4 group size they do not handle) keeps the ATen path it had before.
+
+`Kernels.moe(layer_experts, h, route)` runs the chosen experts of every token of a step as one native
+call with one parallel region per phase (gate/up, down) instead of one ATen call per expert matrix; it
+returns None when a chosen expert has a matrix the native path does not take, and the caller then runs
+its per-expert path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..mxfp4 import DequantCache, Mxfp4Matrix
+from ..quant import Int8Cache, PackedLinear
+from . import native as _native
+from .compiled import linear_decode
+
+# bf16 / float32 products of at least this many rows go to oneDNN (through F.linear) on the `amx` path,
+# where its AMX tiles beat dot products; elsewhere our kernels take every row count.
+AMX_MIN_ROWS = 16
+
+
+class KernelError(ValueError):
+    """A weight that cannot be multiplied as given (shapes or tensors that disagree)."""
+
+
+class _TorchLinear:
+    """The ATen path: F.linear, or a PackedLinear's own repacked kernels."""
+
+    def __init__(self, fn: Callable[[Tensor, Tensor | None], Tensor]):
+        self.fn = fn
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.fn(x, bias)
+
+
+class _NativeLinear:
+    def __init__(self, ext, mat, dense: Tensor | None, onednn_rows: int | None):
+        self.ext, self.mat, self.dense, self.onednn_rows = ext, mat, dense, onednn_rows
+
+    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        if self.onednn_rows is not None and x.shape[0] >= self.onednn_rows:
+            return F.linear(x, self.dense, bias)
+        return self.ext.linear(x, self.mat, bias)
+
+
+class _IdentityCache:
+    """Objects' kernel records keyed by identity, dropped when the object is collected (tensors and
+    MXFP4 matrices are not usable as dict keys by value)."""
+
+    def __init__(self):
+        self._d: dict[int, tuple[weakref.ref, object]] = {}
+
+    def get(self, obj):
+        hit = self._d.get(id(obj))
+        if hit is not None and hit[0]() is obj:
+            return hit[1]
+        return None
+
+    def put(self, obj, value) -> None:
+        key = id(obj)
+        self._d[key] = (weakref.ref(obj, lambda _, k=key, d=self._d: d.pop(k, None)), value)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+def native_matrix(ext, w, name: str = "weight", int8: Int8Cache | None = None):
+    """The extension's Matrix for `w`, or None where the native kernels do not take it."""
+    if isinstance(w, Mxfp4Matrix):
+        if w.blocks.device.type != "cpu":
+            return None
+        return ext.mxfp4(w.blocks, w.scales, name)
+    if isinstance(w, PackedLinear):
+        if w.device.type != "cpu":
+            return None
+        s, (N, K) = w.scheme, w.shape
+        data = w.packed.view(torch.uint8).view(N, -1)
+        if s.bits == 8 and s.group_size is None and w.zero_point is None and K % 32 == 0:
+            return ext.int8(data, K, w.scale, False, name)
+        if s.bits == 4 and s.group_size is not None and K % 32 == 0:
+            zp = w.zero_points()
+            try:
+                return ext.int4(data, K, w.scale, None if zp is None else zp.to(torch.int8), s.group_size, name)
+            except ValueError:  # a group size this ISA's kernels do not take
+                return None
+        return None
+    if not isinstance(w, Tensor) or w.device.type != "cpu" or w.dim() != 2 or w.stride(-1) != 1:
+        return None
+    if int8 is not None:
+        q = int8.get(w)
+        if w.shape[1] % 32:
+            return None
+        return ext.int8(q.q, w.shape[1], q.scales, True, name)
+    if w.dtype not in (torch.bfloat16, torch.float32):
+        return None
+    return ext.dense(w, name)
+
+
+class Kernels:
+    """The kernel objects of one model (see the module docstring)."""
+
+    def __init__(self, device: torch.device, int8: Int8Cache | None = None, compile_decode: bool = False):
+        self.device = torch.device(device)
+        self.isa = _native.selected()  # raises IsaError for an EMO_CPU_ISA this machine cannot run
+        self.ext = _native.native() if self.device.type == "cpu" else None
+        self.int8 = int8
+        self.compile_decode = compile_decode
+        self._linear = _IdentityCache()
+        self._moe: dict[int, _LayerMoE] = {}
+
+    @property
+    def native(self) -> bool:
+        return self.ext is not None
+
+    # -- one matrix -----------------------------------------------------------------------------------
+    def kernel(self, w) -> Callable[[Tensor, Tensor | None], Tensor]:
+        k = self._linear.get(w)
+        if k is None:
+            k = self._make(w)
+            self._linear.put(w, k)
+        return k
+
+    def linear(self, x: Tensor, w, bias: Tensor | None = None) -> Tensor:
+        return self.kernel(w)(x, bias)
+
+    def _make(self, w):
+        if self.ext is not None:
+            mat = native_matrix(self.ext, w, int8=self.int8)
+            if mat is not None:
+                dense = w if isinstance(w, Tensor) and self.int8 is None else None
+                amx = AMX_MIN_ROWS if self.isa == "amx" and dense is not None else None
+                return _NativeLinear(self.ext, mat, dense, amx)
+        if isinstance(w, PackedLinear):
+            return _TorchLinear(w.linear)
+        if isinstance(w, Mxfp4Matrix):
+            return _TorchLinear(lambda x, b, m=w: F.linear(x, m.dequantize(x.dtype), b))
+        if self.int8 is not None:
+            return _TorchLinear(lambda x, b, t=w: self.int8.linear(x, t, b))
+        if self.compile_decode:
+            return _TorchLinear(lambda x, b, t=w: linear_decode(x, t, b))
+        return _TorchLinear(lambda x, b, t=w: F.linear(x, t, b))
+
+    # -- a mixture of experts ---------------------------------------------------------------------------
+    def moe(self, le, h: Tensor, indices: Tensor, weights: Tensor, valid: Tensor,
+            activation: tuple[float, float] | None = None) -> Tensor | None:
+        """float32 `[T, H]`: sum over each token's chosen slots of weight x expert(h), or None when the
+        native path cannot run these experts. `activation` (alpha, limit) selects gpt-oss's clamped
+        SwiGLU over interleaved gate/up rows."""
+        if self.ext is None or h.device.type != "cpu":
+            return None
+        lm = self._moe.get(id(le))
+        if lm is None or lm.le is not le or lm.slots != len(le.experts):
+            lm = self._moe[id(le)] = _LayerMoE(self, le, activation)
+        slots = indices.masked_fill(~valid, -1)
+        if not lm.ensure(torch.unique(slots).tolist()):
+            return None
+        return self.ext.moe(h, lm.set, slots, weights)
+
+
+class _LayerMoE:
+    """One MoE layer's native ExpertSet, slots filled in on first use and re-filled when the layer's
+    slot holds another Expert object (a profile merged in or withdrawn)."""
+
+    def __init__(self, k: Kernels, le, activation: tuple[float, float] | None):
+        ext = k.ext
+        self.k, self.le, self.slots = k, le, len(le.experts)
+        if activation is None:
+            self.set = ext.ExpertSet(self.slots, ext.ACT_SWIGLU)
+        else:
+            self.set = ext.ExpertSet(self.slots, ext.ACT_CLAMPED_SWIGLU, float(activation[0]), float(activation[1]))
+        self.src: list[object | None] = [None] * self.slots
+        self.unsupported: set[int] = set()
+
+    def ensure(self, slots: list[int]) -> bool:
+        experts = self.le.experts
+        for s in slots:
+            if s < 0:
+                continue
+            e = experts[s]
+            if self.src[s] is e:
+                continue
+            if s in self.unsupported and self.src[s] is None:
+                return False
+            if not self._set(s, e):
+                self.unsupported.add(s)
+                return False
+            self.src[s] = e
+        return True
+
+    def _set(self, s: int, e) -> bool:
+        ext, int8 = self.k.ext, self.k.int8
+        name = f"expert slot {s}"
+
+        def mat(w, part):
+            return None if w is None else native_matrix(ext, w, f"{name} {part}", int8)
+
+        if e.interleaved:
+            gu = mat(e.mx_gate_up if e.mx_gate_up is not None else e.gate_up, "gate_up")
+            dn = mat(e.mx_down if e.mx_down is not None else e.down, "down")
+            if gu is None or dn is None:
+                return False
+            self.set.set(s, gu, None, dn, e.gate_up_bias, e.down_bias)
+            return True
+        if e.gate_up is not None and isinstance(e.gate_up, Tensor):
+            inter = e.gate_up.shape[0] // 2
+            gate, up = mat(e.gate_up[:inter], "gate"), mat(e.gate_up[inter:], "up")
+        else:
+            gate, up = mat(e.gate, "gate"), mat(e.up, "up")
+        down = mat(e.down, "down")
+        if gate is None or up is None or down is None:
+            return False
+        self.set.set(s, gate, up, down)
+        return True
+
+
+__all__ = ["AMX_MIN_ROWS", "DequantCache", "KernelError", "Kernels", "native_matrix"]
