@@ -21,10 +21,13 @@ $(STAMP): pyproject.toml setup.py $(wildcard modeling/kernels/csrc/*)
 serve: setup
 	$(BIN)/emo-serve $(ARGS)
 
-# System packages the tests need: Debian's chromium and its driver for the
+# System packages: g++ for the native CPU kernels (setup.py; without it the pure-torch path runs), and
+# what the tests need: Debian's chromium and its driver for the
 # browser test of the /ui page (tests/test_ui.py). Needs root (or sudo) and apt;
 # `make test` runs it when chromium is missing.
 setup-system:
+	@command -v g++ >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y g++; }
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "chromium and chromedriver: installed"; \
 	else SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; fi

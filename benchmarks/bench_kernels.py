@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--llama-quantize", default=f"{LLAMA}/llama-quantize")
     ap.add_argument("--precisions", default="bf16,int8,int4")
     ap.add_argument("--other-isas", action="store_true", help="also rows forced to every other ISA and to torch")
+    ap.add_argument("--omp-active", action="store_true", help="also rows with spinning OpenMP threads "
+                    "(OMP_WAIT_POLICY=ACTIVE), against emo-serve's PASSIVE default")
     ap.add_argument("--skip-neighbour", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -167,13 +169,14 @@ def main() -> None:
     for prec in args.precisions.split(","):
         prof = root / f"qwen3-{args.layers}l-keep{KEEP}-{prec}"
         res.setdefault("build", {})[prec] = build(base, prof, args.threads, None if prec == "bf16" else prec)
-        isas = [None]
+        variants: list[tuple[str, dict]] = [("", {})]
+        if args.omp_active:
+            variants.append((" [OpenMP active]", {"OMP_WAIT_POLICY": "ACTIVE"}))
         if args.other_isas:
-            isas += [i for i in kernels.supported()[1:]]
-        for isa in isas:
-            env = {} if isa is None else {"EMO_CPU_ISA": isa}
+            variants += [(f" [{i}]", {"EMO_CPU_ISA": i}) for i in kernels.supported()[1:]]
+        for label, env in variants:
             r = run_child("ours", prof, args.threads, args.prompt, args.decode, env=env)
-            key = f"ours {prec}" + ("" if isa is None else f" [{isa}]")
+            key = f"ours {prec}{label}"
             res["rows"][key] = r
             print(f"{key}: {r}", file=sys.stderr)
         if have_llama:
