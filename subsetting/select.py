@@ -274,6 +274,68 @@ class OutputAwareSelector(Selector):
         return obs.scores
 
 
+class _RoutedOutputObserver(LayerObserver):
+    """Per routed (token, expert) pair: the gate weight times the norm of the expert's
+    output, summed per expert plain (`sums`), weighted per token by how much the MoE
+    turns the hidden state (`turned`: 1 - cos(x, x + moe(h)), EASY-EP's token
+    contribution), and counted (`counts`: tokens routed to the expert)."""
+
+    def __init__(self, model: Model, layout: Layout):
+        self.model = model
+        shape = (layout.num_layers, max(layout.width, 1))
+        self.sums, self.turned, self.counts = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+
+    def observe(self, i, le, h, x, docs, counts):
+        tr = self.model.transformer
+        r = tr.route(i, h)
+        y, _ = tr.moe(i, h)
+        turn = 1 - torch.nn.functional.cosine_similarity(x.float(), (x + y).float(), dim=-1)  # [T]
+        T, k = r.indices.shape
+        tok = torch.arange(T, device=h.device).repeat_interleave(k)
+        slot, gate, ok = r.indices.flatten(), r.weights.flatten().float(), r.valid.flatten()
+        for s in slot[ok].unique().tolist():
+            sel = ok & (slot == s)
+            rows = tok[sel]
+            c = gate[sel] * tr.expert(le.experts[s], h[rows]).float().norm(dim=-1)
+            self.sums[i, le.ids[s]] += float(c.sum())
+            self.turned[i, le.ids[s]] += float((c * turn[rows]).sum())
+            self.counts[i, le.ids[s]] += int(rows.numel())
+
+
+def _routed_outputs(cal: Calibration, desc: str) -> _RoutedOutputObserver:
+    obs = _RoutedOutputObserver(cal.model, cal.layout)
+    LayerPass(cal.model, cal.max_batch_tokens, progress=cal.progress, desc=desc).run(cal.token_lists, obs)
+    return obs
+
+
+@register
+class ReapSelector(Selector):
+    """REAP (Cerebras, "router-weighted expert activation pruning"): an expert's score
+    is the mean, over the calibration tokens routed to it (its top-k choices), of
+    its gate weight times the L2 norm of its output. An expert no token chose scores 0."""
+
+    method = "reap"
+    needs = ("token_lists", "model")
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        obs = _routed_outputs(cal, "reap")
+        return np.divide(obs.sums, obs.counts, out=np.zeros_like(obs.sums), where=obs.counts > 0)
+
+
+@register
+class EasyEpSelector(Selector):
+    """EASY-EP (few-shot domain pruning): gate weight times expert output norm for every
+    routed (token, expert) pair, weighted by the token's contribution 1 - cos(x, x + moe(h))
+    (how much the MoE layer turns its hidden state), summed over the calibration tokens
+    (a few demonstrations of the domain suffice)."""
+
+    method = "easy-ep"
+    needs = ("token_lists", "model")
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        return _routed_outputs(cal, "easy-ep").turned
+
+
 @register
 class ExcludeDomainSelector(Selector):
     """Everything but domain X (a control profile: "no python here").
