@@ -141,8 +141,10 @@ class Repairer:
     after each training step (the CLI draws a progress bar from it)."""
 
     def __init__(self, steps: tuple[str, ...], params: RepairParams | None = None,
-                 on_progress: Callable[[str, int, int, float, float], None] | None = None):
+                 on_progress: Callable[[str, int, int, float, float], None] | None = None,
+                 on_step_done: Callable[[str, dict[str, torch.Tensor]], None] | None = None):
         self.steps, self.params, self.on_progress = steps, params or RepairParams(), on_progress
+        self.on_step_done = on_step_done  # (step, tensors so far): lets a report evaluate every stage of one run
 
     def fit(self, student: Model, slots: dict[int, list[int]], token_lists: list[list[int]],
             teacher: Model | None = None, data: dict | None = None) -> "Repairer":
@@ -177,6 +179,8 @@ class Repairer:
                 rec = getattr(self, "_" + step)(seqs, pad)
             rec = {"step": step, **rec, "seconds": round(time.time() - t0, 2), "peak_rss_bytes": rss.peak}
             self.record_["steps"].append(rec)
+            if self.on_step_done is not None:
+                self.on_step_done(step, self.lm_.expert_tensors(student.config.names))
         self.lm_.train_only()
         self.tensors_ = self.lm_.expert_tensors(student.config.names)
         return self

@@ -204,7 +204,7 @@ class SubsetLM(nn.Module):
                               "(this family's layout is not supported by repair)")
         return diff
 
-    def expert_tensors(self, names, slot_base: dict[int, int] | None = None) -> dict[str, Tensor]:
+    def expert_tensors(self, names) -> dict[str, Tensor]:
         """{tensor name: float32 tensor} of every trained router and expert, in the family's
         per-expert naming (`names`: modeling.names of the config), slots renumbered 0..S-1."""
         out: dict[str, Tensor] = {}
