@@ -224,7 +224,13 @@ def cmd_build(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
-    if args.experts_file is None and args.keep is None:
+    if args.budget is not None:
+        if args.experts_file is not None:
+            raise SubsetError("give either --budget or --experts-file, not both")
+        if args.method == "random" or args.exclude_domain is not None or args.exclude_cluster is not None:
+            raise SubsetError("--budget spends experts by score: use it with a scoring method, not random or "
+                              "an exclusion profile")
+    elif args.experts_file is None and args.keep is None:
         raise SubsetError("give --keep N (with calibration text) or --experts-file F")
     if args.experts_file is not None and args.keep is not None:
         raise SubsetError("give either --keep or --experts-file, not both")
@@ -251,9 +257,9 @@ def cmd_build(args) -> int:
         fp, toks, source = _calibration(args, model)
         selection = {"method": "experts-file", "params": {"file": str(args.experts_file)}}
     else:
-        keep = parse_keep(args.keep, layout)
+        keep = parse_keep(args.keep if args.keep is not None else layout.top_k, layout)
         fp, toks, source = _calibration(args, model)
-        sel = SELECTORS[args.method](keep, seed=args.seed)
+        sel = SELECTORS[args.method](keep, seed=args.seed, budget=args.budget)
         if exclude is not None:
             sel.exclude = exclude
         cal = Calibration(layout, fp, toks, model, args.max_batch_tokens, progress=not args.quiet)
@@ -612,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", default=None, help="clusters file (default: FP.clusters.json)")
     p.add_argument("--keep", default=None, help="experts kept per layer, shared included: N, N%% or a schedule "
                    "a,b,c (default: none; give this or --experts-file)")
+    p.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="spend N experts over all MoE layers (shared included), allocated by the method's scores "
+                        "(normalised per layer); --keep is then the minimum per layer (default: top-k). Such a "
+                        "profile keeps different counts per layer: emo-serve loads it, GGUF export and stock "
+                        "transformers do not (default: none)")
     p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]} to keep "
                    "(default: none; give this or --keep)")
     p.add_argument("--method", default="mean-prob", help=f"selection method, one of {', '.join(SELECTORS)} "

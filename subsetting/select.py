@@ -160,11 +160,14 @@ class Selector:
     method: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # of "fingerprints", "token_lists", "model"
 
-    def __init__(self, keep: dict[int, int], seed: int = 0):
-        self.keep, self.seed = keep, seed
+    def __init__(self, keep: dict[int, int], seed: int = 0, budget: int | None = None):
+        # with a budget, `keep` is the minimum per layer and `fit` sets the count of every layer
+        self.keep, self.seed, self.budget = keep, seed, budget
 
     def params(self) -> dict:
-        return {"keep": {str(k): v for k, v in self.keep.items()}}
+        return {"keep": {str(k): v for k, v in self.keep.items()},
+                **({"budget": self.budget, "keep_min": {str(k): v for k, v in self.minimum.items()}}
+                   if self.budget is not None else {})}
 
     def score(self, cal: Calibration) -> np.ndarray:  # [layers, experts]
         raise NotImplementedError
@@ -176,8 +179,42 @@ class Selector:
                               f"(missing: {', '.join(missing)})")
         layout = calibration.layout
         self.scores_ = self.score(calibration)
+        if self.budget is not None:
+            self.minimum = getattr(self, "minimum", None) or dict(self.keep)
+            self.keep = allocate_budget(self.scores_, layout, self.budget, self.minimum)
         self.experts_ = {i: choose(self.scores_[i], layout, i, n) for i, n in self.keep.items()}
         return self
+
+
+def allocate_budget(scores: np.ndarray, layout: Layout, budget: int, minimum: dict[int, int]) -> dict[int, int]:
+    """Experts per MoE layer for `budget` experts in all (shared ones included): every layer
+    gets its `minimum`, the rest goes to the best (layer, expert) pairs by score. Scores are
+    made comparable across layers first: each layer's routed scores are divided by their sum
+    (for mean-prob, the share of the layer's routing mass)."""
+    if layout.n_group > 1:
+        raise SubsetError("--budget: the router chooses within expert groups (the same count from every group); "
+                          "give a per-layer --keep schedule instead")
+    moe = layout.moe_layers
+    floor = sum(minimum[i] for i in moe)
+    total = sum(len(layout.loaded[i]) for i in moe)
+    if budget < floor:
+        raise SubsetError(f"--budget {budget} is less than the {floor} experts the per-layer minimum keeps "
+                          f"({len(moe)} MoE layers)")
+    if budget > total:
+        raise SubsetError(f"--budget {budget} is more than the {total} experts the model has in its MoE layers")
+    keep = dict(minimum)
+    cands = []
+    for i in moe:
+        sh = set(layout.shared[i])
+        routed = [e for e in layout.loaded[i] if e not in sh]
+        s = np.clip(np.asarray(scores[i], dtype=np.float64)[routed], 0, None)
+        s = s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / max(len(s), 1))
+        ranked = sorted(s.tolist(), reverse=True)
+        free = minimum[i] - len(sh)  # the minimum takes each layer's best routed experts first
+        cands += [(-v, i, r) for r, v in enumerate(ranked) if r >= free]
+    for _, i, _ in sorted(cands)[: budget - floor]:
+        keep[i] += 1
+    return keep
 
 
 SELECTORS: dict[str, type[Selector]] = {}
