@@ -170,8 +170,7 @@ class Repairer:
                         "check_max_abs_diff": self.lm_.check_against(student, check, pool)}
         self.teacher_ = None
         if teacher is not None:
-            self.teacher_ = SubsetLM(teacher)
-            self.teacher_.train_only()
+            self.teacher_ = SubsetLM(teacher, trainable=False)
             self.teacher_.check_against(teacher, check, None)
         for step in self.steps:
             t0 = time.time()
@@ -230,7 +229,7 @@ class Repairer:
                 w = [float(mass[b])]
                 acc = [lm.gate[k][s] * w[0], lm.up[k][s] * w[0], lm.down[k][s] * w[0]]
                 for m in members:
-                    g, u, d = tl.gate[k][m], tl.up[k][m], tl.down[k][m]
+                    g, u, d = tl.expert_weights(i, m)
                     perm = _align(ref, torch.cat([g, u, d.t()], dim=1))
                     wm = float(mass[m])
                     acc[0] += g[perm] * wm
