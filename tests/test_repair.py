@@ -17,20 +17,12 @@ from subsetting.select import SELECTORS, Calibration, parse_keep
 from subsetting.writer import write_profile
 from tests.checkpoints import emo_config, write_checkpoint_dir, write_tokenizer
 from tests.families import hf_logits, stock, write_hf_checkpoint
-from tests.test_subset import _write_corpus, no_leftovers, run
+from tests.test_subset import _write_corpus, env, no_leftovers, run  # noqa: F401 (env: the fixture)
 from training.repair import Repairer, RepairParams, parse_steps, sequences
 from training.subset_lm import RepairError, SubsetLM
 
 IDS = list(range(2, 60))
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("repair")
-    full = write_checkpoint_dir(root / "full", emo_config(), seed=3)
-    corpus = _write_corpus(root / "corpus.jsonl")
-    return root, full, corpus
 
 
 def _calibration(full: Path, corpus: Path):
