@@ -259,7 +259,8 @@ def cmd_build(args) -> int:
     else:
         keep = parse_keep(args.keep if args.keep is not None else layout.top_k, layout)
         fp, toks, source = _calibration(args, model)
-        sel = SELECTORS[args.method](keep, seed=args.seed, budget=args.budget)
+        sel = SELECTORS[args.method](keep, seed=args.seed)
+        sel.budget = args.budget  # None, or N experts over all layers with `keep` the minimum per layer
         if exclude is not None:
             sel.exclude = exclude
         cal = Calibration(layout, fp, toks, model, args.max_batch_tokens, progress=not args.quiet)
