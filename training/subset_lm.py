@@ -222,10 +222,12 @@ class SubsetLM(nn.Module):
         ref = model.logits(ids, pool=pool)
         mine = self(torch.tensor([ids]))[0]
         diff = float((ref - mine).abs().max())
-        # float32 against float32 agrees to rounding; a 16-bit model's own forward rounds its
-        # activations (a wrong layout is off by the logits' own size, not by a few per cent)
-        tol = 1e-3 if model.dtype == torch.float32 else 5e-2
-        if not diff <= tol * max(1.0, float(ref.abs().max())):
+        if model.dtype == torch.float32:  # float32 against float32 agrees to rounding
+            ok = diff <= 1e-3 * max(1.0, float(ref.abs().max()))
+        else:  # a 16-bit model's own forward rounds its activations: compare on average (a wrong
+            # layout is off by the logits' own size, rounding by a few per cent of it)
+            ok = float((ref - mine).abs().mean()) <= 0.03 * float(ref.abs().mean())
+        if not ok:
             raise RepairError(f"{model.path}: the trainable forward differs from the model's by {diff:.3g} "
                               "(this family's layout is not supported by repair)")
         return diff
