@@ -114,7 +114,7 @@ def markdown(res: dict) -> str:
            f"documents (distill {meta['distill_steps']} steps, finetune {meta['finetune_steps']} steps, 4 "
            f"sequences of 256 tokens per step). Perplexity of the written profile (bf16) as a ratio to the full "
            f"model's, on the held-out split and on third-party text (`subsetting.auto_rules.thirdparty_docs`). "
-           f"Raw numbers: `repair.json`.\n"]
+           f"Raw numbers: `repair.json`." + (f" Run: {meta['note']}." if meta.get("note") else "") + "\n"]
     for s, title in (("thirdparty", "Third-party text"), ("heldout", "Held-out split")):
         out += [f"## {title}: perplexity ratio (profile / full)\n",
                 "| twin | keep | domain | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
