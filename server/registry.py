@@ -345,11 +345,12 @@ class Registry:
         (the best fit below the operator's `--auto-min-fit`). Engine thread only."""
         rule = rule or self.auto_rule
         sound = {p.name for p in self.profiles.values() if p.state != "failed"}
-        fits = self.fits(self.model.router_probs(token_ids)) if self.profiles else {}
+        probs = self.model.router_probs(token_ids) if self.profiles else None  # one forward for every rule
+        fits = self.fits(probs) if probs is not None else {}
         ranked = sorted((v for n, v in fits.items() if n in sound), reverse=True)
         margin = ranked[0] - ranked[1] if len(ranked) > 1 else (ranked[0] if ranked else 0.0)
         fallback = not ranked or ranked[0] < self.auto_min_fit
-        choice = FULL if fallback else self._choose(token_ids, rule, fits)
+        choice = FULL if fallback else self._choose(token_ids, rule, fits, probs)
         return {"rule": rule, "profile": choice, "fits": {n: round(v, 6) for n, v in fits.items()},
                 "margin": round(margin, 6), "threshold": self.auto_min_fit, "fallback": fallback}
 
@@ -357,7 +358,7 @@ class Registry:
         """The hosted profile `auto` picks for a prompt (`auto_decision`'s profile)."""
         return self.auto_decision(token_ids, rule)["profile"]
 
-    def _choose(self, token_ids: list[int], rule: str, fits: dict[str, float]) -> str:
+    def _choose(self, token_ids: list[int], rule: str, fits: dict[str, float], probs) -> str:
         """By `rule`: `fit` (the best affinity relative to the profile's own coverage),
         `affinity` (most of the full router's mass inside the profile's pool), `centroid`
         (nearest centroid fingerprint, cosine) or `perplexity` (least perplexity of the
@@ -369,11 +370,11 @@ class Registry:
         if rule == "affinity":
             if not sound:
                 return FULL
-            shares = dict(zip(self.names(), self.affinity(self.model.router_probs(token_ids)).mean(0).tolist()))
+            shares = dict(zip(self.names(), self.affinity(probs).mean(0).tolist()))
             return max(sound, key=lambda p: shares[p.name]).name
         if rule == "perplexity":
             if not sound or len(token_ids) < 2:
-                return self._choose(token_ids, "affinity", fits)
+                return self._choose(token_ids, "affinity", fits, probs)
             ids = torch.tensor(token_ids)
             nll = {}
             for p in sound:
@@ -385,7 +386,6 @@ class Registry:
         cands = [p for p in self.profiles.values() if p.centroid is not None and p.state != "failed"]
         if not cands:
             return FULL
-        probs = self.model.router_probs(token_ids)
         v = torch.cat([probs[i].float().mean(0).cpu() for i in self.moe_layers])
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))
