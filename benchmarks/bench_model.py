@@ -59,9 +59,40 @@ def rss_bytes() -> int:
 
 # -- checkpoint writing ----------------------------------------------------------
 
-def write_checkpoints(root: Path) -> tuple[Path, Path]:
+def random_tensors(shape: dict, olmoe_names: bool, seed: int = 0):
+    """Random bf16 tensors of an EMO (or, with `olmoe_names`, OLMoE: q/k norms, no shared
+    expert) checkpoint of `shape` (config keys), streamed one at a time; the same seed
+    gives both twins the same numbers."""
     import torch
 
+    H, I, E = shape["hidden_size"], shape["intermediate_size"], shape["num_experts"]
+    V, L = shape["vocab_size"], shape["num_hidden_layers"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*dims, scale=0.02):
+        return (torch.randn(*dims, generator=g) * scale).to(torch.bfloat16)
+
+    an, mn = ("input_layernorm", "post_attention_layernorm") if olmoe_names else ("pre_attention_layernorm", "pre_feedforward_layernorm")
+    yield "model.embed_tokens.weight", rnd(V, H, scale=1.0)
+    for i in range(L):
+        p = f"model.layers.{i}"
+        yield f"{p}.{an}.weight", torch.ones(H, dtype=torch.bfloat16)
+        for n in "qkvo":
+            yield f"{p}.self_attn.{n}_proj.weight", rnd(H, H)
+        if olmoe_names:
+            yield f"{p}.self_attn.q_norm.weight", torch.ones(H, dtype=torch.bfloat16)
+            yield f"{p}.self_attn.k_norm.weight", torch.ones(H, dtype=torch.bfloat16)
+        yield f"{p}.{mn}.weight", torch.ones(H, dtype=torch.bfloat16)
+        yield f"{p}.mlp.gate.weight", rnd(E, H, scale=0.5)
+        for j in range(E):
+            yield f"{p}.mlp.experts.{j}.gate_proj.weight", rnd(I, H)
+            yield f"{p}.mlp.experts.{j}.up_proj.weight", rnd(I, H)
+            yield f"{p}.mlp.experts.{j}.down_proj.weight", rnd(H, I)
+    yield "model.norm.weight", torch.ones(H, dtype=torch.bfloat16)
+    yield "lm_head.weight", rnd(V, H)
+
+
+def write_checkpoints(root: Path) -> tuple[Path, Path]:
     from modeling.safetensors_io import write_checkpoint
 
     emo, olmoe = root / "emo-4l", root / "olmoe-4l"
@@ -69,38 +100,11 @@ def write_checkpoints(root: Path) -> tuple[Path, Path]:
                "norm_topk_prob": False, "torch_dtype": "bfloat16", **SHAPE}
     cfg_olmoe = {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "norm_topk_prob": False,
                  "clip_qkv": None, "torch_dtype": "bfloat16", "attention_bias": False, **SHAPE}
-    H, I, E, V, L = 2048, 1024, 128, 100352, 4
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, scale=0.02):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
-
-    def tensors(olmoe_names: bool):
-        g.manual_seed(0)  # both twins get the same numbers
-        an, mn = ("input_layernorm", "post_attention_layernorm") if olmoe_names else ("pre_attention_layernorm", "pre_feedforward_layernorm")
-        yield "model.embed_tokens.weight", rnd(V, H, scale=1.0)
-        for i in range(L):
-            p = f"model.layers.{i}"
-            yield f"{p}.{an}.weight", torch.ones(H, dtype=torch.bfloat16)
-            for n in "qkvo":
-                yield f"{p}.self_attn.{n}_proj.weight", rnd(H, H)
-            if olmoe_names:
-                yield f"{p}.self_attn.q_norm.weight", torch.ones(H, dtype=torch.bfloat16)
-                yield f"{p}.self_attn.k_norm.weight", torch.ones(H, dtype=torch.bfloat16)
-            yield f"{p}.{mn}.weight", torch.ones(H, dtype=torch.bfloat16)
-            yield f"{p}.mlp.gate.weight", rnd(E, H, scale=0.5)
-            for j in range(E):
-                yield f"{p}.mlp.experts.{j}.gate_proj.weight", rnd(I, H)
-                yield f"{p}.mlp.experts.{j}.up_proj.weight", rnd(I, H)
-                yield f"{p}.mlp.experts.{j}.down_proj.weight", rnd(H, I)
-        yield "model.norm.weight", torch.ones(H, dtype=torch.bfloat16)
-        yield "lm_head.weight", rnd(V, H)
-
     for folder, cfg, ol in ((emo, cfg_emo, False), (olmoe, cfg_olmoe, True)):
         if (folder / "config.json").is_file():
             continue
         t0 = time.time()
-        write_checkpoint(folder, cfg, tensors(ol), max_shard_bytes=2 * 1024**3)
+        write_checkpoint(folder, cfg, random_tensors(SHAPE, ol), max_shard_bytes=2 * 1024**3)
         print(f"wrote {folder} in {time.time() - t0:.0f} s", file=sys.stderr)
     return emo, olmoe
 

@@ -15,7 +15,7 @@ from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
 from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
-from .profile import base_identity
+from .profile import ProfileManifest, base_identity
 from .safetensors_io import CheckpointFiles
 from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
 from .tokenizer import IncrementalDetokenizer, Tokenizer
@@ -108,6 +108,13 @@ class Model:
         if ident.get("id") != self.identity.get("id"):
             raise PoolError(f"{folder}: cut from base {ident.get('name')!r} ({ident.get('id')}), "
                             f"but this model is {self.identity.get('name')!r} ({self.identity.get('id')})")
+        for f in (folder, self.path):
+            if (f / PROFILE_FILE).is_file() and ProfileManifest.read(f).repair:
+                # repaired experts are new bytes under the base's expert ids: sharing them by id would
+                # serve one profile's repaired expert to another (or to "full")
+                raise PoolError(f"{f}: its experts were repaired (profile.json \"repair\"): they are its own, "
+                                "not the base's; serve it on its own (emo-serve --profile DIR), not beside the "
+                                "base or other profiles")
         cfg = load_config(folder)
         if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
             raise PoolError(f"{folder}: shape differs from {self.path}")

@@ -83,6 +83,9 @@ class ProfileManifest:
     # how the kept experts are stored when not as plain floats: {"experts": "mxfp4", "requantized": false,
     # "tensors": [...]} (gpt-oss: the base's MXFP4 bytes, copied as they are); absent otherwise
     quantization: dict[str, Any] = field(default_factory=dict)
+    # repaired experts (merge / distill / finetune: new bytes, never the base's): {"steps": [...], "data": ...};
+    # absent for a plain subset
+    repair: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     manifest_sha256: str = ""  # over every other field (manifest_hash); set by write()
 
@@ -95,6 +98,8 @@ class ProfileManifest:
         d["coverage"] = {str(k): v for k, v in sorted(self.coverage.items())}
         if not d["quantization"]:
             del d["quantization"]  # manifests of float profiles stay as they were (and their hashes)
+        if not d["repair"]:
+            del d["repair"]
         return d
 
     def write(self, folder: str | Path) -> Path:
@@ -128,6 +133,7 @@ class ProfileManifest:
                 files=dict(d.get("files") or {}),
                 created=str(d.get("created", "")),
                 quantization=dict(d.get("quantization") or {}),
+                repair=dict(d.get("repair") or {}),
                 manifest_sha256=str(d.get(HASH_FIELD) or ""),
             )
         except ProfileError:

@@ -94,10 +94,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "or no native kernels built): single-sequence decode through a TorchInductor-compiled "
                    "bf16 GEMV, and for MXFP4 experts (gpt-oss) a fused loop over their 4-bit bytes; the first "
                    "request per matrix shape compiles (seconds); the native kernels are faster (default: off)")
-    p.add_argument("--auto-rule", default="affinity", choices=["affinity", "centroid", "perplexity"],
+    p.add_argument("--auto-rule", default="fit", choices=["fit", "affinity", "centroid", "perplexity"],
                    help="how profile 'auto' picks a hosted profile for a prompt: the most router mass inside its "
-                        "pool (affinity), the nearest centroid fingerprint, or the least prompt perplexity "
-                        "(one forward per profile); measured side by side in reports/subset (default %(default)s)")
+                        "pool relative to the share it holds of its own calibration text (fit), the most router "
+                        "mass inside its pool (affinity), the nearest centroid fingerprint, or the least prompt "
+                        "perplexity (one forward per profile); measured side by side in reports/subset "
+                        "(default %(default)s)")
+    p.add_argument("--auto-min-fit", type=float, default=0.0, metavar="X",
+                   help="profile 'auto' serves 'full' when no hosted profile's fit reaches X (about 1 for text "
+                        "like a profile's calibration text; /v1/routing reports every fit and the margin) "
+                        "(default %(default)s: never fall back)")
     p.add_argument("--no-expert-metrics", dest="expert_metrics", action="store_false",
                    help="no per-layer expert-load counters at /metrics (layers x experts series; for very large "
                         "models) (default: on)")
@@ -231,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                        max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
                        shutdown_timeout=args.shutdown_timeout, verify=args.verify,
                        request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
+                       auto_min_fit=args.auto_min_fit,
                        expert_metrics=args.expert_metrics, tool_call_parser=args.tool_call_parser,
                        reasoning_parser=args.reasoning_parser)
     from modeling.kernels import IsaError, selected

@@ -33,7 +33,8 @@ class ServerConfig:
     shutdown_timeout: float = 5.0  # on SIGTERM: seconds running requests may finish before they are failed (503)
     verify: bool = False  # check profile hashes before serving (default: in the background after start)
     log_level: str = "info"
-    auto_rule: str = "affinity"  # how profile "auto" picks: affinity, centroid or perplexity (server.registry)
+    auto_rule: str = "fit"  # how profile "auto" picks: fit, affinity, centroid or perplexity (server.registry)
+    auto_min_fit: float = 0.0  # "auto" serves "full" when no profile's fit reaches this (0: never)
     tool_call_parser: str | None = None  # tool-call format (server.tool_parsers); None: from the chat template
     reasoning_parser: str | None = None  # "think" or "none"; None: from the chat template (server.reasoning)
     expert_metrics: bool = True  # per-layer expert-load counters at /metrics (layers x experts series)

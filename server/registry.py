@@ -45,7 +45,7 @@ log = logging.getLogger("emo_serve.registry")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 FULL, AUTO = "full", "auto"
-AUTO_RULES = ("affinity", "centroid", "perplexity")
+AUTO_RULES = ("fit", "affinity", "centroid", "perplexity")
 RESERVED = {FULL, AUTO}
 BUNDLED = Path(modeling.__file__).resolve().parent / "bundled" / "emo-demo"
 
@@ -129,10 +129,14 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
 
 
 class Registry:
-    def __init__(self, model: Model, base_name: str, profiles: list[Profile], auto_rule: str = "affinity"):
+    def __init__(self, model: Model, base_name: str, profiles: list[Profile], auto_rule: str = "fit",
+                 auto_min_fit: float = 0.0):
         if auto_rule not in AUTO_RULES:
             raise StartupError(f"--auto-rule {auto_rule!r}: one of {', '.join(AUTO_RULES)}")
+        if not 0.0 <= auto_min_fit <= 2.0:
+            raise StartupError(f"--auto-min-fit {auto_min_fit}: expected a number from 0 (never fall back) to 2")
         self.model, self.base_name, self.auto_rule = model, base_name, auto_rule
+        self.auto_min_fit = auto_min_fit
         self.profiles: dict[str, Profile] = {}
         for p in profiles:
             if p.name in self.profiles:
@@ -193,7 +197,7 @@ class Registry:
             base_name = cfg.served_model_name or Path(str(base)).name
         if not valid_name(base_name):
             base_name = re.sub(r"[^A-Za-z0-9._-]", "-", base_name).strip("-._")[:64] or "model"
-        return cls(model, base_name, profiles, cfg.auto_rule)
+        return cls(model, base_name, profiles, cfg.auto_rule, cfg.auto_min_fit)
 
     @staticmethod
     def _make(model: Model, name: str, kind: str, pool: dict[int, list[int]], manifest: ProfileManifest | None,
@@ -322,23 +326,55 @@ class Registry:
             return any(p.centroid is not None for p in self.profiles.values())
         return bool(self.profiles)
 
-    def choose_auto(self, token_ids: list[int], rule: str | None = None) -> str:
-        """The hosted profile `auto` picks for a prompt, by `rule` (default: the
-        server's `auto_rule`): `affinity` (most of the full router's mass inside
-        the profile's pool), `centroid` (nearest centroid fingerprint, cosine) or
-        `perplexity` (least perplexity of the prompt under the profile); `full`
-        when no hosted profile qualifies. Runs forwards: only the engine thread
-        calls it."""
+    def fits(self, router_probs: list[torch.Tensor | None]) -> dict[str, float]:
+        """Per hosted profile: the prompt's affinity (share of its routed mass inside
+        the pool) over the share the pool holds of its own calibration text (the mean
+        coverage of profile.json; 1 when unknown). About 1 when the prompt routes
+        like the profile's domain; a profile with a large pool of popular experts no
+        longer wins every prompt (reports/subset/README.md, profile "auto")."""
+        aff = self.affinity(router_probs).mean(0).tolist()
+        out = {}
+        for (name, p), a in zip(self.profiles.items(), aff):
+            cov = [v for v in (p.manifest.coverage.values() if p.manifest is not None else []) if v > 0]
+            out[name] = a / (sum(cov) / len(cov)) if cov else a
+        return out
+
+    def auto_decision(self, token_ids: list[int], rule: str | None = None) -> dict:
+        """What `auto` decides for a prompt: the profile, each hosted profile's fit,
+        the margin of the best fit over the next, and whether it fell back to `full`
+        (the best fit below the operator's `--auto-min-fit`). Engine thread only."""
         rule = rule or self.auto_rule
+        sound = {p.name for p in self.profiles.values() if p.state != "failed"}
+        probs = self.model.router_probs(token_ids) if self.profiles else None  # one forward for every rule
+        fits = self.fits(probs) if probs is not None else {}
+        ranked = sorted((v for n, v in fits.items() if n in sound), reverse=True)
+        margin = ranked[0] - ranked[1] if len(ranked) > 1 else (ranked[0] if ranked else 0.0)
+        fallback = not ranked or ranked[0] < self.auto_min_fit
+        choice = FULL if fallback else self._choose(token_ids, rule, fits, probs)
+        return {"rule": rule, "profile": choice, "fits": {n: round(v, 6) for n, v in fits.items()},
+                "margin": round(margin, 6), "threshold": self.auto_min_fit, "fallback": fallback}
+
+    def choose_auto(self, token_ids: list[int], rule: str | None = None) -> str:
+        """The hosted profile `auto` picks for a prompt (`auto_decision`'s profile)."""
+        return self.auto_decision(token_ids, rule)["profile"]
+
+    def _choose(self, token_ids: list[int], rule: str, fits: dict[str, float], probs) -> str:
+        """By `rule`: `fit` (the best affinity relative to the profile's own coverage),
+        `affinity` (most of the full router's mass inside the profile's pool), `centroid`
+        (nearest centroid fingerprint, cosine) or `perplexity` (least perplexity of the
+        prompt under the profile); `full` when no hosted profile qualifies. Runs
+        forwards: only the engine thread calls it."""
         sound = [p for p in self.profiles.values() if p.state != "failed"]  # never an out-of-service one
+        if rule == "fit":
+            return max(sound, key=lambda p: fits[p.name]).name if sound else FULL
         if rule == "affinity":
             if not sound:
                 return FULL
-            shares = dict(zip(self.names(), self.affinity(self.model.router_probs(token_ids)).mean(0).tolist()))
+            shares = dict(zip(self.names(), self.affinity(probs).mean(0).tolist()))
             return max(sound, key=lambda p: shares[p.name]).name
         if rule == "perplexity":
             if not sound or len(token_ids) < 2:
-                return self.choose_auto(token_ids, "affinity")
+                return self._choose(token_ids, "affinity", fits, probs)
             ids = torch.tensor(token_ids)
             nll = {}
             for p in sound:
@@ -350,7 +386,6 @@ class Registry:
         cands = [p for p in self.profiles.values() if p.centroid is not None and p.state != "failed"]
         if not cands:
             return FULL
-        probs = self.model.router_probs(token_ids)
         v = torch.cat([probs[i].float().mean(0).cpu() for i in self.moe_layers])
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))

@@ -7,9 +7,11 @@ profiles never saw:
   (METADATA and licence files) and numeric CSV tables from the packages
   installed beside emo-serve (site-packages), picked by a hash of the path.
 
-    python -m subsetting.auto_rules [--max-tokens 256] [--json out.json]
+    python -m subsetting.auto_rules [--max-tokens 256] [--min-fit X] [--json out.json]
 
-Prints accuracy per rule and text set, per domain, and where the misses went.
+Prints accuracy per rule and text set, per domain, where the misses went and
+how often `auto` fell back to `full` (the best fit below --min-fit, the
+server's --auto-min-fit).
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ def thirdparty_docs(site: Path | None = None) -> list[Document]:
     return docs
 
 
-def evaluate(registry: Registry, docs: list[Document], max_tokens: int) -> dict:
+def evaluate(registry: Registry, docs: list[Document], max_tokens: int, rules=AUTO_RULES) -> dict:
     tok = registry.model.tokenizer
     names = set(registry.names())
     out = {}
-    for rule in AUTO_RULES:
+    for rule in rules:
         rows, t0 = [], time.time()
         for d in docs:
             if d.domain not in names:
@@ -83,19 +85,19 @@ def evaluate(registry: Registry, docs: list[Document], max_tokens: int) -> dict:
                     misses[r[1]] = misses.get(r[1], 0) + 1
             by_dom[dom] = {"n": len(mine), "right": sum(r[1] == dom for r in mine), "misses": misses}
         out[rule] = {"n": len(rows), "right": sum(r[0] == r[1] for r in rows), "domains": by_dom,
-                     "seconds": round(time.time() - t0, 2)}
+                     "fallback": sum(r[1] == "full" for r in rows), "seconds": round(time.time() - t0, 2)}
     return out
 
 
 def markdown(results: dict[str, dict]) -> str:
     sets = list(results)
-    lines = ["| rule | " + " | ".join(f"{s} (right / docs)" for s in sets) + " | misses |",
+    lines = ["| rule | " + " | ".join(f"{s} (right / docs, fell back to full)" for s in sets) + " | misses |",
              "|---|" + "---|" * len(sets) + "---|"]
-    for rule in AUTO_RULES:
+    for rule in [r for r in AUTO_RULES if all(r in results[s] for s in sets)]:
         cells, misses = [], []
         for s in sets:
             r = results[s][rule]
-            cells.append(f"{r['right']}/{r['n']} ({100 * r['right'] / max(r['n'], 1):.0f}%)")
+            cells.append(f"{r['right']}/{r['n']} ({100 * r['right'] / max(r['n'], 1):.0f}%), {r.get('fallback', 0)}")
             for dom, d in r["domains"].items():
                 for to, n in d["misses"].items():
                     misses.append(f"{s}: {dom}->{to} x{n}")
@@ -103,10 +105,10 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(max_tokens: int = 256, heldout: str = HELDOUT) -> dict:
-    reg = Registry.from_config(ServerConfig())  # the bundled demo and its shipped profiles
-    return {"held-out split": evaluate(reg, read_corpus([heldout]), max_tokens),
-            "third-party": evaluate(reg, thirdparty_docs(), max_tokens)}
+def run(max_tokens: int = 256, heldout: str = HELDOUT, min_fit: float = 0.0, rules=AUTO_RULES) -> dict:
+    reg = Registry.from_config(ServerConfig(auto_min_fit=min_fit))  # the bundled demo and its shipped profiles
+    return {"held-out split": evaluate(reg, read_corpus([heldout]), max_tokens, rules),
+            "third-party": evaluate(reg, thirdparty_docs(), max_tokens, rules)}
 
 
 def main(argv=None) -> None:
@@ -114,8 +116,15 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--heldout", default=HELDOUT)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--min-fit", type=float, default=0.0, help="the server's --auto-min-fit: below it, full")
+    ap.add_argument("--rules", default=",".join(AUTO_RULES), help="comma-separated rules to measure "
+                    "(perplexity runs one forward per profile: the slow one)")
     a = ap.parse_args(argv)
-    res = run(a.max_tokens, a.heldout)
+    rules = [r for r in a.rules.split(",") if r]
+    bad = [r for r in rules if r not in AUTO_RULES]
+    if bad:
+        raise SystemExit(f"--rules: unknown {bad[0]!r} (one of {', '.join(AUTO_RULES)})")
+    res = run(a.max_tokens, a.heldout, a.min_fit, rules)
     print(markdown(res))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

@@ -157,7 +157,7 @@ def _calibration(args, model) -> tuple[Fingerprints | None, list[list[int]] | No
             idx = np.arange(len(fp))
         fp = fp.subset(idx)
         toks = None
-        if args.method in SELECTORS and "token_lists" in SELECTORS[args.method].needs:
+        if args.method in SELECTORS and "token_lists" in SELECTORS[args.method].needs or getattr(args, "repair", None):
             limit = min(args.max_tokens, model.config.max_position_embeddings)
             toks = [model.tokenizer.encode(t)[:limit] for t in fp.texts]
         return fp, toks, source
@@ -224,7 +224,13 @@ def cmd_build(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
-    if args.experts_file is None and args.keep is None:
+    if args.budget is not None:
+        if args.experts_file is not None:
+            raise SubsetError("give either --budget or --experts-file, not both")
+        if args.method == "random" or args.exclude_domain is not None or args.exclude_cluster is not None:
+            raise SubsetError("--budget spends experts by score: use it with a scoring method, not random or "
+                              "an exclusion profile")
+    elif args.experts_file is None and args.keep is None:
         raise SubsetError("give --keep N (with calibration text) or --experts-file F")
     if args.experts_file is not None and args.keep is not None:
         raise SubsetError("give either --keep or --experts-file, not both")
@@ -234,7 +240,10 @@ def cmd_build(args) -> int:
     if args.method == "exclude-domain" and exclude is None:
         raise SubsetError("--method exclude-domain needs --exclude-domain X or --exclude-cluster N")
     scheme = _scheme(args)
+    steps = _repair_steps(args)
     t0 = time.time()
+    if steps and args.dtype is None:
+        args.dtype = "float32"  # repair trains in float32 and checks itself against the model's forward
     model = _load(args, args.model)
     if scheme is not None:
         check_config(model.config, scheme)  # before any calibration work
@@ -248,9 +257,10 @@ def cmd_build(args) -> int:
         fp, toks, source = _calibration(args, model)
         selection = {"method": "experts-file", "params": {"file": str(args.experts_file)}}
     else:
-        keep = parse_keep(args.keep, layout)
+        keep = parse_keep(args.keep if args.keep is not None else layout.top_k, layout)
         fp, toks, source = _calibration(args, model)
         sel = SELECTORS[args.method](keep, seed=args.seed)
+        sel.budget = args.budget  # None, or N experts over all layers with `keep` the minimum per layer
         if exclude is not None:
             sel.exclude = exclude
         cal = Calibration(layout, fp, toks, model, args.max_batch_tokens, progress=not args.quiet)
@@ -276,17 +286,125 @@ def cmd_build(args) -> int:
         calib = {**fp.calibration(), **({"source": source} if source else {})}
         cent = fp.centroid()
     t_sel = time.time() - t0
+    overrides, repair = None, None
+    if steps:
+        if toks is None:
+            raise SubsetError("--repair needs calibration text: --corpus FILES or --fingerprints FP")
+        slots = {i: [model.layer_experts(i).ids.index(e) for e in ids] for i, ids in kept.items()}
+        overrides, repair = _run_repair(args, steps, model, slots, toks, model, source)
     man = write_profile(model, out, name, kept, selection=selection, calibration=calib, coverage=cov, centroid=cent,
                         max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet,
-                        save_dtype=args.save_dtype, quantize=scheme, quantize_lm_head=args.quantize_lm_head)
+                        save_dtype=args.save_dtype, quantize=scheme, quantize_lm_head=args.quantize_lm_head,
+                        overrides=overrides, repair=repair)
     summ = {"profile": str(out), "name": man.name, "method": selection["method"],
             "kept_per_layer": {str(i): len(v) for i, v in man.kept_experts.items()},
             "coverage": {str(i): c for i, c in man.coverage.items()}, "bytes": man.bytes, "shards": man.shards,
             "calibration": man.calibration, "seconds": round(time.time() - t0, 3),
-            "seconds_selection": round(t_sel, 3), "warnings": warnings}
+            "seconds_selection": round(t_sel, 3), "warnings": warnings, "repair": man.repair or None}
     cov_txt = f", mean coverage {np.mean(list(cov.values())):.3f}" if cov else ""
     _emit(args, summ, f"wrote {out}: {sum(len(v) for v in kept.values())} experts in {len(kept)} layers, "
                       f"{man.bytes['total'] / 1e6:.1f} MB in {len(man.shards)} shard(s){cov_txt}")
+    return 0
+
+
+# -- repair ----------------------------------------------------------------------
+
+
+def _repair_steps(args) -> tuple[str, ...]:
+    from training.repair import parse_steps
+
+    if not getattr(args, "repair", None):
+        return ()
+    steps = parse_steps(args.repair)
+    if args.finetune_tokens is not None:
+        if args.finetune_tokens < 1:
+            raise SubsetError("--finetune-tokens must be at least 1")
+        args.finetune_steps = max(1, -(-args.finetune_tokens // (args.repair_batch * args.repair_ctx)))
+    for opt in ("distill_steps", "finetune_steps", "merge_tokens", "repair_batch", "repair_ctx"):
+        if getattr(args, opt) < 1:
+            raise SubsetError(f"--{opt.replace('_', '-')} must be at least 1")
+    for opt in ("distill_lr", "finetune_lr"):
+        if not getattr(args, opt) > 0:
+            raise SubsetError(f"--{opt.replace('_', '-')} must be positive")
+    if getattr(args, "quantize", None) is not None:
+        raise SubsetError("--repair writes float experts: quantize the repaired profile afterwards "
+                          "(`emo-subset quantize`)")
+    return steps
+
+
+def _run_repair(args, steps, student, slots, toks, teacher, source: dict) -> tuple[dict, dict]:
+    """Run `training.repair` and return (tensors to write, the record for profile.json)."""
+    from training.repair import Repairer, RepairParams
+
+    params = RepairParams(merge_tokens=args.merge_tokens, distill_steps=args.distill_steps,
+                          distill_lr=args.distill_lr, finetune_steps=args.finetune_steps,
+                          finetune_lr=args.finetune_lr, batch=args.repair_batch, ctx=args.repair_ctx, seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(step, i, n, loss, tps):
+        if args.quiet:
+            return
+        bar = bars.get(step)
+        if bar is None:
+            bar = bars[step] = tqdm(total=n, desc=step, unit="step", leave=False)
+        bar.set_postfix_str(f"loss {loss:.4f}, {tps:,.0f} tok/s", refresh=False)
+        bar.update(1)
+        if i == n:
+            bar.close()
+            _say(args, f"{step}: {n} steps, last loss {loss:.4f}, {tps:,.0f} tokens/s")
+
+    _say(args, f"repair: {', '.join(steps)}")
+    rep = Repairer(steps, params, on_progress=progress).fit(student, slots, toks, teacher, data=source)
+    for r in rep.record_["steps"]:
+        if r["step"] == "merge":
+            _say(args, f"merge: {sum(len(v) for f in r['folded'].values() for v in f.values())} dropped experts "
+                       f"folded in {r['seconds']} s")
+    record = {**rep.record_, "params": rep.params_dict()}
+    return rep.tensors_, record
+
+
+def cmd_repair(args) -> int:
+    """Repair an existing profile: its kept experts, routers and (for merge / distill) the base it came from."""
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    steps = _repair_steps(args)
+    if not steps:
+        raise SubsetError("give --repair STEPS (merge, distill, finetune)")
+    if args.dtype is None:
+        args.dtype = "float32"  # repair trains in float32 and checks itself against the model's forward
+    man = ProfileManifest.read(args.profile)
+    docs = sample(read_corpus(args.corpus, args.domain), args.max_docs)
+    teacher = None
+    if "merge" in steps or "distill" in steps:
+        if args.base is None:
+            raise SubsetError(f"--repair {args.repair}: merge and distill need the base {args.profile} was cut from "
+                              f"({man.base.get('name')!r}, id {man.base.get('id')}): give --base MODEL")
+    if args.base is not None:
+        teacher = _load(args, args.base)
+        if teacher.identity.get("id") != man.base.get("id"):
+            raise SubsetError(f"{args.profile}: cut from base {man.base.get('name')!r} (id {man.base.get('id')}), "
+                              f"not from {args.base} (id {teacher.identity.get('id')})")
+        if (Path(args.base) / "profile.json").is_file():
+            raise SubsetError(f"--base {args.base} is a profile; give the full model the profile was cut from")
+    student = _load(args, args.profile)
+    t0 = time.time()
+    docs, toks = tokenize(docs, student.tokenizer, min(args.max_tokens, student.config.max_position_embeddings))
+    slots = {i: list(range(len(ids))) for i, ids in man.kept_experts.items()}
+    source = {"corpus": [str(c) for c in args.corpus], "domain": args.domain, "max_docs": args.max_docs}
+    overrides, record = _run_repair(args, steps, student, slots, toks, teacher, source)
+    if man.repair:  # repaired before: this pass comes after the earlier ones
+        record["earlier"] = man.repair
+    centroid = None if man.centroid is None else np.array(man.centroid, dtype=np.float32) if \
+        len({len(r) for r in man.centroid}) == 1 else None
+    new = write_profile(student, out, args.name or out.name, man.pool(), selection=man.selection,
+                        calibration=man.calibration, coverage=man.coverage, centroid=centroid,
+                        max_shard_bytes=args.max_shard_bytes, force=args.force, progress=not args.quiet,
+                        overrides=overrides, repair=record)
+    summ = {"profile": str(out), "name": new.name, "from": str(args.profile), "repair": new.repair,
+            "seconds": round(time.time() - t0, 3)}
+    _emit(args, summ, f"wrote {out}: {', '.join(steps)} on {record['data']['tokens']} tokens, "
+                      f"{new.bytes['total'] / 1e6:.1f} MB")
     return 0
 
 
@@ -430,6 +548,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input (default 128)")
         p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (default: lm_head keeps its dtype)")
 
+    def repair_opts(p, required: bool = False):
+        p.add_argument("--repair", default=None, required=required, metavar="STEPS",
+                       help="repair the kept experts, in this order: merge (fold dropped experts into the most "
+                            "similar kept one), distill (train the kept router rows on KL to the full model), "
+                            "finetune (next-token training of kept experts and router rows on the text); "
+                            "comma-separated" + ("" if required else " (default: none)"))
+        p.add_argument("--merge-tokens", type=int, default=4096, help="calibration tokens whose expert outputs "
+                       "decide the merge (default %(default)s)")
+        p.add_argument("--distill-steps", type=int, default=100, help="distillation steps (default %(default)s)")
+        p.add_argument("--distill-lr", type=float, default=3e-3, help="distillation learning rate "
+                       "(default %(default)s)")
+        p.add_argument("--finetune-steps", type=int, default=100, help="fine-tuning steps (default %(default)s)")
+        p.add_argument("--finetune-tokens", type=int, default=None, help="fine-tune for about this many tokens "
+                       "instead of --finetune-steps (default: none)")
+        p.add_argument("--finetune-lr", type=float, default=2e-4, help="fine-tuning learning rate "
+                       "(default %(default)s)")
+        p.add_argument("--repair-batch", type=int, default=4, help="sequences per training step "
+                       "(default %(default)s)")
+        p.add_argument("--repair-ctx", type=int, default=256, help="tokens per training sequence, at most the "
+                       "model's context (default %(default)s)")
+
     def model_opts(p):
         p.add_argument("--max-tokens", type=int, default=512, help="tokens per document; longer ones are "
                        "truncated (default %(default)s)")
@@ -480,6 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clusters", default=None, help="clusters file (default: FP.clusters.json)")
     p.add_argument("--keep", default=None, help="experts kept per layer, shared included: N, N%% or a schedule "
                    "a,b,c (default: none; give this or --experts-file)")
+    p.add_argument("--budget", type=int, default=None, metavar="N",
+                   help="spend N experts over all MoE layers (shared included), allocated by the method's scores "
+                        "(normalised per layer); --keep is then the minimum per layer (default: top-k). Such a "
+                        "profile keeps different counts per layer: emo-serve loads it, GGUF export and stock "
+                        "transformers do not (default: none)")
     p.add_argument("--experts-file", default=None, help="JSON {layer: [original expert ids]} to keep "
                    "(default: none; give this or --keep)")
     p.add_argument("--method", default="mean-prob", help=f"selection method, one of {', '.join(SELECTORS)} "
@@ -503,7 +647,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an existing profile (default: refuse)")
     quant_opts(p)
     model_opts(p)
+    repair_opts(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("repair", parents=[common], help="repair a profile: merge dropped experts, distill its "
+                       "router, fine-tune its experts",
+                       description="Write a repaired copy of a profile (new expert bytes; profile.json records the "
+                                   "steps, data and hyperparameters). merge and distill need the full base model.")
+    p.add_argument("profile", help="profile folder to repair")
+    p.add_argument("--corpus", nargs="+", required=True, help="the domain's text: .jsonl / .txt files or folders")
+    p.add_argument("--domain", default=None, help="only this domain of the corpus (default: every document)")
+    p.add_argument("--base", default=None, help="the full model the profile was cut from (needed by merge and "
+                   "distill; default: none)")
+    p.add_argument("--out", required=True, help="repaired profile folder to write")
+    p.add_argument("--name", default=None, help="profile name (default: the folder's name)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and sampling (default %(default)s)")
+    p.add_argument("--max-shard-bytes", type=int, default=2 * 1000**3, help="largest shard file "
+                   "(default %(default)s)")
+    p.add_argument("--force", action="store_true", help="replace an existing folder (default: refuse)")
+    model_opts(p)
+    repair_opts(p, required=True)
+    p.set_defaults(func=cmd_repair, quantize=None)
 
     p = sub.add_parser("quantize", parents=[common], help="write a whole checkpoint (or profile) with quantized "
                        "linear weights (compressed-tensors pack-quantized)")

@@ -2,6 +2,7 @@
 
     python -m subsetting.report [--emo modeling/bundled/emo-demo] [--std modeling/bundled/stdmoe-demo]
         [--calib runs/corpus/train.jsonl] [--heldout training/data/heldout.jsonl] [--build-bundled]
+    python -m subsetting.report --repairs [subsetting.repair_report's options]
 
 Per twin and domain: experts chosen on calibration documents of that domain
 (training split, never the held-out one) by each method, keeping 25% and 12.5%
@@ -9,7 +10,10 @@ of the experts; held-out perplexity of the pool-restricted model (equal to the
 written profile's, as tests/test_subset.py checks) next to the full model and
 random subsets (3 seeds). Then `discover` on the unlabelled held-out mixture,
 scored by adjusted Rand index against the true domains. With --build-bundled,
-the EMO twin's per-domain profiles are written by `emo-subset build`.
+the EMO twin's per-domain profiles are written by `emo-subset build`. With
+--repairs: the selection methods reap and easy-ep and the profile repairs
+(merge, distill, finetune) on both twins (`subsetting.repair_report`,
+reports/subset/repair.md).
 """
 
 from __future__ import annotations
@@ -235,6 +239,14 @@ def build_bundled(model: Path, calib: str, domains: list[str], keep: int, calib_
 
 
 def main(argv=None) -> None:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--repairs" in argv:  # the selection methods and repairs side by side: subsetting.repair_report
+        from .repair_report import main as repairs
+
+        argv.remove("--repairs")
+        return repairs(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--emo", default="modeling/bundled/emo-demo")
     ap.add_argument("--std", default="modeling/bundled/stdmoe-demo")

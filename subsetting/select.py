@@ -160,11 +160,14 @@ class Selector:
     method: ClassVar[str] = ""
     needs: ClassVar[tuple[str, ...]] = ()  # of "fingerprints", "token_lists", "model"
 
-    def __init__(self, keep: dict[int, int], seed: int = 0):
-        self.keep, self.seed = keep, seed
+    def __init__(self, keep: dict[int, int], seed: int = 0, budget: int | None = None):
+        # with a budget, `keep` is the minimum per layer and `fit` sets the count of every layer
+        self.keep, self.seed, self.budget = keep, seed, budget
 
     def params(self) -> dict:
-        return {"keep": {str(k): v for k, v in self.keep.items()}}
+        return {"keep": {str(k): v for k, v in self.keep.items()},
+                **({"budget": self.budget, "keep_min": {str(k): v for k, v in self.minimum.items()}}
+                   if self.budget is not None else {})}
 
     def score(self, cal: Calibration) -> np.ndarray:  # [layers, experts]
         raise NotImplementedError
@@ -176,8 +179,42 @@ class Selector:
                               f"(missing: {', '.join(missing)})")
         layout = calibration.layout
         self.scores_ = self.score(calibration)
+        if self.budget is not None:
+            self.minimum = getattr(self, "minimum", None) or dict(self.keep)
+            self.keep = allocate_budget(self.scores_, layout, self.budget, self.minimum)
         self.experts_ = {i: choose(self.scores_[i], layout, i, n) for i, n in self.keep.items()}
         return self
+
+
+def allocate_budget(scores: np.ndarray, layout: Layout, budget: int, minimum: dict[int, int]) -> dict[int, int]:
+    """Experts per MoE layer for `budget` experts in all (shared ones included): every layer
+    gets its `minimum`, the rest goes to the best (layer, expert) pairs by score. Scores are
+    made comparable across layers first: each layer's routed scores are divided by their sum
+    (for mean-prob, the share of the layer's routing mass)."""
+    if layout.n_group > 1:
+        raise SubsetError("--budget: the router chooses within expert groups (the same count from every group); "
+                          "give a per-layer --keep schedule instead")
+    moe = layout.moe_layers
+    floor = sum(minimum[i] for i in moe)
+    total = sum(len(layout.loaded[i]) for i in moe)
+    if budget < floor:
+        raise SubsetError(f"--budget {budget} is less than the {floor} experts the per-layer minimum keeps "
+                          f"({len(moe)} MoE layers)")
+    if budget > total:
+        raise SubsetError(f"--budget {budget} is more than the {total} experts the model has in its MoE layers")
+    keep = dict(minimum)
+    cands = []
+    for i in moe:
+        sh = set(layout.shared[i])
+        routed = [e for e in layout.loaded[i] if e not in sh]
+        s = np.clip(np.asarray(scores[i], dtype=np.float64)[routed], 0, None)
+        s = s / s.sum() if s.sum() > 0 else np.full(len(s), 1.0 / max(len(s), 1))
+        ranked = sorted(s.tolist(), reverse=True)
+        free = minimum[i] - len(sh)  # the minimum takes each layer's best routed experts first
+        cands += [(-v, i, r) for r, v in enumerate(ranked) if r >= free]
+    for _, i, _ in sorted(cands)[: budget - floor]:
+        keep[i] += 1
+    return keep
 
 
 SELECTORS: dict[str, type[Selector]] = {}
@@ -272,6 +309,68 @@ class OutputAwareSelector(Selector):
         obs = _OutputAwareObserver(cal.model, cal.layout)
         LayerPass(cal.model, cal.max_batch_tokens, progress=cal.progress, desc="output-aware").run(cal.token_lists, obs)
         return obs.scores
+
+
+class _RoutedOutputObserver(LayerObserver):
+    """Per routed (token, expert) pair: the gate weight times the norm of the expert's
+    output, summed per expert plain (`sums`), weighted per token by how much the MoE
+    turns the hidden state (`turned`: 1 - cos(x, x + moe(h)), EASY-EP's token
+    contribution), and counted (`counts`: tokens routed to the expert)."""
+
+    def __init__(self, model: Model, layout: Layout):
+        self.model = model
+        shape = (layout.num_layers, max(layout.width, 1))
+        self.sums, self.turned, self.counts = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+
+    def observe(self, i, le, h, x, docs, counts):
+        tr = self.model.transformer
+        r = tr.route(i, h)
+        y, _ = tr.moe(i, h)
+        turn = 1 - torch.nn.functional.cosine_similarity(x.float(), (x + y).float(), dim=-1)  # [T]
+        T, k = r.indices.shape
+        tok = torch.arange(T, device=h.device).repeat_interleave(k)
+        slot, gate, ok = r.indices.flatten(), r.weights.flatten().float(), r.valid.flatten()
+        for s in slot[ok].unique().tolist():
+            sel = ok & (slot == s)
+            rows = tok[sel]
+            c = gate[sel] * tr.expert(le.experts[s], h[rows]).float().norm(dim=-1)
+            self.sums[i, le.ids[s]] += float(c.sum())
+            self.turned[i, le.ids[s]] += float((c * turn[rows]).sum())
+            self.counts[i, le.ids[s]] += int(rows.numel())
+
+
+def _routed_outputs(cal: Calibration, desc: str) -> _RoutedOutputObserver:
+    obs = _RoutedOutputObserver(cal.model, cal.layout)
+    LayerPass(cal.model, cal.max_batch_tokens, progress=cal.progress, desc=desc).run(cal.token_lists, obs)
+    return obs
+
+
+@register
+class ReapSelector(Selector):
+    """REAP (Cerebras, "router-weighted expert activation pruning"): an expert's score
+    is the mean, over the calibration tokens routed to it (its top-k choices), of
+    its gate weight times the L2 norm of its output. An expert no token chose scores 0."""
+
+    method = "reap"
+    needs = ("token_lists", "model")
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        obs = _routed_outputs(cal, "reap")
+        return np.divide(obs.sums, obs.counts, out=np.zeros_like(obs.sums), where=obs.counts > 0)
+
+
+@register
+class EasyEpSelector(Selector):
+    """EASY-EP (few-shot domain pruning): gate weight times expert output norm for every
+    routed (token, expert) pair, weighted by the token's contribution 1 - cos(x, x + moe(h))
+    (how much the MoE layer turns its hidden state), summed over the calibration tokens
+    (a few demonstrations of the domain suffice)."""
+
+    method = "easy-ep"
+    needs = ("token_lists", "model")
+
+    def score(self, cal: Calibration) -> np.ndarray:
+        return _routed_outputs(cal, "easy-ep").turned
 
 
 @register

@@ -40,8 +40,11 @@ class _Plan:
     """
 
     def __init__(self, model: Model, slots: dict[int, list[int]], save_dtype: torch.dtype | None = None,
-                 quantize: WeightScheme | None = None, quantize_lm_head: bool = False):
+                 quantize: WeightScheme | None = None, quantize_lm_head: bool = False,
+                 overrides: dict[str, torch.Tensor] | None = None):
         self.model, self.slots, self.save_dtype = model, slots, save_dtype
+        # repaired routers and experts, by output name: written instead of the source's bytes
+        self.overrides = overrides or {}
         self.quantize, self.quantize_lm_head = quantize, quantize_lm_head
         self.files: CheckpointFiles = model.files
         self.names = model.config.names
@@ -107,7 +110,7 @@ class _Plan:
             yield from self._stacked(i, idx)
             return
         rname = self._first(n.router(i), n.fused_router(i))
-        yield from self._emit(n.router(i), f.get(rname)[idx].clone(), [rname], False)
+        yield from self._emit(n.router(i), self._own(n.router(i), f.get(rname)[idx].clone()), [rname], False)
         bname = self._first(n.router_bias(i), n.fused_router_bias(i))
         if bname is not None:
             yield from self._emit(n.router_bias(i), f.get(bname)[idx].clone(), [bname], False)
@@ -117,15 +120,24 @@ class _Plan:
             outs = n.expert_tensor_names(i, new)
             if per[0] in f:
                 for o, src in zip(outs, per):
-                    yield from self._emit(o, f.get(src), [src], True)
+                    yield from self._emit(o, self._own(o, f.get(src)), [src], True)
             else:  # fused source layout: written out per expert
                 gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
                 if gu_name not in f or d_name not in f:
                     raise SubsetError(f"{f.folder}: tensor {per[0]!r} (or fused {gu_name!r}) is missing")
                 gu = f.get(gu_name)[j]
-                yield from self._emit(outs[0], gu[:I], [gu_name], True)
-                yield from self._emit(outs[1], gu[I:], [gu_name], True)
-                yield from self._emit(outs[2], f.get(d_name)[j], [d_name], True)
+                yield from self._emit(outs[0], self._own(outs[0], gu[:I]), [gu_name], True)
+                yield from self._emit(outs[1], self._own(outs[1], gu[I:]), [gu_name], True)
+                yield from self._emit(outs[2], self._own(outs[2], f.get(d_name)[j]), [d_name], True)
+
+    def _own(self, out: str, source: torch.Tensor) -> torch.Tensor:
+        """The repaired tensor `out` in the source's dtype, or the source's view when not repaired."""
+        t = self.overrides.get(out)
+        if t is None:
+            return source
+        if tuple(t.shape) != tuple(source.shape):
+            raise SubsetError(f"repaired tensor {out} has shape {tuple(t.shape)}, the source {tuple(source.shape)}")
+        return t.to(source.dtype).contiguous()
 
 
     def _stacked(self, i: int, idx: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -143,14 +155,18 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
                   coverage: dict[int, float] | None = None, centroid: np.ndarray | None = None,
                   max_shard_bytes: int = 2 * 1000**3, force: bool = False, progress: bool = False,
                   save_dtype: str | torch.dtype | None = None, quantize: str | WeightScheme | None = None,
-                  quantize_lm_head: bool = False) -> ProfileManifest:
+                  quantize_lm_head: bool = False, overrides: dict[str, torch.Tensor] | None = None,
+                  repair: dict[str, Any] | None = None) -> ProfileManifest:
     """Write the profile folder `out` keeping `kept` ({layer: original ids}) of `model`:
     `modeling.write_checkpoint` (atomic, streamed) plus profile.json. `save_dtype`
     (e.g. "bfloat16") stores floating tensors in that dtype, converted as they are written.
     `quantize` ("int8", "int4", "int4-zp" or a WeightScheme) stores the linear weights
     (attention, experts, dense MLPs; lm_head with `quantize_lm_head`) in the
     compressed-tensors pack-quantized layout, quantized one matrix at a time as
-    the shards are written; router, norms and embeddings keep their dtype."""
+    the shards are written; router, norms and embeddings keep their dtype.
+    `overrides` ({output tensor name: tensor}, from `training.repair`) replaces the
+    kept routers and experts by repaired ones (written in the source's dtype), and
+    `repair` (what was done, with what data and hyperparameters) goes to profile.json."""
     scheme = preset(quantize) if isinstance(quantize, str) else quantize
     if scheme is not None and model.config.raw.get("quantization_config") is not None:
         raise SubsetError(f"{model.path}: the model is already quantized")
@@ -159,7 +175,9 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     slots = {i: [model.layer_experts(i).ids.index(e) for e in ids] for i, ids in kept.items()}
     cfg = model.config
     dtype = parse_dtype(save_dtype)
-    plan = _Plan(model, slots, dtype, scheme, quantize_lm_head)
+    if overrides and model.config.names.stacked_experts:
+        raise SubsetError(f"{model.path}: repaired experts of a stacked-expert family cannot be written")
+    plan = _Plan(model, slots, dtype, scheme, quantize_lm_head, overrides)
     config = cfg.pruned_dict(slots)
     if scheme is not None:
         config["quantization_config"] = scheme.quantization_config(ignore_list(cfg.names, quantize_lm_head))
@@ -177,6 +195,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         selection=selection or {},
         calibration=calibration or {},
         coverage={i: round(float(c), 6) for i, c in (coverage or {}).items()},
+        repair=repair or {},
         centroid=None if centroid is None else
         [[round(float(v), 7) for v in centroid[i, : layout.num_original[i]]] for i in range(cfg.num_layers)],
     )

@@ -280,6 +280,30 @@ def test_bundled_demo_leans_to_the_right_profile(demo):
         assert auto["profile"] == want
 
 
+def test_auto_reports_fits_and_margin_and_falls_back_to_full_below_the_threshold(demo):
+    from server.config import ServerConfig
+    from server.registry import Registry
+
+    body = demo.post("/v1/routing", {"prompt": PY_PROMPT, "profile": "auto"}).json()
+    auto = body["auto"]
+    assert auto["rule"] == "fit" and auto["profile"] == body["profile"] == "python" and not auto["fallback"]
+    fits = auto["fits"]
+    assert set(fits) == {"python", "c", "prose", "arith"} and max(fits, key=fits.get) == "python"
+    ranked = sorted(fits.values(), reverse=True)
+    assert auto["margin"] == pytest.approx(ranked[0] - ranked[1], abs=1e-5) and auto["margin"] > 0
+    # fit = affinity / the profile's mean coverage (profile.json)
+    reg = Registry.from_config(ServerConfig())
+    cov = reg.profiles["python"].manifest.coverage.values()
+    assert fits["python"] == pytest.approx(body["profile_affinity"]["python"] / (sum(cov) / len(cov)), abs=1e-4)
+    ids = reg.model.tokenizer.encode(PY_PROMPT)
+    assert reg.choose_auto(ids) == "python"
+    reg.auto_min_fit = ranked[0] + 0.01  # no profile fits well enough: the operator's threshold sends it to full
+    d = reg.auto_decision(ids)
+    assert d["profile"] == "full" and d["fallback"] and d["threshold"] == reg.auto_min_fit
+    with pytest.raises(Exception, match="--auto-min-fit"):
+        Registry(reg.model, "m", [], auto_min_fit=-1)
+
+
 def test_bundled_demo_routing_equals_model_top_k(demo):
     from modeling import ProfileManifest, load_model
     from server.registry import BUNDLED

@@ -28,8 +28,10 @@ def routing_body(state, ids: list[int], profile: str) -> dict:
     restricted profile that costs one more forward."""
     reg = state.registry
     model = reg.model
+    auto = None
     if profile == AUTO:
-        profile = reg.choose_auto(ids)
+        auto = reg.auto_decision(ids)
+        profile = auto["profile"]
     prof = reg.get(profile)
     out = model.routes(ids, prof.resolved)
     full_probs = out.router_probs if prof.resolved is None else model.router_probs(ids)
@@ -56,7 +58,8 @@ def routing_body(state, ids: list[int], profile: str) -> dict:
     return {"object": "routing", "model": base if profile == FULL else f"{base}:{profile}", "profile": profile,
             "token_ids": ids, "tokens": [tok.token_text(t) if tok is not None else str(t) for t in ids],
             "top_k": model.config.top_k, "layers": layers,
-            "profiles": names, "profile_affinity": mean, "token_profiles": lean, "token_affinity": per_token}
+            "profiles": names, "profile_affinity": mean, "token_profiles": lean, "token_affinity": per_token,
+            **({"auto": auto} if auto is not None else {})}
 
 
 async def create_routing(request: Request) -> dict:
