@@ -11,6 +11,16 @@ Every step has three parts (vLLM's split):
 - `_process_outputs`: sample (vectorized over rows), logprobs, incremental
   detokenization, stop checks, and one event per sequence.
 
+Work that runs on the model outside the packed batch (side work) is
+scheduled fairly beside it: the `auto` probe of a sequence (which profile
+its prompt leans to, and the prompt's profile affinity for `return_routing`)
+and the passes of POST /v1/routing. Each step runs at most one unit of each
+kind, in arrival order within a kind, while the step's token budget
+(`max_prefill_tokens`) lasts (the first unit always runs); the prefill
+admitted in the same step gets what is left (at least one prompt). So no
+kind starves another, running streams advance every step, and one step's
+work is bounded in tokens.
+
 A failure is contained to the sequence that caused it: a sequence that cannot
 be set up, run or processed is failed alone (the others of the batch go on),
 and a batch whose forward raises is retried one sequence at a time. If the
@@ -90,6 +100,11 @@ class Sequence:
     prefilled: bool = False
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
     prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
+    probed: bool = False  # the auto / return_routing probe ran (or was not needed)
+
+    @property
+    def needs_probe(self) -> bool:
+        return not self.probed and (self.profile == "auto" or self.return_routing)
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread between steps
@@ -127,8 +142,12 @@ class Engine:
         self.free_slots = list(range(max_batch))[::-1]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        # work that must run on the model outside a batch (POST /v1/routing): (fn, future)
-        self.tasks: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
+        # side work that runs on the model outside the packed batch (see the module docstring):
+        # POST /v1/routing passes as (fn, future, tokens), and sequences waiting for their probe
+        self.tasks: collections.deque[tuple[Callable[[], object], concurrent.futures.Future, int]] = \
+            collections.deque()
+        self.probing: collections.deque[Sequence] = collections.deque()
+        self._side_turn = 0  # which kind of side work goes first this step (round robin)
         self.expert_load = M.ExpertLoad(model, registry.moe_layers) if expert_metrics else None
         self.cv = threading.Condition()
         self.stopped = False
@@ -166,40 +185,101 @@ class Engine:
                 raise EngineStopped("the server is shutting down")
             if not self.thread.is_alive() or self.failure is not None:
                 raise EngineStopped(f"the engine is not running ({self.failure or 'thread stopped'})")
-            if len(self.waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, at most {self.max_queue})")
+            queued = len(self.waiting) + len(self.probing)
+            if queued + len(seqs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({queued} waiting, at most {self.max_queue})")
             self.waiting.extend(seqs)
             M.QUEUE_DEPTH.set(len(self.waiting))
             self.cv.notify_all()
 
-    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+    def call(self, fn: Callable[[], object], tokens: int = 1) -> concurrent.futures.Future:
         """Run `fn()` on the engine thread between two steps (the engine owns the
-        model); the future holds its result or exception. Counts toward the queue."""
+        model), as one unit of side work costing `tokens` of a step's budget; the
+        future holds its result or exception. Counts toward the queue."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.cv:
             if self.stopped or self.drain_deadline is not None:
                 raise EngineStopped("the server is shutting down")
             if not self.thread.is_alive() or self.failure is not None:
                 raise EngineStopped(f"the engine is not running ({self.failure or 'thread stopped'})")
-            if len(self.waiting) + len(self.tasks) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self.waiting) + len(self.tasks)} waiting, "
-                                f"at most {self.max_queue})")
-            self.tasks.append((fn, fut))
+            queued = len(self.waiting) + len(self.probing) + len(self.tasks)
+            if queued >= self.max_queue:
+                raise QueueFull(f"the queue is full ({queued} waiting, at most {self.max_queue})")
+            self.tasks.append((fn, fut, max(1, tokens)))
             self.cv.notify_all()
         return fut
 
-    def _run_tasks(self) -> None:
-        while True:
-            with self.cv:
-                if not self.tasks:
-                    return
-                fn, fut = self.tasks.popleft()
+    def _run_side_work(self) -> int:
+        """At most one unit of each kind of side work (a /v1/routing pass, an auto
+        probe), kinds in turn, while the step's token budget lasts; returns the
+        tokens spent. A cancelled routing call or an expired sequence costs nothing."""
+        budget = self.max_prefill_tokens
+        spent = 0
+        kinds = [self._next_routing_task, self._next_probe]
+        self._side_turn = (self._side_turn + 1) % len(kinds)
+        for take in kinds[self._side_turn:] + kinds[:self._side_turn]:
+            unit = take(budget - spent, first=spent == 0)
+            if unit is not None:
+                spent += unit()
+        return spent
+
+    def _next_routing_task(self, left: int, first: bool) -> Callable[[], int] | None:
+        with self.cv:
+            while self.tasks and self.tasks[0][1].cancelled():
+                self.tasks.popleft()
+            if not self.tasks or (not first and self.tasks[0][2] > left):
+                return None
+            fn, fut, tokens = self.tasks.popleft()
+
+        def run() -> int:
             if not fut.set_running_or_notify_cancel():
-                continue
+                return 0
             try:
                 fut.set_result(fn())
             except BaseException as e:  # handed to the caller, who turns it into an HTTP answer
                 fut.set_exception(e)
+            return tokens
+        return run
+
+    def _next_probe(self, left: int, first: bool) -> Callable[[], int] | None:
+        now = time.monotonic()
+        with self.cv:
+            while self.probing and self._expired(self.probing[0], now):
+                self.probing.popleft()
+            if not self.probing or (not first and self._probe_cost(self.probing[0]) > left):
+                return None
+            s = self.probing.popleft()
+
+        def run() -> int:
+            try:
+                self._probe(s)
+            except Exception as e:
+                log.exception("the probe of a sequence failed")
+                self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
+                return self._probe_cost(s)
+            with self.cv:  # probed: first in line for a slot
+                self.waiting.appendleft(s)
+                self.cv.notify_all()
+            return self._probe_cost(s)
+        return run
+
+    def _probe_cost(self, s: Sequence) -> int:
+        forwards = len(self.registry.names()) if s.profile == "auto" and self.registry.auto_rule == "perplexity" else 1
+        return len(s.prompt_ids) * max(1, forwards)
+
+    def _probe(self, s: Sequence) -> None:
+        """Which profile `auto` serves the sequence with, and the prompt's profile
+        affinity for `return_routing`: one forward of the full model's router over
+        the prompt serves both (the perplexity rule adds one per profile)."""
+        probs = None
+        if s.return_routing or (s.profile == "auto" and self.registry.auto_rule == "affinity"):
+            probs = self.model.router_probs(s.prompt_ids)
+        if s.profile == "auto":
+            s.profile = self.registry.choose_auto(s.prompt_ids, router_probs=probs)
+        if s.return_routing and self.registry.names():
+            shares = self.registry.affinity(probs).mean(0).tolist()
+            s.prompt_affinity = dict(zip(self.registry.names(), shares))
+        s.probed = True
 
     def wake(self) -> None:
         with self.cv:
@@ -226,16 +306,17 @@ class Engine:
                 log.exception("warm-up failed")
             while True:
                 with self.cv:
-                    while not self.stopped and not self.waiting and not self.running and not self.tasks:
+                    while (not self.stopped and not self.waiting and not self.running and not self.tasks
+                           and not self.probing):
                         self.cv.wait(timeout=1.0)
                     if self.stopped:
                         break
-                self._run_tasks()
                 if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
                     self._fail_all(503, "unavailable", "the server is shutting down")
                     continue
                 try:
-                    self._step()
+                    spent = self._run_side_work()
+                    self._step(prefill_budget=max(0, self.max_prefill_tokens - spent))
                 except Exception as e:  # a bug must not kill the loop: fail this step's sequences
                     log.exception("engine step failed")
                     for s in list(self.running):
@@ -250,11 +331,12 @@ class Engine:
 
     def _fail_all(self, status: int, etype: str, msg: str) -> None:
         with self.cv:
-            left = list(self.running) + list(self.waiting)
+            left = list(self.running) + list(self.waiting) + list(self.probing)
             self.waiting.clear()
+            self.probing.clear()
             tasks = list(self.tasks)
             self.tasks.clear()
-        for _, fut in tasks:
+        for _, fut, _ in tasks:
             if not fut.done():
                 fut.set_exception(EngineStopped(msg))
         for s in left:
@@ -288,14 +370,18 @@ class Engine:
             return True
         return False
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Waiting sequences into free slots while `budget` prompt tokens last (at
+        least one); one that still needs its probe goes to the probe queue instead."""
         now = time.monotonic()
         new: list[Sequence] = []
-        budget = self.max_prefill_tokens
         with self.cv:
             self.waiting = collections.deque(s for s in self.waiting if not self._expired(s, now))
             while self.waiting and self.free_slots:
                 nxt = self.waiting[0]
+                if nxt.needs_probe:
+                    self.probing.append(self.waiting.popleft())
+                    continue
                 if new and len(nxt.prompt_ids) > budget:
                     break
                 self.waiting.popleft()
@@ -315,11 +401,6 @@ class Engine:
         return ok
 
     def _setup(self, s: Sequence) -> None:
-        if s.profile == "auto":
-            s.profile = self.registry.choose_auto(s.prompt_ids)
-        if s.return_routing:
-            shares = self.registry.affinity(self.model.router_probs(s.prompt_ids)).mean(0).tolist()
-            s.prompt_affinity = dict(zip(self.registry.names(), shares))
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
         s.stops = StopChecker(s.params.stop)
@@ -328,8 +409,8 @@ class Engine:
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))
 
-    def _step(self) -> None:
-        plan = self._schedule()
+    def _step(self, prefill_budget: int | None = None) -> None:
+        plan = self._schedule(self.max_prefill_tokens if prefill_budget is None else prefill_budget)
         if plan is None:
             return
         logits = self._execute(plan)
@@ -337,11 +418,11 @@ class Engine:
         self._process_outputs(plan, logits)
 
     # -- schedule ------------------------------------------------------------------------
-    def _schedule(self) -> StepPlan | None:
+    def _schedule(self, prefill_budget: int) -> StepPlan | None:
         now = time.monotonic()
         for s in [s for s in self.running if self._expired(s, now)]:
             self._release(s)
-        self._admit()
+        self._admit(prefill_budget)
         M.RUNNING.set(len(self.running))
         seqs = list(self.running)
         if not seqs:

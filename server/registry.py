@@ -322,23 +322,26 @@ class Registry:
             return any(p.centroid is not None for p in self.profiles.values())
         return bool(self.profiles)
 
-    def choose_auto(self, token_ids: list[int], rule: str | None = None) -> str:
+    def choose_auto(self, token_ids: list[int], rule: str | None = None,
+                    router_probs: list[torch.Tensor | None] | None = None) -> str:
         """The hosted profile `auto` picks for a prompt, by `rule` (default: the
         server's `auto_rule`): `affinity` (most of the full router's mass inside
         the profile's pool), `centroid` (nearest centroid fingerprint, cosine) or
         `perplexity` (least perplexity of the prompt under the profile); `full`
         when no hosted profile qualifies. Runs forwards: only the engine thread
-        calls it."""
+        calls it. `router_probs`: the full model's routing of the prompt, when the
+        caller has it already (saves that forward)."""
         rule = rule or self.auto_rule
         sound = [p for p in self.profiles.values() if p.state != "failed"]  # never an out-of-service one
         if rule == "affinity":
             if not sound:
                 return FULL
-            shares = dict(zip(self.names(), self.affinity(self.model.router_probs(token_ids)).mean(0).tolist()))
+            probs = router_probs if router_probs is not None else self.model.router_probs(token_ids)
+            shares = dict(zip(self.names(), self.affinity(probs).mean(0).tolist()))
             return max(sound, key=lambda p: shares[p.name]).name
         if rule == "perplexity":
             if not sound or len(token_ids) < 2:
-                return self.choose_auto(token_ids, "affinity")
+                return self.choose_auto(token_ids, "affinity", router_probs)
             ids = torch.tensor(token_ids)
             nll = {}
             for p in sound:
@@ -350,7 +353,7 @@ class Registry:
         cands = [p for p in self.profiles.values() if p.centroid is not None and p.state != "failed"]
         if not cands:
             return FULL
-        probs = self.model.router_probs(token_ids)
+        probs = router_probs if router_probs is not None else self.model.router_probs(token_ids)
         v = torch.cat([probs[i].float().mean(0).cpu() for i in self.moe_layers])
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))

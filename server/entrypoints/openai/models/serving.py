@@ -41,7 +41,7 @@ def health(state: AppState) -> dict:
         status = f"weights failed verification: {state.registry.unavailable}"
     return {"status": status, "model": state.registry.base_name,
             "profiles": state.registry.names(), "uptime_s": round(time.monotonic() - state.started, 3),
-            "running": len(eng.running), "waiting": len(eng.waiting)}
+            "running": len(eng.running), "waiting": len(eng.waiting) + len(eng.probing)}
 
 
 async def render_metrics(state: AppState) -> tuple[bytes, str]:

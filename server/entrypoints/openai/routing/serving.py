@@ -73,7 +73,7 @@ async def create_routing(request: Request) -> dict:
     # the limits of completions: empty prompt, token ids outside the vocabulary, the context length
     check_prompts(state, [ids], 0, 1, None)
     try:
-        fut = state.engine.call(lambda: routing_body(state, ids, profile))
+        fut = state.engine.call(lambda: routing_body(state, ids, profile), tokens=2 * len(ids))
     except QueueFull as e:
         raise APIError(429, f"{e}; retry later", "rate_limit_error", None, "queue_full") from None
     except EngineStopped as e:
