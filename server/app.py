@@ -30,7 +30,7 @@ from .entrypoints.openai.tokenize.api_router import router as tokenize_router
 from .entrypoints.openai.routing.api_router import router as routing_router
 from .errors import APIError, error_body
 from .registry import Registry, StartupError
-from .security import BodySizeLimit
+from .security import BodySizeLimit, RequireKey, printable
 from .state import AppState
 
 log = logging.getLogger("emo_serve")
@@ -95,8 +95,8 @@ class AccessLog:
             fields = ""
             if extra:
                 fields = " " + " ".join(f"{k}={v}" for k, v in extra.items())
-            access_log.info('%s:%s "%s %s" %s%s latency=%.3fs', client[0], client[1], scope["method"],
-                            scope["path"], status[0] or "-", fields, time.monotonic() - t0)
+            access_log.info('%s:%s "%s %s" %s%s latency=%.3fs', client[0], client[1], printable(scope["method"]),
+                            printable(scope["path"]), status[0] or "-", printable(fields), time.monotonic() - t0)
 
 
 def create_app(state: AppState) -> FastAPI:
@@ -119,6 +119,7 @@ def create_app(state: AppState) -> FastAPI:
     # The routing page: static files, no secrets in them; its API calls carry the key.
     app.mount("/ui/", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_api_route("/ui", lambda: RedirectResponse("/ui/"), include_in_schema=False)
+    app.add_middleware(RequireKey, keys=state.api_keys)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes)
     app.add_middleware(AccessLog)
 

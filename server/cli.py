@@ -188,6 +188,10 @@ def startup_summary(state, threads: str, capped_from: int | None, url: str) -> l
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.security import PrintableFormatter
+
+    for h in logging.getLogger().handlers:  # a client's text never starts a log line of its own
+        h.setFormatter(PrintableFormatter(h.formatter._fmt if h.formatter else None))
     keys = list(args.api_key) + [k.strip() for k in os.environ.get("EMO_SERVE_API_KEYS", "").split(",") if k.strip()]
     check_args(args, keys)
     sock = bind_socket(args.host, args.port)

@@ -545,7 +545,7 @@ class Engine:
         info = TokenInfo(tok, None, None)
         if lp is not None:
             info.logprob, info.top = lp
-        if tok in s.stop_ids:
+        if tok in s.stop_ids and len(s.output) >= s.params.min_tokens:  # as vLLM: no stop before min_tokens
             self._finish(s, ev, "stop")
             return
         s.output.append(tok)

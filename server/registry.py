@@ -224,7 +224,8 @@ class Registry:
                 from_model = self._check(suffix, "model")
         from_profile = self._check(profile_field, "profile") if profile_field is not None else None
         if from_model and from_profile and from_model != from_profile:
-            raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile")
+            raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile",
+                              "profile_mismatch")
         name = from_profile or from_model or FULL
         if self.unavailable is not None:
             raise APIError(503, f"the server's weights failed verification, nothing is served: {self.unavailable}",
@@ -249,6 +250,10 @@ class Registry:
         return self.full if name == FULL else self.profiles[name]
 
     # -- verification ----------------------------------------------------------------
+    def verifying(self) -> list[str]:
+        """Profiles whose files are not checked yet (served meanwhile)."""
+        return [p.name for p in self.profiles.values() if p.state == "verifying"]
+
     def verify_all(self) -> None:
         """Check every profile folder against its profile.json; take failures out of service."""
         for p in list(self.profiles.values()):

@@ -137,3 +137,170 @@ def test_auto_probes_ride_between_steps(ckpt):
         eng.stop()
     assert all(s.profile in ("code", "prose") for s in autos)
     assert probed_at_token[0] <= 2, probed_at_token  # before: 8 (every probe ran before the first step)
+
+
+# -- 6: control characters from the request never reach the log as they are ---------------------------
+
+def test_control_characters_in_the_path_cannot_forge_log_lines(srv):
+    forged = "2026-12-06 12:00:00,000 CRITICAL emo_serve.engine: FORGED"
+    raw = f"GET /v1/models%0a{forged.replace(' ', '%20')}%0d%1b[31m HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as c:
+        c.sendall(raw.encode())
+        assert c.recv(100).startswith(b"HTTP/1.1 404")
+    time.sleep(0.3)
+    lines = srv.log.read_text().splitlines()
+    assert not any(line.startswith(forged[:20]) for line in lines), lines[-3:]
+    hit = [line for line in lines if "FORGED" in line]
+    assert len(hit) == 1 and "emo_serve.access" in hit[0] and "\\n2026-12-06" in hit[0], hit
+    assert "\x1b" not in srv.log.read_text() and "\\x1b[31m" in hit[0]
+
+
+# -- 8: every route but /health and /ui needs the key, unknown ones included --------------------------
+
+def test_openapi_and_unknown_paths_need_the_key(ckpt):
+    s = Server(["--model", str(ckpt["base"]), "--api-key", KEY], ckpt["root"] / "keyed17.log")
+    h = {"Authorization": f"Bearer {KEY}"}
+    try:
+        s.wait()
+        for path in ("/openapi.json", "/nope", "/v1/nope", "/docs"):
+            r = s.get(path)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", (path, r.text)
+        assert s.get("/openapi.json", headers=h).status_code == 200
+        assert s.get("/nope", headers=h).status_code == 404
+        assert s.get("/health").status_code == 200 and s.get("/ui/").status_code == 200
+        assert s.get("/ui").status_code in (200, 307)
+    finally:
+        s.stop()
+
+
+# -- 9: /tokenizer_info answers from what was loaded at start ------------------------------------------
+
+def test_tokenizer_info_does_not_reread_the_disk(ckpt, tmp_path):
+    folder = tmp_path / "tiny-emo"
+    shutil.copytree(ckpt["base"], folder)
+    s = Server(["--model", str(folder)], tmp_path / "tokinfo.log")
+    try:
+        s.wait()
+        first = s.get("/tokenizer_info")
+        assert first.status_code == 200 and first.json()["eos_token"] == "<|endoftext|>"
+        cfg = folder / "tokenizer_config.json"
+        cfg.unlink()
+        cfg.symlink_to(folder / "config.json")  # another JSON file: its keys must not be echoed
+        assert s.get("/tokenizer_info").json() == first.json()
+        cfg.unlink()
+        cfg.write_text("not json {")
+        r = s.get("/tokenizer_info")
+        assert r.status_code == 200 and r.json() == first.json()
+    finally:
+        s.stop()
+
+
+# -- 11: stop_token_ids are validated, and min_tokens wins over them -----------------------------------
+
+@pytest.mark.parametrize("ids", [[-1], [320], [5] * 2000, [10**12]])
+def test_stop_token_ids_are_validated(srv, ids):
+    r = _complete(srv, stop_token_ids=ids)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "stop_token_ids" and err["code"] in ("invalid_token_id", "too_many_stop_token_ids")
+
+
+def test_min_tokens_wins_over_stop_token_ids(srv):
+    r = _complete(srv, stop_token_ids=list(range(320)), min_tokens=5, max_tokens=8, temperature=0)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "stop"
+
+
+# -- 12: nits --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [{"model": f"{MODEL}:code", "profile": "prose"}, {"min_tokens": 9},
+                                  {"stop": ["x" * 300]}, {"logit_bias": {str(i): 1 for i in range(300)} | {}}])
+def test_every_400_has_a_code(srv, body):
+    if "logit_bias" in body:  # more than 1024 entries: the tiny model has 320 ids, so repeat them as "007"-style keys
+        body = {"logit_bias": {f"{i:0{w}d}": 1 for w in (3, 4, 5, 6) for i in range(300)}}
+    r = _complete(srv, **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"], r.text
+
+
+def test_chat_top_logprobs_names_its_param(srv):
+    r = srv.post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                          "logprobs": True, "top_logprobs": 21, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text
+
+
+def _requests_total(s: Server, profile: str, status: str) -> float:
+    for line in s.get("/metrics").text.splitlines():
+        if line.startswith("emo_requests_total{") and f'profile="{profile}"' in line and f'status="{status}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_routing_calls_are_counted(srv):
+    before = _requests_total(srv, "prose", "ok"), _requests_total(srv, "prose", "400")
+    assert srv.post("/v1/routing", {"model": MODEL, "profile": "prose", "prompt": "def f(x):"}).status_code == 200
+    assert srv.post("/v1/routing", {"model": MODEL, "profile": "prose", "prompt": [999]}).status_code == 400
+    assert (_requests_total(srv, "prose", "ok"), _requests_total(srv, "prose", "400")) == (before[0] + 1,
+                                                                                       before[1] + 1)
+
+
+# -- 7: /health says "verifying" until every profile has been checked --------------------------------
+
+def test_health_says_verifying_until_checked(ckpt):
+    from server.entrypoints.openai.models.serving import health
+
+    state = _engine_state(ckpt)
+    state.engine.start()
+    try:
+        assert health(state)["status"] == "verifying"  # nothing checked yet: requests would be served unverified
+        state.registry.start_verification().join(60)
+        assert health(state)["status"] == "ok"
+    finally:
+        state.engine.stop()
+
+
+# -- 3, 4: oversized text is refused before tokenizing; memory comes back -----------------------------
+
+BIG_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42; " * 13500  # ~800 KB
+
+
+def _rss(s: Server) -> int:
+    for line in Path(f"/proc/{s.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_oversized_text_is_refused_before_tokenizing(srv):
+    for path, body in (("/v1/routing", {"prompt": BIG_TEXT}), ("/v1/completions", {"prompt": BIG_TEXT}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": BIG_TEXT}]})):
+        r = srv.post(path, {"model": MODEL, **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and "before tokenizing" in err["message"], (path, err)
+
+
+def test_memory_comes_back_after_refused_requests(srv):
+    import concurrent.futures as cf
+
+    def one(_):
+        return httpx.post(srv.url + "/v1/completions", json={"prompt": BIG_TEXT, "max_tokens": 1}, timeout=120)
+
+    with cf.ThreadPoolExecutor(8) as ex:
+        assert all(r.status_code == 400 for r in ex.map(one, range(8)))
+        start = _rss(srv)
+        for _ in range(4):
+            assert all(r.status_code == 400 for r in ex.map(one, range(8)))
+    grown = _rss(srv) - start
+    assert grown < 64 << 20, f"RSS grew by {grown / 2**20:.0f} MiB over 32 refused requests"
+
+
+def test_long_texts_that_fit_are_tokenized_and_their_memory_returned(ckpt):
+    """The tokenizer's own path for long texts (below the refusal bound, e.g.
+    /tokenize): transients handed back after each."""
+    from modeling.tokenizer import Tokenizer
+
+    tok = Tokenizer(ckpt["base"])
+    text = BIG_TEXT[:200_000]
+    assert tok.min_tokens(text) <= len(tok.encode(text))
+    assert tok.encode(text) == tok._tok.encode(text).ids

@@ -15,7 +15,7 @@ from ....engine import TokenInfo
 from ....errors import APIError, bad_request
 from ....state import AppState
 from ..completions.protocol import dump
-from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from ..serving_engine import Run, check_prompts, check_text_fits, parse_body, sampling_params, sse, stop_list
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, DeltaMessage, TokenLogprob, TopLogprob)
 
@@ -31,8 +31,9 @@ def _logprob_content(state: AppState, tokens: list[TokenInfo], k: int | None) ->
     return ChoiceLogprobs(content=out)
 
 
-def render_prompt(state: AppState, req: ChatCompletionRequest) -> list[int]:
-    """The chat template over the messages, tokenized (runs off the event loop)."""
+def render_prompt(state: AppState, req: ChatCompletionRequest, must_fit: bool = False) -> list[int]:
+    """The chat template over the messages, tokenized (runs off the event loop).
+    `must_fit`: refuse a text that cannot fit the context before tokenizing it."""
     tok = state.registry.model.tokenizer
     try:
         text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
@@ -41,6 +42,8 @@ def render_prompt(state: AppState, req: ChatCompletionRequest) -> list[int]:
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # a template error caused by the messages
         raise bad_request(f"messages: the chat template failed ({type(e).__name__}: {e})", "messages") from None
+    if must_fit:
+        check_text_fits(state, [text], "messages")
     return tok.encode(text)
 
 
@@ -52,12 +55,13 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
                        "invalid_request_error", None, "no_chat_template")
     profile = state.registry.select(req.model, req.profile)
-    prompt = await asyncio.to_thread(render_prompt, state, req)
+    prompt = await asyncio.to_thread(render_prompt, state, req, True)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     k = req.top_logprobs if req.logprobs else None
     if req.logprobs and k is None:
         k = 0
-    max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
+    max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len,
+                               logprobs_param="top_logprobs")
     stop = stop_list(req.stop)
     vocab = state.registry.model.config.vocab_size
     specs = [(prompt, sampling_params(req, max_tokens, j, stop, state.config, vocab)) for j in range(req.n)]
