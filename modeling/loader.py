@@ -33,6 +33,12 @@ class ModelNotFound(FileNotFoundError):
     pass
 
 
+class ModelUnusable(RuntimeError):
+    """The files every forward reads are gone or changing (`Model.unusable`)."""
+
+
+
+
 def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hugging Face repo id fetched (or found in
     the local hub cache; HF_HUB_OFFLINE=1 never touches the network)."""
@@ -74,6 +80,8 @@ class Model:
         self.weights = read_weights(path, files, config, dtype, device)
         self.sources: dict[str, CheckpointFiles] = {str(path): files}
         self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
+        # Set (under `lock`) when the model's own files can no longer be read: every forward refuses
+        self.unusable: str | None = None
         # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
         # thread) never interleave: a pass sees the slots all before or all after.
         self.lock = threading.RLock()
@@ -85,6 +93,11 @@ class Model:
                           if (path / "tokenizer.json").is_file() else None)
         self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
+
+    def mark_unusable(self, reason: str) -> None:
+        """No forward runs after this returns (it waits for the one in flight)."""
+        with self.lock:
+            self.unusable = reason
 
     def _note_mappings(self, files: CheckpointFiles) -> None:
         self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
@@ -244,6 +257,8 @@ class Model:
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
                 collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
         with self.lock:
+            if self.unusable is not None:
+                raise ModelUnusable(f"the model's weights cannot be read: {self.unusable}")
             return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
 
     def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:

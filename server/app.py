@@ -29,6 +29,7 @@ from .entrypoints.openai.serving_engine import ClientDisconnected
 from .entrypoints.openai.tokenize.api_router import router as tokenize_router
 from .entrypoints.openai.routing.api_router import router as routing_router
 from .errors import APIError, error_body
+from .leases import FileLeases
 from .registry import Registry, StartupError
 from .security import BodySizeLimit, RequireKey, printable
 from .state import AppState
@@ -53,6 +54,8 @@ def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     state = AppState(config, registry, engine, [k.encode() for k in config.api_keys])
     if t0 is not None:
         state.started = t0
+    if config.file_leases:
+        state.leases = FileLeases(registry, engine).take()
     return state
 
 
@@ -103,9 +106,12 @@ def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
-        state.registry.start_verification()  # profiles still unchecked (without --verify): in the background
+        # profiles still unchecked (without --verify): in the background; then every --reverify-interval
+        state.registry.start_verification(state.config.reverify_interval)
         yield
         state.engine.stop()
+        if state.leases is not None:
+            state.leases.stop()
 
     app = FastAPI(title="emo-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")

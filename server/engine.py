@@ -154,6 +154,9 @@ class Engine:
         self.failure: str | None = None  # why the engine thread died, once it has
         self.drain_deadline: float | None = None  # shutting down: fail what is left after this time
         self.steps = 0
+        # held over each step and its side work: `wait_for_step` returns once the step in flight,
+        # scheduled perhaps with pools that are no longer sound, has ended
+        self.step_lock = threading.Lock()
         tok = model.tokenizer
         self.eos_ids = set(model.config.eos_token_ids) | set(tok.eos_token_ids if tok else [])
         self.thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
@@ -273,13 +276,19 @@ class Engine:
         the prompt serves both (the perplexity rule adds one per profile)."""
         probs = None
         if s.return_routing or (s.profile == "auto" and self.registry.auto_rule == "affinity"):
-            probs = self.model.router_probs(s.prompt_ids)
+            probs = self.registry.full_router_probs(s.prompt_ids)
         if s.profile == "auto":
             s.profile = self.registry.choose_auto(s.prompt_ids, router_probs=probs)
         if s.return_routing and self.registry.names():
             shares = self.registry.affinity(probs).mean(0).tolist()
             s.prompt_affinity = dict(zip(self.registry.names(), shares))
         s.probed = True
+
+    def wait_for_step(self) -> None:
+        """Return once the step in flight (if any) has ended: every later step reads
+        the registry's profiles afresh (a withdrawn profile's sequences are failed)."""
+        with self.step_lock:
+            pass
 
     def wake(self) -> None:
         with self.cv:
@@ -315,8 +324,9 @@ class Engine:
                     self._fail_all(503, "unavailable", "the server is shutting down")
                     continue
                 try:
-                    spent = self._run_side_work()
-                    self._step(prefill_budget=max(0, self.max_prefill_tokens - spent))
+                    with self.step_lock:
+                        spent = self._run_side_work()
+                        self._step(prefill_budget=max(0, self.max_prefill_tokens - spent))
                 except Exception as e:  # a bug must not kill the loop: fail this step's sequences
                     log.exception("engine step failed")
                     for s in list(self.running):
@@ -400,6 +410,18 @@ class Engine:
                 self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
         return ok
 
+    def _refresh_pools(self) -> None:
+        """Each running sequence's pool as the registry has it now: a profile taken
+        out of service (its files failed verification or are being changed) fails
+        its sequences; `full` loses the experts no sound source holds any more."""
+        for s in list(self.running):
+            p = self.registry.get(s.profile)
+            if self.registry.unavailable is not None or p.state == "failed":
+                self._fail(s, 503, "profile_unavailable", f"profile {s.profile!r} went out of service while "
+                           f"serving this request ({'; '.join(p.problems[:2]) or self.registry.unavailable})")
+            else:
+                s.pool = p.resolved
+
     def _setup(self, s: Sequence) -> None:
         s.pool = self.registry.get(s.profile).resolved
         s.generator = s.params.make_generator()
@@ -423,6 +445,7 @@ class Engine:
         for s in [s for s in self.running if self._expired(s, now)]:
             self._release(s)
         self._admit(prefill_budget)
+        self._refresh_pools()
         M.RUNNING.set(len(self.running))
         seqs = list(self.running)
         if not seqs:

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,10 +255,11 @@ class Registry:
         """Profiles whose files are not checked yet (served meanwhile)."""
         return [p.name for p in self.profiles.values() if p.state == "verifying"]
 
-    def verify_all(self) -> None:
-        """Check every profile folder against its profile.json; take failures out of service."""
+    def verify_all(self, again: bool = False) -> None:
+        """Check every profile folder against its profile.json; take failures out of
+        service. `again`: re-check those already verified (--reverify-interval)."""
         for p in list(self.profiles.values()):
-            if p.folder is None or p.state != "verifying":
+            if p.folder is None or p.state not in (("verifying", "verified") if again else ("verifying",)):
                 continue
             try:
                 res = verify_profile(p.folder)
@@ -267,23 +269,46 @@ class Registry:
                 problems = [f"verification could not run ({type(e).__name__})"]
             if problems:
                 self.take_out_of_service(p, problems)
-            else:
+            elif p.state != "failed":  # a lease break may have taken it out meanwhile
+                if p.state == "verifying":
+                    log.info("profile %r verified (%d shards)", p.name, len(res.shards))
                 p.state = "verified"
-                log.info("profile %r verified (%d shards)", p.name, len(res.shards))
 
-    def start_verification(self) -> threading.Thread:
+    def start_verification(self, interval: float = 0.0) -> threading.Thread:
         """`verify_all` in a background thread at the lowest CPU priority (hashing
-        competes with decoding for cores; requests are served meanwhile)."""
+        competes with decoding for cores; requests are served meanwhile); then,
+        with `interval` > 0, again every `interval` seconds: a byte changed on
+        disk behind the server's back (no lease sees a bit flip) takes its
+        profile out of service at the next pass."""
         def run() -> None:
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
             except (AttributeError, OSError):
                 pass
             self.verify_all()
+            while interval > 0:
+                time.sleep(interval)
+                self.verify_all(again=True)
 
         self._verifier = threading.Thread(target=run, name="emo-verify", daemon=True)
         self._verifier.start()
         return self._verifier
+
+    def file_changing(self, source: str, path: str) -> None:
+        """Another process is truncating or writing `path`, a file of the mapped
+        source `source` (server.leases): stop reading its bytes now. A profile's
+        file takes that profile out of service (its experts re-pointed); a file of
+        the model itself stops every forward, and nothing is served."""
+        why = f"its file {Path(path).name} is being truncated or written by another process"
+        if source == str(self.model.path):
+            self.unavailable = f"the model's file {path} is being truncated or written by another process"
+            self.model.mark_unusable(self.unavailable)
+            self.full.state, self.full.problems = "failed", [self.unavailable]
+            log.error("nothing is served: %s", self.unavailable)
+            return
+        for p in self.profiles.values():
+            if p.folder is not None and str(p.folder) == source and p.state != "failed":
+                self.take_out_of_service(p, [why])
 
     def take_out_of_service(self, p: Profile, problems: list[str]) -> None:
         p.state, p.problems = "failed", list(problems)
@@ -341,7 +366,7 @@ class Registry:
         if rule == "affinity":
             if not sound:
                 return FULL
-            probs = router_probs if router_probs is not None else self.model.router_probs(token_ids)
+            probs = router_probs if router_probs is not None else self.full_router_probs(token_ids)
             shares = dict(zip(self.names(), self.affinity(probs).mean(0).tolist()))
             return max(sound, key=lambda p: shares[p.name]).name
         if rule == "perplexity":
@@ -358,11 +383,15 @@ class Registry:
         cands = [p for p in self.profiles.values() if p.centroid is not None and p.state != "failed"]
         if not cands:
             return FULL
-        probs = router_probs if router_probs is not None else self.model.router_probs(token_ids)
+        probs = router_probs if router_probs is not None else self.full_router_probs(token_ids)
         v = torch.cat([probs[i].float().mean(0).cpu() for i in self.moe_layers])
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))
         return best.name
+
+    def full_router_probs(self, token_ids: list[int]) -> list[torch.Tensor | None]:
+        """The routing softmax of profile `full` (every expert a sound source holds)."""
+        return self.model.router_probs(token_ids, self.full.resolved)
 
     def affinity(self, router_probs: list[torch.Tensor | None]) -> torch.Tensor:
         """`[T, profiles]` (in `names()` order): per token, the share of the routing

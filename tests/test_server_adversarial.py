@@ -304,3 +304,54 @@ def test_long_texts_that_fit_are_tokenized_and_their_memory_returned(ckpt):
     text = BIG_TEXT[:200_000]
     assert tok.min_tokens(text) <= len(tok.encode(text))
     assert tok.encode(text) == tok._tok.encode(text).ids
+
+
+# -- 2: truncating a served profile's shard takes that profile out, not the server ---------------------
+
+def _greedy_text(s: Server, profile: str) -> httpx.Response:
+    return _complete(s, profile=profile, temperature=0, ignore_eos=True, max_tokens=6)
+
+
+@pytest.mark.parametrize("how", ["truncate", "cp"])
+def test_truncating_a_served_shard_withdraws_only_that_profile(ckpt, tmp_path, how):
+    """Before: the next request that touched the truncated shard's pages got
+    SIGBUS (exit 135) and every profile went down. Now the server holds a read
+    lease on every mapped file: the kernel tells it before another process
+    truncates or opens the file for writing; it withdraws the profile (its
+    expert slots served from another source, sequences on it failed) and only
+    then lets the writer go on."""
+    code, prose = tmp_path / "code", tmp_path / "prose"
+    shutil.copytree(ckpt["code"], code)
+    shutil.copytree(ckpt["prose"], prose)
+    s = Server(["--model", str(ckpt["base"]), "--profile", str(code), "--profile", str(prose),
+                "--served-model-name", MODEL, "--log-level", "info"], tmp_path / "lease.log")
+    try:
+        s.wait()
+        before = {p: _greedy_text(s, p) for p in ("code", "prose", "full")}
+        assert all(r.status_code == 200 for r in before.values())
+        shard = code / "model.safetensors"
+        if how == "truncate":
+            cmd = ["truncate", "-s", str(shard.stat().st_size // 2), str(shard)]
+        else:  # cp over the file truncates it first, then writes
+            cmd = ["cp", str(prose / "model.safetensors"), str(shard)]
+        # coreutils' truncate opens with O_NONBLOCK: while the lease is held it fails at once (EAGAIN),
+        # having told the server; once the profile is withdrawn and the lease released, it succeeds
+        for _ in range(40):
+            if subprocess.run(cmd, timeout=60, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"{cmd[0]} never got to write the file")
+        for _ in range(3):  # requests that touch every profile, and the pages of the old file
+            r = _greedy_text(s, "code")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "profile_unavailable", r.text
+            for p in ("prose", "full"):
+                r = _greedy_text(s, p)
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == \
+                    before[p].json()["choices"][0]["text"], (p, r.text)
+        assert s.proc.poll() is None
+        state = {p["name"]: p for p in s.get("/v1/profiles").json()["data"]}
+        assert state["code"]["state"] == "failed" and "written" in " ".join(state["code"]["problems"])
+        assert state["prose"]["state"] == "verified"
+    finally:
+        s.stop()

@@ -32,8 +32,11 @@ def routing_body(state, ids: list[int], profile: str) -> dict:
     if profile == AUTO:
         profile = reg.choose_auto(ids)
     prof = reg.get(profile)
+    if reg.unavailable is not None or prof.state == "failed":  # taken out of service while this call waited
+        raise APIError(503, f"profile {profile!r} is out of service ({'; '.join(prof.problems[:2])})",
+                       "unavailable", "profile", "profile_unavailable")
     out = model.routes(ids, prof.resolved)
-    full_probs = out.router_probs if prof.resolved is None else model.router_probs(ids)
+    full_probs = out.router_probs if prof is reg.full else reg.full_router_probs(ids)
     layers = []
     for i, r in enumerate(out.routes):
         if r is None:
