@@ -527,7 +527,7 @@ class Engine:
         return out
 
     def _process_outputs(self, plan: StepPlan, rows: dict[int, torch.Tensor]) -> None:
-        live = [i for i in rows if plan.seqs[i].slot >= 0]
+        live = self._finite(plan, [i for i in rows if plan.seqs[i].slot >= 0], rows)
         picked = self._sample(plan, rows, [i for i in live if plan.seqs[i].params.max_tokens > len(plan.seqs[i].output)])
         # logprobs of the generated tokens, one log_softmax and one top-k for every row that asked
         want = [i for i in picked if plan.seqs[i].logprobs is not None]
@@ -554,6 +554,22 @@ class Engine:
                     self._fail(s, 500, "server_error", f"internal error in the engine: {type(e).__name__}")
         if n_new_prompt:
             M.PROMPT_TOKENS.inc(n_new_prompt)
+
+    def _finite(self, plan: StepPlan, live: list[int], rows: dict[int, torch.Tensor]) -> list[int]:
+        """The sequences of `live` whose logits are all finite. A NaN or an infinity
+        is never sampled (NaN logits used to come out as token 0, end of text: an
+        empty 200): the sequence fails with `numerical_error`, naming its profile,
+        whose bytes are the likely cause (a corrupted expert)."""
+        if not live:
+            return live
+        ok = torch.stack([torch.isfinite(rows[i]).all() for i in live]).tolist()
+        for i, good in zip(live, ok):
+            if not good:
+                s = plan.seqs[i]
+                log.error("non-finite logits in a sequence served by profile %r: its weights may be corrupt", s.profile)
+                self._fail(s, 500, "numerical_error", f"the model produced non-finite logits (NaN or infinity) for "
+                           f"this sequence under profile {s.profile!r}; its weights may be corrupt")
+        return [i for i, good in zip(live, ok) if good]
 
     def _process_one(self, s: Sequence, rows: torch.Tensor, tok: int | None,
                      lp: tuple[float, list[tuple[int, float]] | None] | None) -> None:

@@ -355,3 +355,62 @@ def test_truncating_a_served_shard_withdraws_only_that_profile(ckpt, tmp_path, h
         assert state["prose"]["state"] == "verified"
     finally:
         s.stop()
+
+
+# -- 5: non-finite logits are an error, never a token; files are re-hashed on request -----------------
+
+def test_non_finite_logits_are_an_error_naming_the_profile(ckpt, tmp_path):
+    """Before: an expert overwritten with 0x7f bytes gave NaN logits, sampled as
+    token 0 (end of text): 200, empty text, finish_reason "stop"."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "tiny-emo"
+    shutil.copytree(ckpt["base"], folder)
+    shard = folder / "model.safetensors"
+    tensors = load_file(str(shard))
+    poison = torch.frombuffer(bytearray(b"\x7f" * 4), dtype=torch.float32)[0]  # 3.4e38: products overflow
+    for name in tensors:
+        if ".layers.0.mlp.experts." in name:
+            tensors[name] = torch.full_like(tensors[name], poison)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    s = Server(["--model", str(folder), "--served-model-name", MODEL], tmp_path / "nan.log")
+    try:
+        s.wait()
+        for stream in (False, True):
+            r = _complete(s, temperature=0, stream=stream)
+            if not stream:
+                assert r.status_code == 500, r.text
+                err = r.json()["error"]
+            else:
+                events = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+                err = events[-1]["error"]
+            assert err["code"] == "numerical_error" and "'full'" in err["message"], err
+        assert s.get("/health").status_code == 200
+    finally:
+        s.stop()
+
+
+def test_reverify_interval_finds_bytes_changed_behind_the_servers_back(ckpt, tmp_path):
+    prose = tmp_path / "prose"
+    shutil.copytree(ckpt["prose"], prose)
+    from server.app import build_state
+    from server.config import ServerConfig
+
+    state = build_state(ServerConfig(model=str(ckpt["base"]), profiles=[str(ckpt["code"]), str(prose)],
+                                     reverify_interval=0.2))
+    reg = state.registry
+    reg.start_verification(state.config.reverify_interval)
+    deadline = time.monotonic() + 30
+    while reg.verifying() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reg.profiles["prose"].state == "verified"
+    with open(prose / "model.safetensors", "r+b") as f:  # one flipped bit in the data
+        f.seek(-100, 2)
+        b = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([b[0] ^ 1]))
+    while reg.profiles["prose"].state != "failed" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reg.profiles["prose"].state == "failed" and "sha256" in " ".join(reg.profiles["prose"].problems)
+    assert reg.profiles["code"].state == "verified"
