@@ -106,7 +106,8 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
 
 
 def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str,
-                quantize: str | None = None, compile: bool = False, mxfp4_cache_bytes: int = 0) -> Model:
+                quantize: str | None = None, compile: bool = False, mxfp4_cache_bytes: int = 0,
+                failed: dict[Path, str] | None = None) -> Model:
     """The model that serves `folders`' experts (and the base's, when given).
 
     Each profile's experts come from its own shards: `add_experts_from` takes
@@ -125,7 +126,17 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
                            mxfp4_cache_bytes=mxfp4_cache_bytes)
         rest = folders
     for f in rest:
-        model.add_experts_from(f)
+        try:
+            model.add_experts_from(f)
+        except (modeling.CheckpointError, OSError) as e:
+            # a profile whose files cannot be mapped (a shard that is not safetensors, unreadable)
+            # leaves service alone, as one whose hashes differ does; the others are served
+            if failed is None:
+                raise
+            if str(f) in model.sources:  # whatever it provided before failing is served from elsewhere
+                model.withdraw(f)
+            failed[f] = f"its files cannot be mapped: {e}"
+            log.error("profile folder %s is out of service: %s", f, failed[f])
     return model
 
 
@@ -162,9 +173,10 @@ class Registry:
                 folders = sorted(s for s in pdir.iterdir() if (s / "profile.json").is_file())
         if lists and base is None:
             raise StartupError("a profile given as a list of expert ids needs a full --model")
+        unmappable: dict[Path, str] = {}
         try:
             model = build_model(base, folders, cfg.dtype, cfg.device, cfg.quantize, cfg.compile,
-                                cfg.mxfp4_cache_bytes)
+                                cfg.mxfp4_cache_bytes, unmappable)
         except StartupError:
             raise
         except (modeling.ModelNotFound, modeling.ConfigError, modeling.CheckpointError, modeling.PoolError,
@@ -176,8 +188,12 @@ class Registry:
             if not valid_name(m.name) or m.name in RESERVED:
                 raise StartupError(f"{f}: profile name {m.name!r} is not a valid name "
                                    f"({NAME_RE.pattern}, not {sorted(RESERVED)})")
-            prof = cls._make(model, m.name, "folder", m.pool(), m, f.name)
-            prof.folder, prof.state = f, "verifying"
+            if f in unmappable:
+                prof = Profile(m.name, "folder", m.pool(), None, m, f.name, state="failed", problems=[unmappable[f]])
+            else:
+                prof = cls._make(model, m.name, "folder", m.pool(), m, f.name)
+                prof.state = "verifying"
+            prof.folder = f
             profiles.append(prof)
         for name, path in lists:
             if not valid_name(name) or name in RESERVED:
@@ -405,7 +421,9 @@ class Registry:
             routed = ~self.model.layer_experts(i).shared_mask.cpu()
             tot = (p * routed).sum(1).clamp_min(1e-12)
             for j, prof in enumerate(self.profiles.values()):
-                m = prof.resolved.masks[i] if prof.resolved is not None else None
+                if prof.resolved is None:  # its files could not be mapped: no share of anything
+                    continue
+                m = prof.resolved.masks[i]
                 inside = routed if m is None else routed & m.cpu()
                 out[:, j] += (p * inside).sum(1) / tot
         return out / max(len(self.moe_layers), 1)
@@ -415,7 +433,8 @@ class Registry:
         tensors, per_layer, nbytes = [], {}, 0
         for i in self.moe_layers:
             le = self.model.layer_experts(i)
-            ids = le.ids if pool is None or pool.get(i) is None else pool[i]
+            loaded = set(le.ids)  # a profile whose files could not be mapped may name experts nobody loaded
+            ids = le.ids if pool is None or pool.get(i) is None else [e for e in pool[i] if e in loaded]
             per_layer[i] = len(ids)
             for e in ids:
                 ex = le.experts[le.slot_of(e)]

@@ -414,3 +414,26 @@ def test_reverify_interval_finds_bytes_changed_behind_the_servers_back(ckpt, tmp
         time.sleep(0.05)
     assert reg.profiles["prose"].state == "failed" and "sha256" in " ".join(reg.profiles["prose"].problems)
     assert reg.profiles["code"].state == "verified"
+
+
+# -- 10: a profile whose shard is not a safetensors file leaves service alone --------------------------
+
+def test_a_profile_with_a_bad_shard_is_out_of_service_not_the_server(ckpt, tmp_path):
+    bad = tmp_path / "prose"
+    shutil.copytree(ckpt["prose"], bad)
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors").symlink_to(bad / "profile.json")  # a file, but not safetensors
+    s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(bad),
+                "--served-model-name", MODEL], tmp_path / "badshard.log")
+    try:
+        s.wait()
+        r = _complete(s, profile="prose")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "profile_unavailable", r.text
+        assert _complete(s, profile="code").status_code == 200 and _complete(s).status_code == 200
+        state = {p["name"]: p for p in s.get("/v1/profiles").json()["data"]}
+        assert state["prose"]["state"] == "failed" and "safetensors" in " ".join(state["prose"]["problems"]), state
+        assert s.get("/health").json()["status"] == "ok"
+        for auto in range(3):  # auto never picks it
+            assert _complete(s, profile="auto", prompt="The quick brown fox").json()["profile"] != "prose"
+    finally:
+        s.stop()
