@@ -128,8 +128,7 @@ class Model:
         if files is None:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = _Reader(files, self.dtype, self.device,
-                         read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+        reader = self._reader(folder, files, cfg)
         orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
@@ -173,11 +172,7 @@ class Model:
                     continue
                 for j, orig in enumerate(src.ids):
                     if orig in wanted:
-                        slot = le.ids.index(orig)
-                        le.experts[slot], le.router_rows[slot] = src.experts[j], src.router_rows[j]
-                        if src.bias_rows:
-                            le.bias_rows[slot] = src.bias_rows[j]
-                        le.sources[slot] = alt
+                        le.take_slot(le.ids.index(orig), src, j)
                         wanted.discard(orig)
             if wanted:
                 orphans[i] = sorted(wanted)
@@ -190,9 +185,14 @@ class Model:
         cfg = self.config if source == str(self.path) else load_config(folder)
         if not cfg.experts_per_layer[layer]:
             return None
-        reader = _Reader(self.sources[source], self.dtype, self.device)
+        reader = self._reader(folder, self.sources[source], cfg)
         return read_layer_experts(folder, self.sources[source], cfg, layer, reader,
                                   original_expert_ids(folder, cfg)[layer])
+
+    def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
+        """Views of a mapped source's tensors, read with that source's own quantization."""
+        return _Reader(files, self.dtype, self.device,
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
         le = self.weights.layers[layer].experts
