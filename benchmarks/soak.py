@@ -271,6 +271,7 @@ async def run(args, url: str, pid: int | None) -> int:
         print(f"RSS: before load {rss0 / 2**20:.0f} MiB, at 20% of the run {base_rss / 2**20:.0f} MiB, after "
               f"{rss1 / 2**20:.0f} MiB (drift from 20%: {100 * (rss1 - base_rss) / base_rss:+.1f}%, from start "
               f"{100 * (rss1 - rss0) / rss0:+.1f}%); max {max(r for _, r in rss_samples) / 2**20:.0f} MiB")
+        print("RSS samples (s: MiB): " + " ".join(f"{t:.0f}:{r / 2**20:.0f}" for t, r in rss_samples))
     bad = soak.counts.get("errors", 0) or soak.mismatches or same_after != len(soak.idle)
     return 1 if bad else 0
 
