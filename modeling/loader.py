@@ -371,13 +371,3 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if mxfp4_cache_bytes > 0:
         model.transformer.mxfp4_cache = DequantCache(mxfp4_cache_bytes)
     return model
-
-
-def default_threads() -> int:
-    """Use the CPUs this process may use (affinity and cgroup quota, see
-    `modeling.threads`) unless OMP_NUM_THREADS says otherwise; returns the count."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        from .threads import cpu_budget
-
-        torch.set_num_threads(cpu_budget().threads)
-    return torch.get_num_threads()

@@ -474,18 +474,17 @@ class Registry:
                 entry["base"] = p.manifest.base
             data.append(entry)
         union_tensors, _, union_bytes = self._expert_tensors(
-            None if not self.profiles else self._union_pool())
+            None if not self.profiles else self.union_pool())
         return {"object": "list", "base": self.base_name, "non_expert_bytes": non_expert,
                 "profiles_union_expert_bytes": union_bytes,
                 "loaded_expert_bytes": self._expert_tensors(None)[2], "data": data}
 
     def union_pool(self) -> dict[int, list[int]]:
-        """Every expert some hosted profile routes to, per layer."""
-        return self._union_pool()
-
-    def _union_pool(self) -> dict[int, list[int]]:
+        """Every expert some hosted profile in service routes to, per layer."""
         union: dict[int, set[int]] = {}
         for p in self.profiles.values():
+            if p.state == "failed":
+                continue
             for i in self.moe_layers:
                 ids = self.model.expert_ids(i) if p.pool is None or p.pool.get(i) is None else p.pool[i]
                 union.setdefault(i, set()).update(ids)
