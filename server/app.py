@@ -9,6 +9,7 @@ not reuse it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from contextlib import asynccontextmanager
@@ -54,7 +55,7 @@ def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     state = AppState(config, registry, engine, [k.encode() for k in config.api_keys])
     if t0 is not None:
         state.started = t0
-    if config.file_leases:
+    if config.file_leases and threading.current_thread() is threading.main_thread():
         state.leases = FileLeases(registry, engine).take()
     return state
 

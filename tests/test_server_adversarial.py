@@ -42,7 +42,7 @@ def _engine_state(ckpt, **config):
     from server.config import ServerConfig
 
     return build_state(ServerConfig(model=str(ckpt["base"]), profiles=[str(ckpt["code"]), str(ckpt["prose"])],
-                                    **config))
+                                    file_leases=False, **config))
 
 
 def _stall(engine, seconds: float) -> None:
@@ -398,7 +398,7 @@ def test_reverify_interval_finds_bytes_changed_behind_the_servers_back(ckpt, tmp
     from server.config import ServerConfig
 
     state = build_state(ServerConfig(model=str(ckpt["base"]), profiles=[str(ckpt["code"]), str(prose)],
-                                     reverify_interval=0.2))
+                                     reverify_interval=0.2, file_leases=False))
     reg = state.registry
     reg.start_verification(state.config.reverify_interval)
     deadline = time.monotonic() + 30

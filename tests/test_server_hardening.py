@@ -332,7 +332,7 @@ class InProcessServer:
         from server.app import build_state, create_app
         from server.config import ServerConfig
 
-        self.state = build_state(ServerConfig(**config))
+        self.state = build_state(ServerConfig(file_leases=False, **config))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
