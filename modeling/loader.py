@@ -17,8 +17,9 @@ from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import base_identity
 from .safetensors_io import CheckpointFiles
-from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .decoding import DecodeState
+from .sampling import SamplingParams, logprobs_of, sample_next
+from .tokenizer import Tokenizer
 from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
@@ -293,10 +294,17 @@ class Model:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a sequence (unless `ignore_eos`): the config's and the tokenizer's."""
+        return set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
+
     @torch.inference_mode()
     def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                  pool: Pool | ResolvedPool | None = None) -> Generation:
-        """Generate for one prompt (a simple loop; the server batches its own)."""
+        """Generate for one prompt, synchronously. What happens to each sampled token
+        (stop ids, min_tokens, stop strings, detokenization) is the server engine's
+        own `DecodeState`; the engine adds batching across sequences."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -305,34 +313,21 @@ class Model:
         max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
         cache = self.new_cache(1, max_len)
         rpool = self.resolve_pool(pool)
-        gen = params.make_generator()
-        stops = StopChecker(params.stop)
-        eos = set() if params.ignore_eos else set(self.config.eos_token_ids) | set(
-            self.tokenizer.eos_token_ids if self.tokenizer else [])
-        stop_ids = set(params.stop_token_ids) | eos
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        out: list[int] = []
+        dec = DecodeState(params, self.tokenizer, self.eos_ids)
         lps: list[float] = []
         batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
         finish = "length"
-        while len(out) < params.max_tokens and cache.lengths[0] < max_len:
+        while params.max_tokens > 0 and cache.lengths[0] < max_len:
             logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [gen], [out], [ids], [stop_ids])[0]
+            tok = sample_next(logits, [params], [dec.generator], [dec.output], [ids], [dec.stop_ids])[0]
             lps.append(float(logprobs_of(logits[0])[tok]))
-            if tok in stop_ids:
-                finish = "stop"
+            _, _, reason = dec.accept(tok)
+            if reason is not None:
+                finish = reason
                 break
-            out.append(tok)
-            if detok is not None:  # incremental: the whole output is never decoded again
-                _, hit = stops.feed(detok.add([tok]))
-                if hit:
-                    finish = "stop"
-                    break
             batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        if detok is not None and not stops.stopped:
-            stops.feed(detok.flush())
-        text = stops.text if detok is not None else ""
-        return Generation(out, text, finish, lps)
+        _, finish = dec.finish(finish)
+        return Generation(dec.output, dec.text if self.tokenizer is not None else "", finish, lps)
 
 
 QUANTIZE_CHOICES = (None, "int8")

@@ -44,9 +44,9 @@ from typing import Callable
 
 import torch
 
-from modeling import Batch, Model, ResolvedPool, SamplingParams, StopChecker
+from modeling import Batch, Model, ResolvedPool, SamplingParams
+from modeling.decoding import DecodeState
 from modeling.sampling import sample_next
-from modeling.tokenizer import IncrementalDetokenizer
 
 from . import metrics as M
 
@@ -93,10 +93,7 @@ class Sequence:
     pool: ResolvedPool | None = None
     slot: int = -1
     output: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    stops: StopChecker | None = None
-    detok: IncrementalDetokenizer | None = None
-    stop_ids: set[int] = field(default_factory=set)
+    decode: DecodeState | None = None  # stop ids, stop strings, detokenization (set up on admission)
     prefilled: bool = False
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
     prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
@@ -157,8 +154,7 @@ class Engine:
         # held over each step and its side work: `wait_for_step` returns once the step in flight,
         # scheduled perhaps with pools that are no longer sound, has ended
         self.step_lock = threading.Lock()
-        tok = model.tokenizer
-        self.eos_ids = set(model.config.eos_token_ids) | set(tok.eos_token_ids if tok else [])
+        self.eos_ids = model.eos_ids
         self.thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
 
     # -- asyncio side ----------------------------------------------------------------
@@ -424,10 +420,8 @@ class Engine:
 
     def _setup(self, s: Sequence) -> None:
         s.pool = self.registry.get(s.profile).resolved
-        s.generator = s.params.make_generator()
-        s.stops = StopChecker(s.params.stop)
-        s.detok = IncrementalDetokenizer(self.model.tokenizer) if self.model.tokenizer is not None else None
-        s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
+        s.decode = DecodeState(s.params, self.model.tokenizer, self.eos_ids)
+        s.output = s.decode.output  # one list: what sampling's penalties read is what the state appends to
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))
 
@@ -510,8 +504,8 @@ class Engine:
         def run(ix: list[int]) -> list[int]:
             seqs = [plan.seqs[i] for i in ix]
             return sample_next(torch.stack([rows[i][-1] for i in ix]), [s.params for s in seqs],
-                               [s.generator for s in seqs], [s.output for s in seqs], [s.prompt_ids for s in seqs],
-                               [s.stop_ids for s in seqs])
+                               [s.decode.generator for s in seqs], [s.output for s in seqs],
+                               [s.prompt_ids for s in seqs], [s.decode.stop_ids for s in seqs])
         if not idx:
             return {}
         try:
@@ -584,20 +578,14 @@ class Engine:
         info = TokenInfo(tok, None, None)
         if lp is not None:
             info.logprob, info.top = lp
-        if tok in s.stop_ids and len(s.output) >= s.params.min_tokens:  # as vLLM: no stop before min_tokens
-            self._finish(s, ev, "stop")
-            return
-        s.output.append(tok)
-        ev.tokens.append(info)
-        M.GENERATED_TOKENS.inc()
-        if s.detok is not None:
-            delta, hit = s.stops.feed(s.detok.add([tok]))
-            ev.text = delta
-            if hit:
-                self._finish(s, ev, "stop")
-                return
-        if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
-            self._finish(s, ev, "length")
+        kept, ev.text, reason = s.decode.accept(tok)
+        if kept:
+            ev.tokens.append(info)
+            M.GENERATED_TOKENS.inc()
+        if reason is None and self.cache.lengths[s.slot] >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(s, ev, reason)
             return
         self._emit(s, ev)
 
@@ -632,16 +620,9 @@ class Engine:
         return {"layers": layers, "profile_affinity": s.prompt_affinity or {}}
 
     def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
-        if s.stops is not None and not s.stops.stopped:
-            if s.detok is not None:
-                tail = s.detok.flush()
-                if tail:
-                    d, hit = s.stops.feed(tail)
-                    ev.text += d
-                    if hit:
-                        reason = "stop"
-            if not s.stops.stopped:
-                ev.text += s.stops.flush()
+        if s.decode is not None:
+            tail, reason = s.decode.finish(reason)
+            ev.text += tail
         ev.finish_reason = reason
         self._release(s)
         self._emit(s, ev)
