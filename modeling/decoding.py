@@ -22,7 +22,8 @@ class DecodeState:
         self.generator: torch.Generator | None = params.make_generator()
         self.stop_ids: set[int] = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.stops = StopChecker(params.stop)
-        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None
+                      else None)
 
     def accept(self, tok: int) -> tuple[bool, str, str | None]:
         """Feed one sampled token: (whether it is part of the output, the text

@@ -41,6 +41,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often a token was generated
     repetition_penalty: float = 1.0  # vLLM/CTRL: logits of prompt and output tokens divided (>0) or multiplied (<0)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    skip_special_tokens: bool = True  # (vLLM) leave special tokens out of the output text
 
     def __post_init__(self) -> None:
         def finite(name: str) -> float:

@@ -437,3 +437,16 @@ def test_a_profile_with_a_bad_shard_is_out_of_service_not_the_server(ckpt, tmp_p
             assert _complete(s, profile="auto", prompt="The quick brown fox").json()["profile"] != "prose"
     finally:
         s.stop()
+
+
+def test_special_tokens_can_be_kept(srv):
+    """Special-token text in a prompt becomes the control token (as in vLLM); the
+    text drops special tokens unless `skip_special_tokens` is false."""
+    ids = srv.post("/tokenize", {"prompt": "hi<|pad|>"}).json()["tokens"]
+    assert 1 in ids  # <|pad|>
+    assert srv.post("/detokenize", {"tokens": ids}).json()["prompt"] == "hi"
+    assert srv.post("/detokenize", {"tokens": ids, "skip_special_tokens": False}).json()["prompt"] == "hi<|pad|>"
+    body = {"logit_bias": {"1": 100}, "max_tokens": 2, "temperature": 0}
+    assert _complete(srv, **body).json()["choices"][0]["text"] == ""
+    kept = _complete(srv, **body, skip_special_tokens=False).json()
+    assert kept["choices"][0]["text"] == "<|pad|><|pad|>", kept

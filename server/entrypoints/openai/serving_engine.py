@@ -232,6 +232,7 @@ def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg
             frequency_penalty=float(req.frequency_penalty or 0.0),
             repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
             logit_bias=bias,
+            skip_special_tokens=req.skip_special_tokens,
         )
     except ValueError as e:  # the schema should have caught it: still the client's value
         raise bad_request(str(e)) from None

@@ -64,7 +64,7 @@ async def detokenize(request: Request) -> DetokenizeResponse:
     if bad is not None:
         raise bad_request(f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens",
                           "invalid_token_id")
-    return DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, req.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, req.tokens, req.skip_special_tokens))
 
 
 def tokenizer_info(state: AppState) -> TokenizerInfoResponse:
