@@ -450,3 +450,29 @@ def test_special_tokens_can_be_kept(srv):
     assert _complete(srv, **body).json()["choices"][0]["text"] == ""
     kept = _complete(srv, **body, skip_special_tokens=False).json()
     assert kept["choices"][0]["text"] == "<|pad|><|pad|>", kept
+
+
+def test_truncating_the_models_own_file_stops_serving_not_the_process(ckpt, tmp_path):
+    base = tmp_path / "tiny-emo"
+    shutil.copytree(ckpt["base"], base)
+    s = Server(["--model", str(base), "--profile", str(ckpt["code"]), "--served-model-name", MODEL],
+               tmp_path / "lease-base.log")
+    try:
+        s.wait()
+        assert _greedy_text(s, "code").status_code == 200
+        shard = base / "model.safetensors"
+        cmd = ["truncate", "-s", str(shard.stat().st_size // 2), str(shard)]
+        for _ in range(40):
+            if subprocess.run(cmd, timeout=60, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError("truncate never got to write the file")
+        for p in ("code", "full"):
+            r = _greedy_text(s, p)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        h = s.get("/health")
+        assert h.status_code == 503 and "truncated or written" in h.json()["status"]
+        assert s.proc.poll() is None
+    finally:
+        s.stop()
