@@ -98,6 +98,8 @@ class Sequence:
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
     prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
     probed: bool = False  # the auto / return_routing probe ran (or was not needed)
+    nll: dict[str, float] | None = None  # auto by perplexity: the profiles scored so far
+    nll_left: list[str] = field(default_factory=list)  # ... and those still to score, one per probe unit
 
     @property
     def needs_probe(self) -> bool:
@@ -256,20 +258,39 @@ class Engine:
                 log.exception("the probe of a sequence failed")
                 self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
                 return self._probe_cost(s)
-            with self.cv:  # probed: first in line for a slot
-                self.waiting.appendleft(s)
+            with self.cv:
+                if s.probed:  # first in line for a slot
+                    self.waiting.appendleft(s)
+                else:  # more forwards to go (perplexity rule): back in the probe queue
+                    self.probing.append(s)
                 self.cv.notify_all()
             return self._probe_cost(s)
         return run
 
     def _probe_cost(self, s: Sequence) -> int:
-        forwards = len(self.registry.names()) if s.profile == "auto" and self.registry.auto_rule == "perplexity" else 1
-        return len(s.prompt_ids) * max(1, forwards)
+        return len(s.prompt_ids)  # every unit of a probe is one forward over the prompt
 
     def _probe(self, s: Sequence) -> None:
-        """Which profile `auto` serves the sequence with, and the prompt's profile
-        affinity for `return_routing`: one forward of the full model's router over
-        the prompt serves both (the perplexity rule adds one per profile)."""
+        """One unit of the sequence's probe: which profile `auto` serves it with, and
+        the prompt's profile affinity for `return_routing`. One forward of the full
+        model's router serves both; the perplexity rule scores one profile per unit
+        (one forward each), so a step never runs more than one of them."""
+        reg = self.registry
+        if s.profile == "auto" and reg.auto_rule == "perplexity":
+            if s.nll is None:
+                s.nll = {}
+                s.nll_left = [p.name for p in reg.perplexity_candidates(s.prompt_ids)]
+            if s.nll_left:
+                name = s.nll_left.pop(0)
+                if reg.profiles[name].state != "failed":  # out of service since: never scored, never chosen
+                    s.nll[name] = reg.prompt_nll(s.prompt_ids, reg.profiles[name])
+                if s.nll_left:
+                    return
+                sound = {n: v for n, v in s.nll.items() if reg.profiles[n].state != "failed"}
+                s.profile = min(sound, key=sound.get) if sound else "full"
+                if not s.return_routing:
+                    s.probed = True
+                return
         probs = None
         if s.return_routing or (s.profile == "auto" and self.registry.auto_rule == "affinity"):
             probs = self.registry.full_router_probs(s.prompt_ids)

@@ -388,11 +388,7 @@ class Registry:
         if rule == "perplexity":
             if not sound or len(token_ids) < 2:
                 return self.choose_auto(token_ids, "affinity", router_probs)
-            ids = torch.tensor(token_ids)
-            nll = {}
-            for p in sound:
-                lp = torch.log_softmax(self.model.logits(ids, pool=p.resolved)[:-1].float(), -1)
-                nll[p.name] = -float(lp.gather(1, ids[1:, None]).mean())
+            nll = {p.name: self.prompt_nll(token_ids, p) for p in sound}
             return min(nll, key=nll.get)
         if rule != "centroid":
             raise ValueError(f"unknown auto rule {rule!r} (one of {', '.join(AUTO_RULES)})")
@@ -404,6 +400,17 @@ class Registry:
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))
         return best.name
+
+    def perplexity_candidates(self, token_ids: list[int]) -> list[Profile]:
+        """The profiles the perplexity rule scores for this prompt (none: it falls
+        back to affinity, as for a one-token prompt)."""
+        return [p for p in self.profiles.values() if p.state != "failed"] if len(token_ids) >= 2 else []
+
+    def prompt_nll(self, token_ids: list[int], p: Profile) -> float:
+        """Mean negative log-likelihood of the prompt under profile `p` (one forward)."""
+        ids = torch.tensor(token_ids)
+        lp = torch.log_softmax(self.model.logits(ids, pool=p.resolved)[:-1].float(), -1)
+        return -float(lp.gather(1, ids[1:, None]).mean())
 
     def full_router_probs(self, token_ids: list[int]) -> list[torch.Tensor | None]:
         """The routing softmax of profile `full` (every expert a sound source holds)."""

@@ -136,6 +136,8 @@ def test_auto_probes_ride_between_steps(ckpt):
     finally:
         eng.stop()
     assert all(s.profile in ("code", "prose") for s in autos)
+    # scored one profile per step, the choice is the rule's own
+    assert autos[0].profile == state.registry.choose_auto(autos[0].prompt_ids, "perplexity")
     assert probed_at_token[0] <= 2, probed_at_token  # before: 8 (every probe ran before the first step)
 
 
