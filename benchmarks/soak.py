@@ -12,6 +12,8 @@ given) with --server-args. Each client loops until the deadline, picking:
   answer the idle server gave before the load started;
 - sampled: a stream with random temperature/top_p/top_k/penalties and profile;
 - chat: a chat completion;
+- routing: POST /v1/routing over a prompt (any profile, auto included);
+- return_routing: a greedy completion that asks for its routing summary;
 - cancel: a stream dropped after its first events, or a request whose client
   gives up after a random short timeout (its work must be cancelled, not leak).
 
@@ -69,9 +71,10 @@ class Soak:
     def __init__(self, url: str, model: str, profiles: list[str], max_tokens: int, seed: int):
         self.url, self.model, self.profiles, self.max_tokens = url, model, profiles, max_tokens
         self.rng = random.Random(seed)
-        self.probes = [(p, prof) for p in PROMPTS[:8] for prof in profiles[:4]]
+        # greedy probes include auto: its choice must not depend on the load either
+        self.probes = [(p, prof) for p in PROMPTS[:8] for prof in dict.fromkeys([*profiles[:4], "auto"])]
         self.idle: dict[tuple[str, str], str] = {}
-        self.latency: dict[str, list[float]] = {k: [] for k in ("greedy", "sampled", "chat")}
+        self.latency: dict[str, list[float]] = {k: [] for k in ("greedy", "sampled", "chat", "routing")}
         self.ttft: list[float] = []
         self.counts: dict[str, int] = {}
         self.errors: list[str] = []
@@ -154,6 +157,28 @@ class Soak:
         self.tokens += r.json()["usage"]["completion_tokens"]
         self.count("chat")
 
+    async def routing(self, client: httpx.AsyncClient) -> None:
+        body = {"model": self.model, "profile": self.rng.choice(self.profiles), "prompt": self.rng.choice(PROMPTS) * 4}
+        t0 = time.monotonic()
+        r = await client.post("/v1/routing", json=body)
+        if r.status_code != 200:
+            return self.error(f"routing {r.status_code}: {r.text}")
+        self.latency["routing"].append(time.monotonic() - t0)
+        self.count("routing")
+
+    async def return_routing(self, client: httpx.AsyncClient) -> None:
+        prompt, prof = self.rng.choice(self.probes)
+        r = await client.post("/v1/completions", json={**self.greedy_body(prompt, prof), "return_routing": True})
+        if r.status_code != 200:
+            return self.error(f"return_routing {r.status_code}: {r.text}")
+        body = r.json()
+        self.tokens += body["usage"]["completion_tokens"]
+        self.count("return_routing")
+        if not body["choices"][0]["routing"]["layers"]:
+            self.error("return_routing: an empty routing summary")
+        if body["choices"][0]["text"] != self.idle[(prompt, prof)]:
+            self.mismatches.append((prompt, prof))
+
     async def give_up(self, client: httpx.AsyncClient) -> None:
         body = {**self.greedy_body(*self.rng.choice(self.probes)), "max_tokens": self.max_tokens * 3}
         try:
@@ -171,12 +196,16 @@ class Soak:
                         await self.sampled(client, cancel_after=self.rng.randint(1, 4))
                     elif x < cancel_share:
                         await self.give_up(client)
-                    elif x < 0.45:
+                    elif x < 0.40:
                         await self.greedy(client)
-                    elif x < 0.85:
+                    elif x < 0.70:
                         await self.sampled(client)
-                    else:
+                    elif x < 0.80:
                         await self.chat(client)
+                    elif x < 0.90:
+                        await self.routing(client)
+                    else:
+                        await self.return_routing(client)
                 except httpx.HTTPError as e:
                     self.error(f"transport: {type(e).__name__}: {e}")
 
@@ -242,6 +271,7 @@ async def run(args, url: str, pid: int | None) -> int:
         print(f"RSS: before load {rss0 / 2**20:.0f} MiB, at 20% of the run {base_rss / 2**20:.0f} MiB, after "
               f"{rss1 / 2**20:.0f} MiB (drift from 20%: {100 * (rss1 - base_rss) / base_rss:+.1f}%, from start "
               f"{100 * (rss1 - rss0) / rss0:+.1f}%); max {max(r for _, r in rss_samples) / 2**20:.0f} MiB")
+        print("RSS samples (s: MiB): " + " ".join(f"{t:.0f}:{r / 2**20:.0f}" for t, r in rss_samples))
     bad = soak.counts.get("errors", 0) or soak.mismatches or same_after != len(soak.idle)
     return 1 if bad else 0
 

@@ -136,17 +136,6 @@ def register(family: Family) -> Family:
     return family
 
 
-def supported_model_types() -> tuple[str, ...]:
-    return tuple(FAMILIES)
-
-
-def family_of(model_type: str) -> Family:
-    try:
-        return FAMILIES[model_type]
-    except KeyError:
-        raise KeyError(model_type) from None
-
-
 register(Family("emo", EMO_NAMES, "EmoForCausalLM", stock_profile_config=False,
                 defaults={"rms_norm_eps": 1e-6}))
 register(Family("olmoe", OLMOE_NAMES, "OlmoeForCausalLM", qk_norm="proj", clip_qkv=True, gguf_arch="olmoe",

@@ -17,8 +17,9 @@ from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import ProfileManifest, base_identity
 from .safetensors_io import CheckpointFiles
-from .sampling import SamplingParams, StopChecker, logprobs_of, sample_next
-from .tokenizer import IncrementalDetokenizer, Tokenizer
+from .decoding import DecodeState
+from .sampling import SamplingParams, logprobs_of, sample_next
+from .tokenizer import Tokenizer
 from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
@@ -31,6 +32,12 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class ModelNotFound(FileNotFoundError):
     pass
+
+
+class ModelUnusable(RuntimeError):
+    """The files every forward reads are gone or changing (`Model.unusable`)."""
+
+
 
 
 def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
@@ -74,6 +81,8 @@ class Model:
         self.weights = read_weights(path, files, config, dtype, device)
         self.sources: dict[str, CheckpointFiles] = {str(path): files}
         self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
+        # Set (under `lock`) when the model's own files can no longer be read: every forward refuses
+        self.unusable: str | None = None
         # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
         # thread) never interleave: a pass sees the slots all before or all after.
         self.lock = threading.RLock()
@@ -85,6 +94,11 @@ class Model:
                           if (path / "tokenizer.json").is_file() else None)
         self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
+
+    def mark_unusable(self, reason: str) -> None:
+        """No forward runs after this returns (it waits for the one in flight)."""
+        with self.lock:
+            self.unusable = reason
 
     def _note_mappings(self, files: CheckpointFiles) -> None:
         self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
@@ -122,8 +136,7 @@ class Model:
         if files is None:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = _Reader(files, self.dtype, self.device,
-                         read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+        reader = self._reader(folder, files, cfg)
         orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
@@ -167,11 +180,7 @@ class Model:
                     continue
                 for j, orig in enumerate(src.ids):
                     if orig in wanted:
-                        slot = le.ids.index(orig)
-                        le.experts[slot], le.router_rows[slot] = src.experts[j], src.router_rows[j]
-                        if src.bias_rows:
-                            le.bias_rows[slot] = src.bias_rows[j]
-                        le.sources[slot] = alt
+                        le.take_slot(le.ids.index(orig), src, j)
                         wanted.discard(orig)
             if wanted:
                 orphans[i] = sorted(wanted)
@@ -184,9 +193,14 @@ class Model:
         cfg = self.config if source == str(self.path) else load_config(folder)
         if not cfg.experts_per_layer[layer]:
             return None
-        reader = _Reader(self.sources[source], self.dtype, self.device)
+        reader = self._reader(folder, self.sources[source], cfg)
         return read_layer_experts(folder, self.sources[source], cfg, layer, reader,
                                   original_expert_ids(folder, cfg)[layer])
+
+    def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
+        """Views of a mapped source's tensors, read with that source's own quantization."""
+        return _Reader(files, self.dtype, self.device,
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
         le = self.weights.layers[layer].experts
@@ -254,6 +268,8 @@ class Model:
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
                 collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
         with self.lock:
+            if self.unusable is not None:
+                raise ModelUnusable(f"the model's weights cannot be read: {self.unusable}")
             return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
 
     def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
@@ -288,10 +304,17 @@ class Model:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a sequence (unless `ignore_eos`): the config's and the tokenizer's."""
+        return set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
+
     @torch.inference_mode()
     def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                  pool: Pool | ResolvedPool | None = None) -> Generation:
-        """Generate for one prompt (a simple loop; the server batches its own)."""
+        """Generate for one prompt, synchronously. What happens to each sampled token
+        (stop ids, min_tokens, stop strings, detokenization) is the server engine's
+        own `DecodeState`; the engine adds batching across sequences."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -300,34 +323,21 @@ class Model:
         max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
         cache = self.new_cache(1, max_len)
         rpool = self.resolve_pool(pool)
-        gen = params.make_generator()
-        stops = StopChecker(params.stop)
-        eos = set() if params.ignore_eos else set(self.config.eos_token_ids) | set(
-            self.tokenizer.eos_token_ids if self.tokenizer else [])
-        stop_ids = set(params.stop_token_ids) | eos
-        detok = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        out: list[int] = []
+        dec = DecodeState(params, self.tokenizer, self.eos_ids)
         lps: list[float] = []
         batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
         finish = "length"
-        while len(out) < params.max_tokens and cache.lengths[0] < max_len:
+        while params.max_tokens > 0 and cache.lengths[0] < max_len:
             logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [gen], [out], [ids], [stop_ids])[0]
+            tok = sample_next(logits, [params], [dec.generator], [dec.output], [ids], [dec.stop_ids])[0]
             lps.append(float(logprobs_of(logits[0])[tok]))
-            if tok in stop_ids:
-                finish = "stop"
+            _, _, reason = dec.accept(tok)
+            if reason is not None:
+                finish = reason
                 break
-            out.append(tok)
-            if detok is not None:  # incremental: the whole output is never decoded again
-                _, hit = stops.feed(detok.add([tok]))
-                if hit:
-                    finish = "stop"
-                    break
             batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        if detok is not None and not stops.stopped:
-            stops.feed(detok.flush())
-        text = stops.text if detok is not None else ""
-        return Generation(out, text, finish, lps)
+        _, finish = dec.finish(finish)
+        return Generation(dec.output, dec.text if self.tokenizer is not None else "", finish, lps)
 
 
 QUANTIZE_CHOICES = (None, "int8")
@@ -366,13 +376,3 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
     if mxfp4_cache_bytes > 0:
         model.transformer.mxfp4_cache = DequantCache(mxfp4_cache_bytes)
     return model
-
-
-def default_threads() -> int:
-    """Use the CPUs this process may use (affinity and cgroup quota, see
-    `modeling.threads`) unless OMP_NUM_THREADS says otherwise; returns the count."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        from .threads import cpu_budget
-
-        torch.set_num_threads(cpu_budget().threads)
-    return torch.get_num_threads()

@@ -164,6 +164,11 @@ class MappedSafetensors:
             if length > 0:
                 self._mm.madvise(mmap.MADV_DONTNEED, start, length)
 
+    def fileno(self) -> int:
+        """The descriptor the mapping was made from (open while the file is served:
+        a read lease on it is how a server learns that someone writes the file)."""
+        return self._fh.fileno()
+
     def close(self) -> None:
         # Views handed out keep the mapping alive (torch holds the buffer), so
         # only the file handle is closed here.

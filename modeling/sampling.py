@@ -158,7 +158,7 @@ def process_logits(logits: Tensor, params: list[SamplingParams], outputs: list[l
             logits[r].index_add_(0, ids, vals)
         if p.min_tokens and stop_ids is not None and outputs is not None and len(outputs[r]) < p.min_tokens:
             banned = [t for t in stop_ids[r] if 0 <= t < V]
-            if banned:
+            if banned and len(banned) < V:  # every id a stop id: nothing to ban (the engine skips the check)
                 logits[r, banned] = float("-inf")
     pen = [r for r, p in enumerate(params) if p.penalized]
     if pen and outputs is not None:

@@ -113,6 +113,22 @@ class LayerExperts:
         self.logit_bias = torch.stack(self.logit_bias_rows) if self.logit_bias_rows else None
         self.group_ids = torch.tensor(self.groups, dtype=torch.int64, device=device)
 
+    # Everything a slot reads from its source's bytes. Withdrawing a source re-points all of
+    # them at once (`take_slot`): a field left out keeps reading the withdrawn file.
+    SOURCED = ("experts", "router_rows", "bias_rows", "logit_bias_rows")
+
+    def take_slot(self, slot: int, src: "LayerExperts", j: int) -> None:
+        """Serve `slot` from slot `j` of `src` (the same original expert in another
+        mapped source): every sourced record is replaced by `src`'s objects, never
+        mutated (kernels key prepared weights on the Expert object). Call
+        `rebuild` after the last one."""
+        assert src.ids[j] == self.ids[slot]
+        for attr in self.SOURCED:
+            mine, theirs = getattr(self, attr), getattr(src, attr)
+            if mine and theirs:
+                mine[slot] = theirs[j]
+        self.sources[slot] = src.sources[j]
+
     def slot_of(self, orig_id: int) -> int | None:
         try:
             return self.ids.index(orig_id)

@@ -9,6 +9,7 @@ not reuse it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from contextlib import asynccontextmanager
@@ -30,8 +31,9 @@ from .entrypoints.openai.tokenize.api_router import router as tokenize_router
 from .entrypoints.openai.responses.api_router import router as responses_router
 from .entrypoints.openai.routing.api_router import router as routing_router
 from .errors import APIError, error_body
+from .leases import FileLeases
 from .registry import Registry, StartupError
-from .security import BodySizeLimit
+from .security import BodySizeLimit, RequireKey, printable
 from .state import AppState
 
 log = logging.getLogger("emo_serve")
@@ -54,6 +56,8 @@ def build_state(config: ServerConfig, t0: float | None = None) -> AppState:
     state = AppState(config, registry, engine, [k.encode() for k in config.api_keys])
     if t0 is not None:
         state.started = t0
+    if config.file_leases and threading.current_thread() is threading.main_thread():
+        state.leases = FileLeases(registry, engine).take()
     return state
 
 
@@ -96,17 +100,20 @@ class AccessLog:
             fields = ""
             if extra:
                 fields = " " + " ".join(f"{k}={v}" for k, v in extra.items())
-            access_log.info('%s:%s "%s %s" %s%s latency=%.3fs', client[0], client[1], scope["method"],
-                            scope["path"], status[0] or "-", fields, time.monotonic() - t0)
+            access_log.info('%s:%s "%s %s" %s%s latency=%.3fs', client[0], client[1], printable(scope["method"]),
+                            printable(scope["path"]), status[0] or "-", printable(fields), time.monotonic() - t0)
 
 
 def create_app(state: AppState) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.engine.start()
-        state.registry.start_verification()  # profiles still unchecked (without --verify): in the background
+        # profiles still unchecked (without --verify): in the background; then every --reverify-interval
+        state.registry.start_verification(state.config.reverify_interval)
         yield
         state.engine.stop()
+        if state.leases is not None:
+            state.leases.stop()
 
     app = FastAPI(title="emo-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
@@ -121,6 +128,7 @@ def create_app(state: AppState) -> FastAPI:
     # The routing page: static files, no secrets in them; its API calls carry the key.
     app.mount("/ui/", StaticFiles(directory=UI_DIR, html=True), name="ui")
     app.add_api_route("/ui", lambda: RedirectResponse("/ui/"), include_in_schema=False)
+    app.add_middleware(RequireKey, keys=state.api_keys)
     app.add_middleware(BodySizeLimit, max_bytes=state.config.max_body_bytes)
     app.add_middleware(AccessLog)
 

@@ -117,6 +117,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
                         "(default: the same check in the background after start)")
+    p.add_argument("--reverify-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="re-hash the served profile files every SECONDS in the background, at the lowest CPU "
+                        "priority (a profile whose bytes changed leaves service); catches what leases cannot see, "
+                        "such as a flipped bit on disk (default: 0, checked once after start)")
+    p.add_argument("--no-file-leases", dest="file_leases", action="store_false",
+                   help="take no read leases on the mapped files; then truncating or rewriting a served file crashes "
+                        "the server (SIGBUS) (default: leases on, where the filesystem and ownership allow)")
     p.add_argument("--mxfp4-cache", type=parse_size, default=0, metavar="SIZE",
                    help="keep up to SIZE (e.g. 6GiB, 512MB) of dequantized MXFP4 experts (gpt-oss), least recently "
                         "used out: decode stops dequantizing the experts a stream keeps choosing, at the cost of "
@@ -150,6 +157,9 @@ def check_args(args: argparse.Namespace, keys: list[str]) -> None:
     if not args.request_timeout >= 0:  # also NaN
         sys.exit(f"emo-serve: --request-timeout must be a number of seconds >= 0 (0: no limit); got "
                  f"{args.request_timeout}")
+    if not args.reverify_interval >= 0:
+        sys.exit(f"emo-serve: --reverify-interval must be a number of seconds >= 0 (0: never); got "
+                 f"{args.reverify_interval}")
     if not args.shutdown_timeout >= 0:
         sys.exit(f"emo-serve: --shutdown-timeout must be a number of seconds >= 0; got {args.shutdown_timeout}")
     if not 0 <= args.port <= 65535:
@@ -204,6 +214,10 @@ def startup_summary(state, threads: str, capped_from: int | None, url: str) -> l
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.security import PrintableFormatter
+
+    for h in logging.getLogger().handlers:  # a client's text never starts a log line of its own
+        h.setFormatter(PrintableFormatter(h.formatter._fmt if h.formatter else None))
     keys = list(args.api_key) + [k.strip() for k in os.environ.get("EMO_SERVE_API_KEYS", "").split(",") if k.strip()]
     check_args(args, keys)
     sock = bind_socket(args.host, args.port)
@@ -236,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                        max_body_bytes=args.max_body_bytes, max_n=args.max_n, max_logprobs=args.max_logprobs,
                        max_request_logprobs=args.max_request_logprobs, public_metrics=args.public_metrics,
                        shutdown_timeout=args.shutdown_timeout, verify=args.verify,
+                       reverify_interval=args.reverify_interval, file_leases=args.file_leases,
                        request_timeout=args.request_timeout, log_level=args.log_level, auto_rule=args.auto_rule,
                        auto_min_fit=args.auto_min_fit,
                        expert_metrics=args.expert_metrics, tool_call_parser=args.tool_call_parser,

@@ -32,6 +32,10 @@ class ServerConfig:
     public_metrics: bool = False  # /metrics without the API key
     shutdown_timeout: float = 5.0  # on SIGTERM: seconds running requests may finish before they are failed (503)
     verify: bool = False  # check profile hashes before serving (default: in the background after start)
+    reverify_interval: float = 0.0  # seconds between background re-hashes of the served files; 0: none
+    # read leases on the mapped files (server.leases); taken only when the state is built on the
+    # main thread (they need a SIGIO handler, which only the main thread may install)
+    file_leases: bool = True
     log_level: str = "info"
     auto_rule: str = "fit"  # how profile "auto" picks: fit, affinity, centroid or perplexity (server.registry)
     auto_min_fit: float = 0.0  # "auto" serves "full" when no profile's fit reaches this (0: never)

@@ -11,6 +11,16 @@ Every step has three parts (vLLM's split):
 - `_process_outputs`: sample (vectorized over rows), logprobs, incremental
   detokenization, stop checks, and one event per sequence.
 
+Work that runs on the model outside the packed batch (side work) is
+scheduled fairly beside it: the `auto` probe of a sequence (which profile
+its prompt leans to, and the prompt's profile affinity for `return_routing`)
+and the passes of POST /v1/routing. Each step runs at most one unit of each
+kind, in arrival order within a kind, while the step's token budget
+(`max_prefill_tokens`) lasts (the first unit always runs); the prefill
+admitted in the same step gets what is left (at least one prompt). So no
+kind starves another, running streams advance every step, and one step's
+work is bounded in tokens.
+
 A failure is contained to the sequence that caused it: a sequence that cannot
 be set up, run or processed is failed alone (the others of the batch go on),
 and a batch whose forward raises is retried one sequence at a time. If the
@@ -34,9 +44,9 @@ from typing import Callable
 
 import torch
 
-from modeling import Batch, Model, ResolvedPool, SamplingParams, StopChecker
+from modeling import Batch, Model, ResolvedPool, SamplingParams
+from modeling.decoding import DecodeState
 from modeling.sampling import sample_next
-from modeling.tokenizer import IncrementalDetokenizer
 
 from . import metrics as M
 
@@ -83,13 +93,17 @@ class Sequence:
     pool: ResolvedPool | None = None
     slot: int = -1
     output: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    stops: StopChecker | None = None
-    detok: IncrementalDetokenizer | None = None
-    stop_ids: set[int] = field(default_factory=set)
+    decode: DecodeState | None = None  # stop ids, stop strings, detokenization (set up on admission)
     prefilled: bool = False
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
     prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
+    probed: bool = False  # the auto / return_routing probe ran (or was not needed)
+    nll: dict[str, float] | None = None  # auto by perplexity: the profiles scored so far
+    nll_left: list[str] = field(default_factory=list)  # ... and those still to score, one per probe unit
+
+    @property
+    def needs_probe(self) -> bool:
+        return not self.probed and (self.profile == "auto" or self.return_routing)
 
     def cancel(self) -> None:
         self.cancelled = True  # read by the engine thread between steps
@@ -127,16 +141,22 @@ class Engine:
         self.free_slots = list(range(max_batch))[::-1]
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
-        # work that must run on the model outside a batch (POST /v1/routing): (fn, future)
-        self.tasks: collections.deque[tuple[Callable[[], object], concurrent.futures.Future]] = collections.deque()
+        # side work that runs on the model outside the packed batch (see the module docstring):
+        # POST /v1/routing passes as (fn, future, tokens), and sequences waiting for their probe
+        self.tasks: collections.deque[tuple[Callable[[], object], concurrent.futures.Future, int]] = \
+            collections.deque()
+        self.probing: collections.deque[Sequence] = collections.deque()
+        self._side_turn = 0  # which kind of side work goes first this step (round robin)
         self.expert_load = M.ExpertLoad(model, registry.moe_layers) if expert_metrics else None
         self.cv = threading.Condition()
         self.stopped = False
         self.failure: str | None = None  # why the engine thread died, once it has
         self.drain_deadline: float | None = None  # shutting down: fail what is left after this time
         self.steps = 0
-        tok = model.tokenizer
-        self.eos_ids = set(model.config.eos_token_ids) | set(tok.eos_token_ids if tok else [])
+        # held over each step and its side work: `wait_for_step` returns once the step in flight,
+        # scheduled perhaps with pools that are no longer sound, has ended
+        self.step_lock = threading.Lock()
+        self.eos_ids = model.eos_ids
         self.thread = threading.Thread(target=self._loop, name="emo-engine", daemon=True)
 
     # -- asyncio side ----------------------------------------------------------------
@@ -166,40 +186,126 @@ class Engine:
                 raise EngineStopped("the server is shutting down")
             if not self.thread.is_alive() or self.failure is not None:
                 raise EngineStopped(f"the engine is not running ({self.failure or 'thread stopped'})")
-            if len(self.waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self.waiting)} waiting, at most {self.max_queue})")
+            queued = len(self.waiting) + len(self.probing)
+            if queued + len(seqs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({queued} waiting, at most {self.max_queue})")
             self.waiting.extend(seqs)
             M.QUEUE_DEPTH.set(len(self.waiting))
             self.cv.notify_all()
 
-    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+    def call(self, fn: Callable[[], object], tokens: int = 1) -> concurrent.futures.Future:
         """Run `fn()` on the engine thread between two steps (the engine owns the
-        model); the future holds its result or exception. Counts toward the queue."""
+        model), as one unit of side work costing `tokens` of a step's budget; the
+        future holds its result or exception. Counts toward the queue."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self.cv:
             if self.stopped or self.drain_deadline is not None:
                 raise EngineStopped("the server is shutting down")
             if not self.thread.is_alive() or self.failure is not None:
                 raise EngineStopped(f"the engine is not running ({self.failure or 'thread stopped'})")
-            if len(self.waiting) + len(self.tasks) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({len(self.waiting) + len(self.tasks)} waiting, "
-                                f"at most {self.max_queue})")
-            self.tasks.append((fn, fut))
+            queued = len(self.waiting) + len(self.probing) + len(self.tasks)
+            if queued >= self.max_queue:
+                raise QueueFull(f"the queue is full ({queued} waiting, at most {self.max_queue})")
+            self.tasks.append((fn, fut, max(1, tokens)))
             self.cv.notify_all()
         return fut
 
-    def _run_tasks(self) -> None:
-        while True:
-            with self.cv:
-                if not self.tasks:
-                    return
-                fn, fut = self.tasks.popleft()
+    def _run_side_work(self) -> int:
+        """At most one unit of each kind of side work (a /v1/routing pass, an auto
+        probe), kinds in turn, while the step's token budget lasts; returns the
+        tokens spent. A cancelled routing call or an expired sequence costs nothing."""
+        budget = self.max_prefill_tokens
+        spent = 0
+        kinds = [self._next_routing_task, self._next_probe]
+        self._side_turn = (self._side_turn + 1) % len(kinds)
+        for take in kinds[self._side_turn:] + kinds[:self._side_turn]:
+            unit = take(budget - spent, first=spent == 0)
+            if unit is not None:
+                spent += unit()
+        return spent
+
+    def _next_routing_task(self, left: int, first: bool) -> Callable[[], int] | None:
+        with self.cv:
+            while self.tasks and self.tasks[0][1].cancelled():
+                self.tasks.popleft()
+            if not self.tasks or (not first and self.tasks[0][2] > left):
+                return None
+            fn, fut, tokens = self.tasks.popleft()
+
+        def run() -> int:
             if not fut.set_running_or_notify_cancel():
-                continue
+                return 0
             try:
                 fut.set_result(fn())
             except BaseException as e:  # handed to the caller, who turns it into an HTTP answer
                 fut.set_exception(e)
+            return tokens
+        return run
+
+    def _next_probe(self, left: int, first: bool) -> Callable[[], int] | None:
+        now = time.monotonic()
+        with self.cv:
+            while self.probing and self._expired(self.probing[0], now):
+                self.probing.popleft()
+            if not self.probing or (not first and self._probe_cost(self.probing[0]) > left):
+                return None
+            s = self.probing.popleft()
+
+        def run() -> int:
+            try:
+                self._probe(s)
+            except Exception as e:
+                log.exception("the probe of a sequence failed")
+                self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
+                return self._probe_cost(s)
+            with self.cv:
+                if s.probed:  # first in line for a slot
+                    self.waiting.appendleft(s)
+                else:  # more forwards to go (perplexity rule): back in the probe queue
+                    self.probing.append(s)
+                self.cv.notify_all()
+            return self._probe_cost(s)
+        return run
+
+    def _probe_cost(self, s: Sequence) -> int:
+        return len(s.prompt_ids)  # every unit of a probe is one forward over the prompt
+
+    def _probe(self, s: Sequence) -> None:
+        """One unit of the sequence's probe: which profile `auto` serves it with, and
+        the prompt's profile affinity for `return_routing`. One forward of the full
+        model's router serves both; the perplexity rule scores one profile per unit
+        (one forward each), so a step never runs more than one of them."""
+        reg = self.registry
+        if s.profile == "auto" and reg.auto_rule == "perplexity":
+            if s.nll is None:
+                s.nll = {}
+                s.nll_left = [p.name for p in reg.perplexity_candidates(s.prompt_ids)]
+            if s.nll_left:
+                name = s.nll_left.pop(0)
+                if reg.profiles[name].state != "failed":  # out of service since: never scored, never chosen
+                    s.nll[name] = reg.prompt_nll(s.prompt_ids, reg.profiles[name])
+                if s.nll_left:
+                    return
+                sound = {n: v for n, v in s.nll.items() if reg.profiles[n].state != "failed"}
+                s.profile = min(sound, key=sound.get) if sound else "full"
+                if not s.return_routing:
+                    s.probed = True
+                return
+        probs = None
+        if s.return_routing or s.profile == "auto":  # every rule but perplexity reads the full routing
+            probs = self.registry.full_router_probs(s.prompt_ids)
+        if s.profile == "auto":
+            s.profile = self.registry.choose_auto(s.prompt_ids, router_probs=probs)
+        if s.return_routing and self.registry.names():
+            shares = self.registry.affinity(probs).mean(0).tolist()
+            s.prompt_affinity = dict(zip(self.registry.names(), shares))
+        s.probed = True
+
+    def wait_for_step(self) -> None:
+        """Return once the step in flight (if any) has ended: every later step reads
+        the registry's profiles afresh (a withdrawn profile's sequences are failed)."""
+        with self.step_lock:
+            pass
 
     def wake(self) -> None:
         with self.cv:
@@ -226,16 +332,18 @@ class Engine:
                 log.exception("warm-up failed")
             while True:
                 with self.cv:
-                    while not self.stopped and not self.waiting and not self.running and not self.tasks:
+                    while (not self.stopped and not self.waiting and not self.running and not self.tasks
+                           and not self.probing):
                         self.cv.wait(timeout=1.0)
                     if self.stopped:
                         break
-                self._run_tasks()
                 if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
                     self._fail_all(503, "unavailable", "the server is shutting down")
                     continue
                 try:
-                    self._step()
+                    with self.step_lock:
+                        spent = self._run_side_work()
+                        self._step(prefill_budget=max(0, self.max_prefill_tokens - spent))
                 except Exception as e:  # a bug must not kill the loop: fail this step's sequences
                     log.exception("engine step failed")
                     for s in list(self.running):
@@ -250,11 +358,12 @@ class Engine:
 
     def _fail_all(self, status: int, etype: str, msg: str) -> None:
         with self.cv:
-            left = list(self.running) + list(self.waiting)
+            left = list(self.running) + list(self.waiting) + list(self.probing)
             self.waiting.clear()
+            self.probing.clear()
             tasks = list(self.tasks)
             self.tasks.clear()
-        for _, fut in tasks:
+        for _, fut, _ in tasks:
             if not fut.done():
                 fut.set_exception(EngineStopped(msg))
         for s in left:
@@ -288,14 +397,18 @@ class Engine:
             return True
         return False
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, budget: int) -> list[Sequence]:
+        """Waiting sequences into free slots while `budget` prompt tokens last (at
+        least one); one that still needs its probe goes to the probe queue instead."""
         now = time.monotonic()
         new: list[Sequence] = []
-        budget = self.max_prefill_tokens
         with self.cv:
             self.waiting = collections.deque(s for s in self.waiting if not self._expired(s, now))
             while self.waiting and self.free_slots:
                 nxt = self.waiting[0]
+                if nxt.needs_probe:
+                    self.probing.append(self.waiting.popleft())
+                    continue
                 if new and len(nxt.prompt_ids) > budget:
                     break
                 self.waiting.popleft()
@@ -314,23 +427,27 @@ class Engine:
                 self._fail(s, 500, "server_error", f"cannot start the sequence: {type(e).__name__}")
         return ok
 
+    def _refresh_pools(self) -> None:
+        """Each running sequence's pool as the registry has it now: a profile taken
+        out of service (its files failed verification or are being changed) fails
+        its sequences; `full` loses the experts no sound source holds any more."""
+        for s in list(self.running):
+            p = self.registry.get(s.profile)
+            if self.registry.unavailable is not None or p.state == "failed":
+                self._fail(s, 503, "profile_unavailable", f"profile {s.profile!r} went out of service while "
+                           f"serving this request ({'; '.join(p.problems[:2]) or self.registry.unavailable})")
+            else:
+                s.pool = p.resolved
+
     def _setup(self, s: Sequence) -> None:
-        if s.profile == "auto":
-            s.profile = self.registry.choose_auto(s.prompt_ids)
-        if s.return_routing:
-            shares = self.registry.affinity(self.model.router_probs(s.prompt_ids)).mean(0).tolist()
-            s.prompt_affinity = dict(zip(self.registry.names(), shares))
         s.pool = self.registry.get(s.profile).resolved
-        s.generator = s.params.make_generator()
-        s.stops = StopChecker(s.params.stop)
-        s.detok = (IncrementalDetokenizer(self.model.tokenizer, s.params.skip_special_tokens)
-                   if self.model.tokenizer is not None else None)
-        s.stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_ids)
+        s.decode = DecodeState(s.params, self.model.tokenizer, self.eos_ids)
+        s.output = s.decode.output  # one list: what sampling's penalties read is what the state appends to
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))
 
-    def _step(self) -> None:
-        plan = self._schedule()
+    def _step(self, prefill_budget: int | None = None) -> None:
+        plan = self._schedule(self.max_prefill_tokens if prefill_budget is None else prefill_budget)
         if plan is None:
             return
         logits = self._execute(plan)
@@ -338,11 +455,12 @@ class Engine:
         self._process_outputs(plan, logits)
 
     # -- schedule ------------------------------------------------------------------------
-    def _schedule(self) -> StepPlan | None:
+    def _schedule(self, prefill_budget: int) -> StepPlan | None:
         now = time.monotonic()
         for s in [s for s in self.running if self._expired(s, now)]:
             self._release(s)
-        self._admit()
+        self._admit(prefill_budget)
+        self._refresh_pools()
         M.RUNNING.set(len(self.running))
         seqs = list(self.running)
         if not seqs:
@@ -407,8 +525,8 @@ class Engine:
         def run(ix: list[int]) -> list[int]:
             seqs = [plan.seqs[i] for i in ix]
             return sample_next(torch.stack([rows[i][-1] for i in ix]), [s.params for s in seqs],
-                               [s.generator for s in seqs], [s.output for s in seqs], [s.prompt_ids for s in seqs],
-                               [s.stop_ids for s in seqs])
+                               [s.decode.generator for s in seqs], [s.output for s in seqs],
+                               [s.prompt_ids for s in seqs], [s.decode.stop_ids for s in seqs])
         if not idx:
             return {}
         try:
@@ -424,7 +542,7 @@ class Engine:
         return out
 
     def _process_outputs(self, plan: StepPlan, rows: dict[int, torch.Tensor]) -> None:
-        live = [i for i in rows if plan.seqs[i].slot >= 0]
+        live = self._finite(plan, [i for i in rows if plan.seqs[i].slot >= 0], rows)
         picked = self._sample(plan, rows, [i for i in live if plan.seqs[i].params.max_tokens > len(plan.seqs[i].output)])
         # logprobs of the generated tokens, one log_softmax and one top-k for every row that asked
         want = [i for i in picked if plan.seqs[i].logprobs is not None]
@@ -452,6 +570,22 @@ class Engine:
         if n_new_prompt:
             M.PROMPT_TOKENS.inc(n_new_prompt)
 
+    def _finite(self, plan: StepPlan, live: list[int], rows: dict[int, torch.Tensor]) -> list[int]:
+        """The sequences of `live` whose logits are all finite. A NaN or an infinity
+        is never sampled (NaN logits used to come out as token 0, end of text: an
+        empty 200): the sequence fails with `numerical_error`, naming its profile,
+        whose bytes are the likely cause (a corrupted expert)."""
+        if not live:
+            return live
+        ok = torch.stack([torch.isfinite(rows[i]).all() for i in live]).tolist()
+        for i, good in zip(live, ok):
+            if not good:
+                s = plan.seqs[i]
+                log.error("non-finite logits in a sequence served by profile %r: its weights may be corrupt", s.profile)
+                self._fail(s, 500, "numerical_error", f"the model produced non-finite logits (NaN or infinity) for "
+                           f"this sequence under profile {s.profile!r}; its weights may be corrupt")
+        return [i for i, good in zip(live, ok) if good]
+
     def _process_one(self, s: Sequence, rows: torch.Tensor, tok: int | None,
                      lp: tuple[float, list[tuple[int, float]] | None] | None) -> None:
         ev = SeqEvent()
@@ -465,25 +599,14 @@ class Engine:
         info = TokenInfo(tok, None, None)
         if lp is not None:
             info.logprob, info.top = lp
-        if tok in s.stop_ids:
-            self._finish(s, ev, "stop")
-            return
-        s.output.append(tok)
-        ev.tokens.append(info)
-        M.GENERATED_TOKENS.inc()
-        grammar = s.params.constraint  # structured output: the grammar advances, and may be complete
-        grammar_done = grammar is not None and (not grammar.accept(tok) or grammar.done)
-        if s.detok is not None:
-            delta, hit = s.stops.feed(s.detok.add([tok]))
-            ev.text = delta
-            if hit:
-                self._finish(s, ev, "stop")
-                return
-        if grammar_done:
-            self._finish(s, ev, "stop")
-            return
-        if len(s.output) >= s.params.max_tokens or self.cache.lengths[s.slot] >= self.max_model_len:
-            self._finish(s, ev, "length")
+        kept, ev.text, reason = s.decode.accept(tok)
+        if kept:
+            ev.tokens.append(info)
+            M.GENERATED_TOKENS.inc()
+        if reason is None and self.cache.lengths[s.slot] >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(s, ev, reason)
             return
         self._emit(s, ev)
 
@@ -518,16 +641,9 @@ class Engine:
         return {"layers": layers, "profile_affinity": s.prompt_affinity or {}}
 
     def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
-        if s.stops is not None and not s.stops.stopped:
-            if s.detok is not None:
-                tail = s.detok.flush()
-                if tail:
-                    d, hit = s.stops.feed(tail)
-                    ev.text += d
-                    if hit:
-                        reason = "stop"
-            if not s.stops.stopped:
-                ev.text += s.stops.flush()
+        if s.decode is not None:
+            tail, reason = s.decode.finish(reason)
+            ev.text += tail
         ev.finish_reason = reason
         self._release(s)
         self._emit(s, ev)

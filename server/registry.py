@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def _profile_folders(cfg: ServerConfig) -> tuple[list[Path], list[tuple[str, Pat
 
 
 def build_model(base: str | Path | None, folders: list[Path], dtype: str | None, device: str,
-                quantize: str | None = None, compile: bool = False, mxfp4_cache_bytes: int = 0) -> Model:
+                quantize: str | None = None, compile: bool = False, mxfp4_cache_bytes: int = 0,
+                failed: dict[Path, str] | None = None) -> Model:
     """The model that serves `folders`' experts (and the base's, when given).
 
     Each profile's experts come from its own shards: `add_experts_from` takes
@@ -124,7 +126,17 @@ def build_model(base: str | Path | None, folders: list[Path], dtype: str | None,
                            mxfp4_cache_bytes=mxfp4_cache_bytes)
         rest = folders
     for f in rest:
-        model.add_experts_from(f)
+        try:
+            model.add_experts_from(f)
+        except (modeling.CheckpointError, OSError) as e:
+            # a profile whose files cannot be mapped (a shard that is not safetensors, unreadable)
+            # leaves service alone, as one whose hashes differ does; the others are served
+            if failed is None:
+                raise
+            if str(f) in model.sources:  # whatever it provided before failing is served from elsewhere
+                model.withdraw(f)
+            failed[f] = f"its files cannot be mapped: {e}"
+            log.error("profile folder %s is out of service: %s", f, failed[f])
     return model
 
 
@@ -165,9 +177,10 @@ class Registry:
                 folders = sorted(s for s in pdir.iterdir() if (s / "profile.json").is_file())
         if lists and base is None:
             raise StartupError("a profile given as a list of expert ids needs a full --model")
+        unmappable: dict[Path, str] = {}
         try:
             model = build_model(base, folders, cfg.dtype, cfg.device, cfg.quantize, cfg.compile,
-                                cfg.mxfp4_cache_bytes)
+                                cfg.mxfp4_cache_bytes, unmappable)
         except StartupError:
             raise
         except (modeling.ModelNotFound, modeling.ConfigError, modeling.CheckpointError, modeling.PoolError,
@@ -179,8 +192,12 @@ class Registry:
             if not valid_name(m.name) or m.name in RESERVED:
                 raise StartupError(f"{f}: profile name {m.name!r} is not a valid name "
                                    f"({NAME_RE.pattern}, not {sorted(RESERVED)})")
-            prof = cls._make(model, m.name, "folder", m.pool(), m, f.name)
-            prof.folder, prof.state = f, "verifying"
+            if f in unmappable:
+                prof = Profile(m.name, "folder", m.pool(), None, m, f.name, state="failed", problems=[unmappable[f]])
+            else:
+                prof = cls._make(model, m.name, "folder", m.pool(), m, f.name)
+                prof.state = "verifying"
+            prof.folder = f
             profiles.append(prof)
         for name, path in lists:
             if not valid_name(name) or name in RESERVED:
@@ -228,7 +245,8 @@ class Registry:
                 from_model = self._check(suffix, "model")
         from_profile = self._check(profile_field, "profile") if profile_field is not None else None
         if from_model and from_profile and from_model != from_profile:
-            raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile")
+            raise bad_request(f"model names profile {from_model!r} but profile is {from_profile!r}", "profile",
+                              "profile_mismatch")
         name = from_profile or from_model or FULL
         if self.unavailable is not None:
             raise APIError(503, f"the server's weights failed verification, nothing is served: {self.unavailable}",
@@ -253,10 +271,15 @@ class Registry:
         return self.full if name == FULL else self.profiles[name]
 
     # -- verification ----------------------------------------------------------------
-    def verify_all(self) -> None:
-        """Check every profile folder against its profile.json; take failures out of service."""
+    def verifying(self) -> list[str]:
+        """Profiles whose files are not checked yet (served meanwhile)."""
+        return [p.name for p in self.profiles.values() if p.state == "verifying"]
+
+    def verify_all(self, again: bool = False) -> None:
+        """Check every profile folder against its profile.json; take failures out of
+        service. `again`: re-check those already verified (--reverify-interval)."""
         for p in list(self.profiles.values()):
-            if p.folder is None or p.state != "verifying":
+            if p.folder is None or p.state not in (("verifying", "verified") if again else ("verifying",)):
                 continue
             try:
                 res = verify_profile(p.folder)
@@ -266,23 +289,46 @@ class Registry:
                 problems = [f"verification could not run ({type(e).__name__})"]
             if problems:
                 self.take_out_of_service(p, problems)
-            else:
+            elif p.state != "failed":  # a lease break may have taken it out meanwhile
+                if p.state == "verifying":
+                    log.info("profile %r verified (%d shards)", p.name, len(res.shards))
                 p.state = "verified"
-                log.info("profile %r verified (%d shards)", p.name, len(res.shards))
 
-    def start_verification(self) -> threading.Thread:
+    def start_verification(self, interval: float = 0.0) -> threading.Thread:
         """`verify_all` in a background thread at the lowest CPU priority (hashing
-        competes with decoding for cores; requests are served meanwhile)."""
+        competes with decoding for cores; requests are served meanwhile); then,
+        with `interval` > 0, again every `interval` seconds: a byte changed on
+        disk behind the server's back (no lease sees a bit flip) takes its
+        profile out of service at the next pass."""
         def run() -> None:
             try:
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
             except (AttributeError, OSError):
                 pass
             self.verify_all()
+            while interval > 0:
+                time.sleep(interval)
+                self.verify_all(again=True)
 
         self._verifier = threading.Thread(target=run, name="emo-verify", daemon=True)
         self._verifier.start()
         return self._verifier
+
+    def file_changing(self, source: str, path: str) -> None:
+        """Another process is truncating or writing `path`, a file of the mapped
+        source `source` (server.leases): stop reading its bytes now. A profile's
+        file takes that profile out of service (its experts re-pointed); a file of
+        the model itself stops every forward, and nothing is served."""
+        why = f"its file {Path(path).name} is being truncated or written by another process"
+        if source == str(self.model.path):
+            self.unavailable = f"the model's file {path} is being truncated or written by another process"
+            self.model.mark_unusable(self.unavailable)
+            self.full.state, self.full.problems = "failed", [self.unavailable]
+            log.error("nothing is served: %s", self.unavailable)
+            return
+        for p in self.profiles.values():
+            if p.folder is not None and str(p.folder) == source and p.state != "failed":
+                self.take_out_of_service(p, [why])
 
     def take_out_of_service(self, p: Profile, problems: list[str]) -> None:
         p.state, p.problems = "failed", list(problems)
@@ -339,13 +385,18 @@ class Registry:
             out[name] = a / (sum(cov) / len(cov)) if cov else a
         return out
 
-    def auto_decision(self, token_ids: list[int], rule: str | None = None) -> dict:
+    def auto_decision(self, token_ids: list[int], rule: str | None = None,
+                      router_probs: list[torch.Tensor | None] | None = None) -> dict:
         """What `auto` decides for a prompt: the profile, each hosted profile's fit,
         the margin of the best fit over the next, and whether it fell back to `full`
-        (the best fit below the operator's `--auto-min-fit`). Engine thread only."""
+        (the best fit below the operator's `--auto-min-fit`). Runs forwards: only the
+        engine thread calls it. `router_probs`: the full model's routing of the
+        prompt, when the caller has it already (saves that forward)."""
         rule = rule or self.auto_rule
         sound = {p.name for p in self.profiles.values() if p.state != "failed"}
-        probs = self.model.router_probs(token_ids) if self.profiles else None  # one forward for every rule
+        probs = router_probs
+        if probs is None and self.profiles:
+            probs = self.full_router_probs(token_ids)  # one forward for every rule
         fits = self.fits(probs) if probs is not None else {}
         ranked = sorted((v for n, v in fits.items() if n in sound), reverse=True)
         margin = ranked[0] - ranked[1] if len(ranked) > 1 else (ranked[0] if ranked else 0.0)
@@ -354,16 +405,16 @@ class Registry:
         return {"rule": rule, "profile": choice, "fits": {n: round(v, 6) for n, v in fits.items()},
                 "margin": round(margin, 6), "threshold": self.auto_min_fit, "fallback": fallback}
 
-    def choose_auto(self, token_ids: list[int], rule: str | None = None) -> str:
+    def choose_auto(self, token_ids: list[int], rule: str | None = None,
+                    router_probs: list[torch.Tensor | None] | None = None) -> str:
         """The hosted profile `auto` picks for a prompt (`auto_decision`'s profile)."""
-        return self.auto_decision(token_ids, rule)["profile"]
+        return self.auto_decision(token_ids, rule, router_probs)["profile"]
 
     def _choose(self, token_ids: list[int], rule: str, fits: dict[str, float], probs) -> str:
         """By `rule`: `fit` (the best affinity relative to the profile's own coverage),
         `affinity` (most of the full router's mass inside the profile's pool), `centroid`
         (nearest centroid fingerprint, cosine) or `perplexity` (least perplexity of the
-        prompt under the profile); `full` when no hosted profile qualifies. Runs
-        forwards: only the engine thread calls it."""
+        prompt under the profile); `full` when no hosted profile qualifies."""
         sound = [p for p in self.profiles.values() if p.state != "failed"]  # never an out-of-service one
         if rule == "fit":
             return max(sound, key=lambda p: fits[p.name]).name if sound else FULL
@@ -375,11 +426,7 @@ class Registry:
         if rule == "perplexity":
             if not sound or len(token_ids) < 2:
                 return self._choose(token_ids, "affinity", fits, probs)
-            ids = torch.tensor(token_ids)
-            nll = {}
-            for p in sound:
-                lp = torch.log_softmax(self.model.logits(ids, pool=p.resolved)[:-1].float(), -1)
-                nll[p.name] = -float(lp.gather(1, ids[1:, None]).mean())
+            nll = {p.name: self.prompt_nll(token_ids, p) for p in sound}
             return min(nll, key=nll.get)
         if rule != "centroid":
             raise ValueError(f"unknown auto rule {rule!r} (one of {', '.join(AUTO_RULES)})")
@@ -390,6 +437,21 @@ class Registry:
         v = v / v.norm().clamp_min(1e-12)
         best = max(cands, key=lambda p: float(v @ p.centroid))
         return best.name
+
+    def perplexity_candidates(self, token_ids: list[int]) -> list[Profile]:
+        """The profiles the perplexity rule scores for this prompt (none: it falls
+        back to affinity, as for a one-token prompt)."""
+        return [p for p in self.profiles.values() if p.state != "failed"] if len(token_ids) >= 2 else []
+
+    def prompt_nll(self, token_ids: list[int], p: Profile) -> float:
+        """Mean negative log-likelihood of the prompt under profile `p` (one forward)."""
+        ids = torch.tensor(token_ids)
+        lp = torch.log_softmax(self.model.logits(ids, pool=p.resolved)[:-1].float(), -1)
+        return -float(lp.gather(1, ids[1:, None]).mean())
+
+    def full_router_probs(self, token_ids: list[int]) -> list[torch.Tensor | None]:
+        """The routing softmax of profile `full` (every expert a sound source holds)."""
+        return self.model.router_probs(token_ids, self.full.resolved)
 
     def affinity(self, router_probs: list[torch.Tensor | None]) -> torch.Tensor:
         """`[T, profiles]` (in `names()` order): per token, the share of the routing
@@ -403,7 +465,9 @@ class Registry:
             routed = ~self.model.layer_experts(i).shared_mask.cpu()
             tot = (p * routed).sum(1).clamp_min(1e-12)
             for j, prof in enumerate(self.profiles.values()):
-                m = prof.resolved.masks[i] if prof.resolved is not None else None
+                if prof.resolved is None:  # its files could not be mapped: no share of anything
+                    continue
+                m = prof.resolved.masks[i]
                 inside = routed if m is None else routed & m.cpu()
                 out[:, j] += (p * inside).sum(1) / tot
         return out / max(len(self.moe_layers), 1)
@@ -413,7 +477,8 @@ class Registry:
         tensors, per_layer, nbytes = [], {}, 0
         for i in self.moe_layers:
             le = self.model.layer_experts(i)
-            ids = le.ids if pool is None or pool.get(i) is None else pool[i]
+            loaded = set(le.ids)  # a profile whose files could not be mapped may name experts nobody loaded
+            ids = le.ids if pool is None or pool.get(i) is None else [e for e in pool[i] if e in loaded]
             per_layer[i] = len(ids)
             for e in ids:
                 ex = le.experts[le.slot_of(e)]
@@ -453,18 +518,17 @@ class Registry:
                 entry["base"] = p.manifest.base
             data.append(entry)
         union_tensors, _, union_bytes = self._expert_tensors(
-            None if not self.profiles else self._union_pool())
+            None if not self.profiles else self.union_pool())
         return {"object": "list", "base": self.base_name, "non_expert_bytes": non_expert,
                 "profiles_union_expert_bytes": union_bytes,
                 "loaded_expert_bytes": self._expert_tensors(None)[2], "data": data}
 
     def union_pool(self) -> dict[int, list[int]]:
-        """Every expert some hosted profile routes to, per layer."""
-        return self._union_pool()
-
-    def _union_pool(self) -> dict[int, list[int]]:
+        """Every expert some hosted profile in service routes to, per layer."""
         union: dict[int, set[int]] = {}
         for p in self.profiles.values():
+            if p.state == "failed":
+                continue
             for i in self.moe_layers:
                 ids = self.model.expert_ids(i) if p.pool is None or p.pool.get(i) is None else p.pool[i]
                 union.setdefault(i, set()).update(ids)

@@ -18,3 +18,4 @@ class AppState:
     api_keys: list[bytes] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
+    leases: object | None = None  # server.leases.FileLeases, when taken

@@ -23,8 +23,7 @@ def compiler_for(model) -> GrammarCompiler:
     tok = model.tokenizer
     comp = getattr(tok, "_grammar_compiler", None)
     if comp is None:
-        comp = GrammarCompiler(tok.path, model.config.vocab_size,
-                               sorted(set(tok.eos_token_ids) | set(model.config.eos_token_ids)))
+        comp = GrammarCompiler(tok.path, model.config.vocab_size, sorted(model.eos_ids))
         tok._grammar_compiler = comp
     return comp
 

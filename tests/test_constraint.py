@@ -59,3 +59,15 @@ def test_grammar_wins_over_a_ban_that_leaves_nothing():
     p = SamplingParams(max_tokens=5, temperature=1.0, min_tokens=3, constraint=c)
     tok = sample_next(torch.randn(1, model.config.vocab_size), [p], [None], [[x[0]]], None, [{eos}])[0]
     assert tok == eos
+
+
+def test_generate_follows_the_grammar_through_the_decode_state():
+    """`Model.generate` and the engine share `DecodeState`, which accepts every
+    kept token into the grammar and stops the sequence once it is complete."""
+    model, comp = _compiler()
+    g = comp.check(comp.regex("(ab|cd){2,3}"))
+    for seed, temp in [(0, 0.0), (1, 1.0), (2, 1.5)]:
+        c = comp.constraint(g)
+        out = model.generate("x = ", SamplingParams(max_tokens=30, temperature=temp, seed=seed, constraint=c))
+        assert re.fullmatch("(ab|cd){2,3}", out.text), out.text
+        assert out.finish_reason == "stop" and c.done and c.failed is None

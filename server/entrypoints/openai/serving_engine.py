@@ -131,16 +131,31 @@ def validation_error(e: ValidationError) -> APIError:
 
 # -- limits ------------------------------------------------------------------------
 
+def check_text_fits(state: AppState, texts: list[str], param: str = "prompt") -> None:
+    """Refuse a text that cannot fit the context before tokenizing it: tokenizing
+    megabytes costs seconds and hundreds of MB, to answer 400 afterwards anyway."""
+    tok = state.registry.model.tokenizer
+    L = state.engine.max_model_len
+    for t in texts:
+        if len(t) > 4096 and (n := tok.min_tokens(t)) >= L:
+            raise bad_request(f"{param}: {len(t)} characters are at least {n} tokens, more than the context length "
+                              f"{L} (refused before tokenizing)", param, "context_length_exceeded")
+
+
+MAX_STOP_TOKEN_IDS = 1024  # as many as logit_bias entries
+
 def check_prompts(state: AppState, prompts: list[list[int]], max_tokens: int | None, n: int,
-                  logprobs: int | None, default_max_tokens: int = 16, prompt_logprobs: bool = False) -> int:
-    """Validate sizes against the server's limits; returns the max_tokens to use."""
+                  logprobs: int | None, default_max_tokens: int = 16, prompt_logprobs: bool = False,
+                  logprobs_param: str = "logprobs") -> int:
+    """Validate sizes against the server's limits; returns the max_tokens to use.
+    `logprobs_param`: the field that asked for `logprobs` (chat: top_logprobs)."""
     cfg = state.config
     L = state.engine.max_model_len
     if n > cfg.max_n:
         raise bad_request(f"n: {n} is more than this server allows ({cfg.max_n})", "n", "n_too_large")
     if logprobs is not None and logprobs > cfg.max_logprobs:
-        raise bad_request(f"logprobs: {logprobs} is more than this server allows ({cfg.max_logprobs})",
-                          "logprobs", "logprobs_too_large")
+        raise bad_request(f"{logprobs_param}: {logprobs} is more than this server allows ({cfg.max_logprobs})",
+                          logprobs_param, "logprobs_too_large")
     if max_tokens is not None and max_tokens > L:
         raise bad_request(f"max_tokens: {max_tokens} is more than the context length ({L})", "max_tokens",
                           "max_tokens_too_large")
@@ -182,17 +197,27 @@ def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg
     if len(stop) > cfg.max_stop:
         raise bad_request(f"stop: {len(stop)} stop strings, at most {cfg.max_stop}", "stop", "too_many_stops")
     if any(len(s) > 256 for s in stop):
-        raise bad_request("stop: a stop string is longer than 256 characters", "stop")
+        raise bad_request("stop: a stop string is longer than 256 characters", "stop", "stop_too_long")
     if req.min_tokens > max_tokens:
-        raise bad_request(f"min_tokens: {req.min_tokens} is more than max_tokens ({max_tokens})", "min_tokens")
+        raise bad_request(f"min_tokens: {req.min_tokens} is more than max_tokens ({max_tokens})", "min_tokens",
+                          "min_tokens_too_large")
+    if len(req.logit_bias or {}) > 1024:  # counted as sent: every key is parsed below
+        raise bad_request(f"logit_bias: {len(req.logit_bias)} entries, at most 1024", "logit_bias",
+                          "too_many_logit_bias")
+    stop_ids = list(req.stop_token_ids or [])
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"stop_token_ids: {len(stop_ids)} ids, at most {MAX_STOP_TOKEN_IDS}", "stop_token_ids",
+                          "too_many_stop_token_ids")
+    bad = next((t for t in stop_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise bad_request(f"stop_token_ids: {str(bad)[:40]} is not a token id of this model (0..{vocab_size - 1})",
+                          "stop_token_ids", "invalid_token_id")
     bias: dict[int, float] = {}
     for k, v in (req.logit_bias or {}).items():
         if not (k.isascii() and k.isdigit() and len(k) <= 12 and int(k) < vocab_size):
             raise bad_request(f"logit_bias: key {k[:40]!r} is not a token id of this model (0..{vocab_size - 1})",
                               "logit_bias", "invalid_token_id")
         bias[int(k)] = float(v)
-    if len(bias) > 1024:
-        raise bad_request(f"logit_bias: {len(bias)} entries, at most 1024", "logit_bias")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -201,13 +226,14 @@ def sampling_params(req, max_tokens: int, seed_offset: int, stop: list[str], cfg
             top_k=0 if req.top_k is None else int(req.top_k),
             seed=None if req.seed is None else seed_for_choice(int(req.seed), seed_offset),
             stop=stop,
-            stop_token_ids=list(req.stop_token_ids or []),
+            stop_token_ids=stop_ids,
             ignore_eos=bool(req.ignore_eos),
             min_tokens=req.min_tokens,
             presence_penalty=float(req.presence_penalty or 0.0),
             frequency_penalty=float(req.frequency_penalty or 0.0),
             repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
             logit_bias=bias,
+            skip_special_tokens=req.skip_special_tokens,
             constraint=constraint,
         )
     except ValueError as e:  # the schema should have caught it: still the client's value

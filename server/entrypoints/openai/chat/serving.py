@@ -27,7 +27,7 @@ from ....state import AppState
 from ....structured_outputs import checked, constraints, structured_grammar
 from ....tool_parsers import HarmonyFormat, HarmonySplitter, ToolCall, ToolCallExtractor, ToolFormat, format_for
 from ..completions.protocol import dump
-from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from ..serving_engine import Run, check_prompts, check_text_fits, parse_body, sampling_params, sse, stop_list
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
                        FunctionCallOut, TokenLogprob, ToolCallOut, TopLogprob)
@@ -98,8 +98,9 @@ def plan_tools(state: AppState, req: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(tools, choice != "none", grammar, fmt)
 
 
-def render_prompt(state: AppState, req: ChatCompletionRequest) -> tuple[list[int], str]:
-    """The chat template over the messages and tools, and its tokens (runs off the event loop)."""
+def render_prompt(state: AppState, req: ChatCompletionRequest, must_fit: bool = False) -> tuple[list[int], str]:
+    """The chat template over the messages and tools, and its tokens (runs off the event loop).
+    `must_fit`: refuse a text that cannot fit the context before tokenizing it."""
     tok = state.registry.model.tokenizer
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
     try:
@@ -110,6 +111,8 @@ def render_prompt(state: AppState, req: ChatCompletionRequest) -> tuple[list[int
         raise bad_request(str(e), "messages") from None
     except Exception as e:  # a template error caused by the messages
         raise bad_request(f"messages: the chat template failed ({type(e).__name__}: {e})", "messages") from None
+    if must_fit:
+        check_text_fits(state, [text], "messages")
     return tok.encode(text), text
 
 
@@ -163,11 +166,12 @@ async def start_chat(state: AppState, request: Request, req: ChatCompletionReque
                        "invalid_request_error", None, "no_chat_template")
     profile = state.registry.select(req.model, req.profile)
     tools = plan_tools(state, req)
-    prompt, prompt_text = await asyncio.to_thread(render_prompt, state, req)
+    prompt, prompt_text = await asyncio.to_thread(render_prompt, state, req, True)
     grammar = (await asyncio.to_thread(checked, model, tools.grammar, "tool_choice") if tools.grammar is not None
                else await structured_grammar(model, req))
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len)
+    max_tokens = check_prompts(state, [prompt], max_tokens, req.n, k, default_max_tokens=state.engine.max_model_len,
+                               logprobs_param="top_logprobs")
     stop = stop_list(req.stop)
     vocab = model.config.vocab_size
     grammars = await constraints(model, grammar, req.n)

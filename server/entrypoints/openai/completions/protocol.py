@@ -66,6 +66,7 @@ class SamplingFields(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True  # (vLLM) False: special tokens stay in the output text
     n: Annotated[StrictInt, Field(ge=1)] = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None

@@ -13,7 +13,7 @@ from ....engine import TokenInfo
 from ....errors import bad_request
 from ....state import AppState
 from ....structured_outputs import constraints, structured_grammar
-from ..serving_engine import Run, check_prompts, parse_body, sampling_params, sse, stop_list
+from ..serving_engine import Run, check_prompts, check_text_fits, parse_body, sampling_params, sse, stop_list
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 
 
@@ -27,8 +27,7 @@ def tokenize_prompts(state: AppState, prompt) -> tuple[list[list[int]], bool]:
     if isinstance(prompt[0], str):
         if tok is None:
             raise bad_request("prompt: this model has no tokenizer; send token ids", "prompt")
-        if sum(len(p) for p in prompt) > state.config.max_body_bytes:
-            raise bad_request("prompt: too long", "prompt", "context_length_exceeded")
+        check_text_fits(state, prompt)
         return [tok.encode(p) for p in prompt], True
     if isinstance(prompt[0], int):
         return [list(prompt)], False

@@ -29,7 +29,8 @@ async def profiles(request: Request):
 @router.get("/health")
 async def get_health(request: Request):
     body = health(request.app.state.emo)
-    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+    # "verifying": serving while the background check of the profiles' files runs
+    return JSONResponse(body, status_code=200 if body["status"] in ("ok", "verifying") else 503)
 
 
 @router.get("/metrics")

@@ -37,11 +37,14 @@ def health(state: AppState) -> dict:
         status = "shutting down"
     else:
         status = f"engine stopped ({eng.failure or 'thread ended'})"
+    pending = state.registry.verifying()
+    if status == "ok" and pending:  # serving, but from bytes not checked yet (background verification)
+        status = "verifying"
     if state.registry.unavailable is not None:
         status = f"weights failed verification: {state.registry.unavailable}"
-    return {"status": status, "model": state.registry.base_name,
+    return {"status": status, "model": state.registry.base_name, "verifying": pending,
             "profiles": state.registry.names(), "uptime_s": round(time.monotonic() - state.started, 3),
-            "running": len(eng.running), "waiting": len(eng.waiting)}
+            "running": len(eng.running), "waiting": len(eng.waiting) + len(eng.probing)}
 
 
 async def render_metrics(state: AppState) -> tuple[bytes, str]:

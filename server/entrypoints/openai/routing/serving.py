@@ -13,10 +13,11 @@ import asyncio
 
 from fastapi import Request
 
+from .... import metrics as M
 from ....engine import EngineStopped, QueueFull
 from ....errors import APIError, bad_request
 from ....registry import FULL, AUTO
-from ..serving_engine import check_prompts, parse_body
+from ..serving_engine import check_prompts, check_text_fits, parse_body
 from .protocol import RoutingRequest
 
 
@@ -33,8 +34,11 @@ def routing_body(state, ids: list[int], profile: str) -> dict:
         auto = reg.auto_decision(ids)
         profile = auto["profile"]
     prof = reg.get(profile)
+    if reg.unavailable is not None or prof.state == "failed":  # taken out of service while this call waited
+        raise APIError(503, f"profile {profile!r} is out of service ({'; '.join(prof.problems[:2])})",
+                       "unavailable", "profile", "profile_unavailable")
     out = model.routes(ids, prof.resolved)
-    full_probs = out.router_probs if prof.resolved is None else model.router_probs(ids)
+    full_probs = out.router_probs if prof is reg.full else reg.full_router_probs(ids)
     layers = []
     for i, r in enumerate(out.routes):
         if r is None:
@@ -66,17 +70,29 @@ async def create_routing(request: Request) -> dict:
     state = request.app.state.emo
     req = await parse_body(request, RoutingRequest)
     profile = state.registry.select(req.model, req.profile)
+    request.state.access = {"profile": profile}
+    try:  # counted in emo_requests_total as completions are, once the profile is known
+        body = await _route(state, req, profile)
+    except APIError as e:
+        M.REQUESTS.labels(profile, str(e.status)).inc()
+        raise
+    M.REQUESTS.labels(profile, "ok").inc()
+    return body
+
+
+async def _route(state, req: RoutingRequest, profile: str) -> dict:
     if isinstance(req.prompt, str):
         tok = state.registry.model.tokenizer
         if tok is None:
             raise bad_request("prompt: this model has no tokenizer; send token ids", "prompt")
-        ids = tok.encode(req.prompt)
+        check_text_fits(state, [req.prompt])
+        ids = await asyncio.to_thread(tok.encode, req.prompt)  # a long text takes a while: off the event loop
     else:
         ids = list(req.prompt)
     # the limits of completions: empty prompt, token ids outside the vocabulary, the context length
     check_prompts(state, [ids], 0, 1, None)
     try:
-        fut = state.engine.call(lambda: routing_body(state, ids, profile))
+        fut = state.engine.call(lambda: routing_body(state, ids, profile), tokens=2 * len(ids))
     except QueueFull as e:
         raise APIError(429, f"{e}; retry later", "rate_limit_error", None, "queue_full") from None
     except EngineStopped as e:

@@ -42,6 +42,7 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     tokens: list[StrictInt]
+    skip_special_tokens: StrictBool = True  # as completions' (vLLM's) option: False keeps them in the text
 
 
 class DetokenizeResponse(BaseModel):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -65,17 +64,15 @@ async def detokenize(request: Request) -> DetokenizeResponse:
     if bad is not None:
         raise bad_request(f"tokens: token id {bad} is outside the vocabulary (0..{vocab - 1})", "tokens",
                           "invalid_token_id")
-    return DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, req.tokens))
+    return DetokenizeResponse(prompt=await asyncio.to_thread(tok.decode, req.tokens, req.skip_special_tokens))
 
 
 def tokenizer_info(state: AppState) -> TokenizerInfoResponse:
     tok = _tokenizer(state)
-    path = state.registry.model.path / "tokenizer_config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    cfg = {k: v for k, v in cfg.items() if k != "tokenizer_class"}
+    cfg = {k: v for k, v in tok.config.items() if k != "tokenizer_class"}
     cfg.setdefault("eos_token", tok.eos_token)
     cfg.setdefault("bos_token", tok.bos_token)
     cfg.setdefault("chat_template", tok.chat_template)
     cfg["model_max_length"] = state.engine.max_model_len
-    cls = json.loads(path.read_text(encoding="utf-8")).get("tokenizer_class") if path.is_file() else None
-    return TokenizerInfoResponse(tokenizer_class=cls or "PreTrainedTokenizerFast", **cfg)
+    cls = tok.config.get("tokenizer_class")
+    return TokenizerInfoResponse(tokenizer_class=cls if isinstance(cls, str) else "PreTrainedTokenizerFast", **cfg)
