@@ -137,7 +137,7 @@ def main() -> None:
     ap.add_argument("--llama-bench", default=f"{LLAMA}/llama-bench")
     ap.add_argument("--llama-quantize", default=f"{LLAMA}/llama-quantize")
     ap.add_argument("--precisions", default="bf16,int8,int4")
-    ap.add_argument("--other-isas", action="store_true", help="also rows forced to every other ISA and to torch")
+    ap.add_argument("--other-isas", default="", help="also rows forced to these paths (EMO_CPU_ISA), e.g. avx2,torch")
     ap.add_argument("--omp-active", action="store_true", help="also rows with spinning OpenMP threads "
                     "(OMP_WAIT_POLICY=ACTIVE), against emo-serve's PASSIVE default")
     ap.add_argument("--skip-neighbour", action="store_true")
@@ -173,7 +173,7 @@ def main() -> None:
         if args.omp_active:
             variants.append((" [OpenMP active]", {"OMP_WAIT_POLICY": "ACTIVE"}))
         if args.other_isas:
-            variants += [(f" [{i}]", {"EMO_CPU_ISA": i}) for i in kernels.supported()[1:]]
+            variants += [(f" [{i}]", {"EMO_CPU_ISA": i}) for i in args.other_isas.split(",")]
         for label, env in variants:
             r = run_child("ours", prof, args.threads, args.prompt, args.decode, env=env)
             key = f"ours {prec}{label}"
