@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_model import _time_decode, rss_bytes, run_script_child  # noqa: E402
-from bench_qwen3 import build_profile, child_hf  # noqa: E402  (child_hf: transformers, bf16, prefill + decode)
+from bench_model import rss_bytes, run_script_child  # noqa: E402
+from bench_qwen3 import build_profile, child_hf, time_greedy  # noqa: E402  (child_hf: transformers, bf16, prefill + decode)
 
 H, HEADS, KV, D, E, I, K, V = 2880, 64, 8, 64, 32, 2880, 4, 201088
 KEEP = 16
@@ -111,7 +111,7 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_byte
 
     torch.set_num_threads(threads)
     bare = rss_bytes()
-    from modeling import Batch, load_model
+    from modeling import load_model
 
     t0 = time.perf_counter()
     m = load_model(path, mxfp4_cache_bytes=cache_bytes, compile=bool(compile))
@@ -119,17 +119,7 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_byte
     ids = list(range(1000, 1000 + n_prompt))
     m.logits(ids[:16])  # warm-up: both contenders start from the page cache
     m.logits(ids[:1])  # one row: compiles the fused GEMV's two matrix shapes with --compile
-    cache = m.new_cache(1, n_prompt + n_decode + 8)
-    state = {"tok": 5}
-
-    def prefill():
-        state["tok"] = int(m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache).logits[0].argmax())
-
-    def step():
-        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
-        state["tok"] = int(out.logits[0].argmax())
-
-    pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    pf, dc = time_greedy(m, ids, n_decode)
     c = m.transformer.mxfp4_cache
     return {"prefill_tok_s": pf, "decode_tok_s": dc, "load_s": load_s, "rss": rss_bytes(), "bare_rss": bare,
             "cache_bytes": cache_bytes, "cache_hits": c.hits if c else 0, "cache_misses": c.misses if c else 0}

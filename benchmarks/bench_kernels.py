@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_model import _time_decode, child_bandwidth, neighbour_loop, rss_bytes, run_llama_bench, run_script_child  # noqa: E402
-from bench_qwen3 import KEEP, export, write_base  # noqa: E402
+from bench_model import child_bandwidth, neighbour_loop, rss_bytes, run_llama_bench, run_script_child  # noqa: E402
+from bench_qwen3 import KEEP, export, time_greedy, write_base  # noqa: E402
 
 LLAMA = "/work/llama-build/llama.cpp/build/bin"
 
@@ -73,22 +73,12 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from modeling import Batch, kernels, load_model
+    from modeling import kernels, load_model
 
     m = load_model(path)
     ids = list(range(1000, 1000 + n_prompt))
     m.logits(ids[:64])  # warm-up: pages in the experts the prompt uses, as llama-bench's warm-up run does
-    cache = m.new_cache(1, n_prompt + n_decode + 8)
-    state = {"tok": 5}
-
-    def prefill():
-        state["tok"] = int(m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache).logits[0].argmax())
-
-    def step():
-        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
-        state["tok"] = int(out.logits[0].argmax())
-
-    pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    pf, dc = time_greedy(m, ids, n_decode)
     return {"prefill_tok_s": pf, "decode_tok_s": dc, "rss": rss_bytes(), "kernels": kernels.describe(),
             "bytes_per_token": bytes_read_per_token(m)}
 

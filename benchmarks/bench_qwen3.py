@@ -101,6 +101,26 @@ def child_write(folder: str, layers: int) -> dict:
     return {}
 
 
+def time_greedy(m, ids: list[int], n_decode: int) -> tuple[float, float]:
+    """Prefill `ids` then greedy-decode `n_decode` tokens through one cache slot of model-core `m`:
+    (prefill tok/s, decode tok/s). Shared by the benchmark scripts."""
+    import torch
+
+    from modeling import Batch
+
+    cache = m.new_cache(1, len(ids) + n_decode + 8)
+    state = {"tok": 5}
+
+    def prefill():
+        state["tok"] = int(m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache).logits[0].argmax())
+
+    def step():
+        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
+        state["tok"] = int(out.logits[0].argmax())
+
+    return _time_decode(step, prefill, len(ids), n_decode)
+
+
 def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, compile: int = 0) -> dict:
     import torch
 
@@ -117,17 +137,7 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, compile: i
             m.forward(Batch(torch.tensor([t]), [0], [pos], [1]), cache)
     ids = list(range(1000, 1000 + n_prompt))
     m.logits(ids[:64])  # warm-up: both contenders start from the page cache
-    cache = m.new_cache(1, n_prompt + n_decode + 8)
-    state = {"tok": 5}
-
-    def prefill():
-        state["tok"] = int(m.forward(Batch(torch.tensor(ids), [0], [0], [len(ids)]), cache).logits[0].argmax())
-
-    def step():
-        out = m.forward(Batch(torch.tensor([state["tok"]]), [0], [cache.lengths[0]], [1]), cache)
-        state["tok"] = int(out.logits[0].argmax())
-
-    pf, dc = _time_decode(step, prefill, n_prompt, n_decode)
+    pf, dc = time_greedy(m, ids, n_decode)
     return {"prefill_tok_s": pf, "decode_tok_s": dc, "load_s": load_s, "rss": rss_bytes(), "bare_rss": bare}
 
 
