@@ -347,11 +347,8 @@ class Transformer:
         these experts, or an MXFP4 dequantization cache was asked for)."""
         if self.mxfp4_cache is not None:
             return None
-        if any(e.interleaved for e in le.experts[:1]):
-            ex = self.cfg.extra
-            act = (ex["swiglu_alpha"], ex["swiglu_limit"])
-        else:
-            act = None
+        ex = self.cfg.extra
+        act = (ex["swiglu_alpha"], ex["swiglu_limit"]) if le.experts[0].interleaved else None  # gpt-oss
         return self.kernels.moe(le, h, r.indices, r.weights, r.valid, act)
 
     def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:

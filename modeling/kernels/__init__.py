@@ -8,8 +8,8 @@
 """
 
 from .compiled import compiled_gemv, linear_decode
-from .dispatch import AMX_MIN_ROWS, KernelError, Kernels, native_matrix
+from .dispatch import AMX_MIN_ROWS, Kernels, native_matrix
 from .native import ENV, ISAS, IsaError, describe, extension, selected, supported
 
-__all__ = ["AMX_MIN_ROWS", "ENV", "ISAS", "IsaError", "KernelError", "Kernels", "compiled_gemv", "describe",
+__all__ = ["AMX_MIN_ROWS", "ENV", "ISAS", "IsaError", "Kernels", "compiled_gemv", "describe",
            "extension", "linear_decode", "native_matrix", "selected", "supported"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..mxfp4 import DequantCache, Mxfp4Matrix
+from ..mxfp4 import Mxfp4Matrix
 from ..quant import Int8Cache, PackedLinear
 from . import native as _native
 from .compiled import linear_decode
@@ -30,10 +30,6 @@ from .compiled import linear_decode
 # bf16 / float32 products of at least this many rows go to oneDNN (through F.linear) on the `amx` path,
 # where its AMX tiles beat dot products; elsewhere our kernels take every row count.
 AMX_MIN_ROWS = 16
-
-
-class KernelError(ValueError):
-    """A weight that cannot be multiplied as given (shapes or tensors that disagree)."""
 
 
 class _TorchLinear:
@@ -73,9 +69,6 @@ class _IdentityCache:
         key = id(obj)
         self._d[key] = (weakref.ref(obj, lambda _, k=key, d=self._d: d.pop(k, None)), value)
 
-    def clear(self) -> None:
-        self._d.clear()
-
 
 def native_matrix(ext, w, name: str = "weight", int8: Int8Cache | None = None):
     """The extension's Matrix for `w`, or None where the native kernels do not take it."""
@@ -100,9 +93,9 @@ def native_matrix(ext, w, name: str = "weight", int8: Int8Cache | None = None):
     if not isinstance(w, Tensor) or w.device.type != "cpu" or w.dim() != 2 or w.stride(-1) != 1:
         return None
     if int8 is not None:
-        q = int8.get(w)
-        if w.shape[1] % 32:
+        if w.shape[1] % 32:  # the int8 kernels take whole activation blocks
             return None
+        q = int8.get(w)
         return ext.int8(q.q, w.shape[1], q.scales, True, name)
     if w.dtype not in (torch.bfloat16, torch.float32):
         return None
@@ -181,23 +174,20 @@ class _LayerMoE:
             self.set = ext.ExpertSet(self.slots, ext.ACT_SWIGLU)
         else:
             self.set = ext.ExpertSet(self.slots, ext.ACT_CLAMPED_SWIGLU, float(activation[0]), float(activation[1]))
-        self.src: list[object | None] = [None] * self.slots
-        self.unsupported: set[int] = set()
+        self.src: list[object | None] = [None] * self.slots  # the Expert each slot was last filled from
+        self.ok: list[bool] = [False] * self.slots  # whether the native kernels took it
 
     def ensure(self, slots: list[int]) -> bool:
+        """Fill the chosen slots; False when one of them holds an expert the native path does not take."""
         experts = self.le.experts
         for s in slots:
             if s < 0:
                 continue
             e = experts[s]
-            if self.src[s] is e:
-                continue
-            if s in self.unsupported and self.src[s] is None:
+            if self.src[s] is not e:
+                self.src[s], self.ok[s] = e, self._set(s, e)
+            if not self.ok[s]:
                 return False
-            if not self._set(s, e):
-                self.unsupported.add(s)
-                return False
-            self.src[s] = e
         return True
 
     def _set(self, s: int, e) -> bool:
@@ -226,4 +216,4 @@ class _LayerMoE:
         return True
 
 
-__all__ = ["AMX_MIN_ROWS", "DequantCache", "KernelError", "Kernels", "native_matrix"]
+__all__ = ["AMX_MIN_ROWS", "Kernels", "native_matrix"]
