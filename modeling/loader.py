@@ -38,8 +38,6 @@ class ModelUnusable(RuntimeError):
     """The files every forward reads are gone or changing (`Model.unusable`)."""
 
 
-
-
 def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
     """A local folder as is; otherwise a Hugging Face repo id fetched (or found in
     the local hub cache; HF_HUB_OFFLINE=1 never touches the network)."""

@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlock", action="store_true",
                    help="lock in memory the base weights and the experts the hosted profiles use, so page-cache "
                         "pressure cannot evict them (pre-faults them instead where locking is not allowed; "
-                        "quantized matrices are repacked at start; default: off)")
+                        "quantized matrices are locked as stored for the native kernels, repacked at start on the torch path; "
+                        "default: off)")
     p.add_argument("--verify", action="store_true",
                    help="check every profile's files against the sha256 recorded in its profile.json before "
                         "serving (/health answers only after); a profile that fails is out of service "
