@@ -97,6 +97,26 @@ class Server:
         return httpx.get(self.url + path, timeout=60, **kw)
 
 
+TINY = "tiny-emo"  # --served-model-name of the shared tiny server (tiny_server)
+
+
+def tiny_server(ckpt, log_name: str):
+    """A started server on the session's tiny EMO checkpoint and its code / prose profiles (the `ckpt`
+    fixture), served as TINY, logging to `log_name` under the checkpoint root; a generator for
+    module-scoped fixtures: `yield from tiny_server(ckpt, "x.log")`."""
+    s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(ckpt["prose"]),
+                "--served-model-name", TINY, "--log-level", "info"], ckpt["root"] / log_name)
+    try:
+        yield s.wait()
+    finally:
+        s.stop()
+
+
+def complete_tiny(s: Server, **body) -> httpx.Response:
+    """A short completion on the tiny server, fields of `body` overriding."""
+    return s.post("/v1/completions", {"model": TINY, "prompt": "def add(a, b):", "max_tokens": 8, **body})
+
+
 @pytest.fixture(scope="session")
 def servers(ckpt):
     root = ckpt["root"]

@@ -8,7 +8,6 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,23 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import KEY, ROOT, Server, _env
+from tests.test_server import KEY, Server, TINY, complete_tiny, tiny_server
 
-MODEL = "tiny-emo"
+MODEL = TINY
 
 
 @pytest.fixture(scope="module")
 def srv(ckpt):
-    s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(ckpt["prose"]),
-                "--served-model-name", MODEL, "--log-level", "info"], ckpt["root"] / "adversarial.log")
-    try:
-        yield s.wait()
-    finally:
-        s.stop()
-
-
-def _complete(s: Server, **body) -> httpx.Response:
-    return s.post("/v1/completions", {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 8, **body})
+    yield from tiny_server(ckpt, "adversarial.log")
 
 
 # -- 1: /v1/routing passes and auto probes must not starve generation ----------------------------------
@@ -201,14 +191,14 @@ def test_tokenizer_info_does_not_reread_the_disk(ckpt, tmp_path):
 
 @pytest.mark.parametrize("ids", [[-1], [320], [5] * 2000, [10**12]])
 def test_stop_token_ids_are_validated(srv, ids):
-    r = _complete(srv, stop_token_ids=ids)
+    r = complete_tiny(srv, stop_token_ids=ids)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == "stop_token_ids" and err["code"] in ("invalid_token_id", "too_many_stop_token_ids")
 
 
 def test_min_tokens_wins_over_stop_token_ids(srv):
-    r = _complete(srv, stop_token_ids=list(range(320)), min_tokens=5, max_tokens=8, temperature=0)
+    r = complete_tiny(srv, stop_token_ids=list(range(320)), min_tokens=5, max_tokens=8, temperature=0)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] == 5 and r.json()["choices"][0]["finish_reason"] == "stop"
 
@@ -220,7 +210,7 @@ def test_min_tokens_wins_over_stop_token_ids(srv):
 def test_every_400_has_a_code(srv, body):
     if "logit_bias" in body:  # more than 1024 entries: the tiny model has 320 ids, so repeat them as "007"-style keys
         body = {"logit_bias": {f"{i:0{w}d}": 1 for w in (3, 4, 5, 6) for i in range(300)}}
-    r = _complete(srv, **body)
+    r = complete_tiny(srv, **body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["code"], r.text
 
@@ -311,7 +301,7 @@ def test_long_texts_that_fit_are_tokenized_and_their_memory_returned(ckpt):
 # -- 2: truncating a served profile's shard takes that profile out, not the server ---------------------
 
 def _greedy_text(s: Server, profile: str) -> httpx.Response:
-    return _complete(s, profile=profile, temperature=0, ignore_eos=True, max_tokens=6)
+    return complete_tiny(s, profile=profile, temperature=0, ignore_eos=True, max_tokens=6)
 
 
 @pytest.mark.parametrize("how", ["truncate", "cp"])
@@ -380,7 +370,7 @@ def test_non_finite_logits_are_an_error_naming_the_profile(ckpt, tmp_path):
     try:
         s.wait()
         for stream in (False, True):
-            r = _complete(s, temperature=0, stream=stream)
+            r = complete_tiny(s, temperature=0, stream=stream)
             if not stream:
                 assert r.status_code == 500, r.text
                 err = r.json()["error"]
@@ -429,14 +419,14 @@ def test_a_profile_with_a_bad_shard_is_out_of_service_not_the_server(ckpt, tmp_p
                 "--served-model-name", MODEL], tmp_path / "badshard.log")
     try:
         s.wait()
-        r = _complete(s, profile="prose")
+        r = complete_tiny(s, profile="prose")
         assert r.status_code == 503 and r.json()["error"]["code"] == "profile_unavailable", r.text
-        assert _complete(s, profile="code").status_code == 200 and _complete(s).status_code == 200
+        assert complete_tiny(s, profile="code").status_code == 200 and complete_tiny(s).status_code == 200
         state = {p["name"]: p for p in s.get("/v1/profiles").json()["data"]}
         assert state["prose"]["state"] == "failed" and "safetensors" in " ".join(state["prose"]["problems"]), state
         assert s.get("/health").json()["status"] == "ok"
         for auto in range(3):  # auto never picks it
-            assert _complete(s, profile="auto", prompt="The quick brown fox").json()["profile"] != "prose"
+            assert complete_tiny(s, profile="auto", prompt="The quick brown fox").json()["profile"] != "prose"
     finally:
         s.stop()
 
@@ -449,8 +439,8 @@ def test_special_tokens_can_be_kept(srv):
     assert srv.post("/detokenize", {"tokens": ids}).json()["prompt"] == "hi"
     assert srv.post("/detokenize", {"tokens": ids, "skip_special_tokens": False}).json()["prompt"] == "hi<|pad|>"
     body = {"logit_bias": {"1": 100}, "max_tokens": 2, "temperature": 0}
-    assert _complete(srv, **body).json()["choices"][0]["text"] == ""
-    kept = _complete(srv, **body, skip_special_tokens=False).json()
+    assert complete_tiny(srv, **body).json()["choices"][0]["text"] == ""
+    kept = complete_tiny(srv, **body, skip_special_tokens=False).json()
     assert kept["choices"][0]["text"] == "<|pad|><|pad|>", kept
 
 

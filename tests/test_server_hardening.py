@@ -18,23 +18,14 @@ import time
 import httpx
 import pytest
 
-from tests.test_server import KEY, ROOT, Server, _env, _free_port, _openai
+from tests.test_server import KEY, ROOT, Server, TINY, _env, complete_tiny, tiny_server, _free_port, _openai
 
-MODEL = "tiny-emo"
+MODEL = TINY
 
 
 @pytest.fixture(scope="module")
 def srv(ckpt):
-    s = Server(["--model", str(ckpt["base"]), "--profile", str(ckpt["code"]), "--profile", str(ckpt["prose"]),
-                "--served-model-name", MODEL, "--log-level", "info"], ckpt["root"] / "hardening.log")
-    try:
-        yield s.wait()
-    finally:
-        s.stop()
-
-
-def _complete(s: Server, **body) -> httpx.Response:
-    return s.post("/v1/completions", {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 8, **body})
+    yield from tiny_server(ckpt, "hardening.log")
 
 
 # -- 1: no accepted value fails the engine ------------------------------------------------
@@ -55,7 +46,7 @@ def test_tiny_temperature_and_top_p_never_fail_other_requests(srv):
            {"temperature": 2, "frequency_penalty": -2, "presence_penalty": 2, "repetition_penalty": 1e-300}]
     with cf.ThreadPoolExecutor(12) as ex:
         streams = [ex.submit(stream) for _ in range(3)]
-        odd_r = [ex.submit(_complete, srv, n=2, ignore_eos=True, **o) for o in odd * 2]
+        odd_r = [ex.submit(complete_tiny, srv, n=2, ignore_eos=True, **o) for o in odd * 2]
         for f in odd_r:
             assert f.result().status_code == 200, f.result().text
         for f in streams:
@@ -64,8 +55,8 @@ def test_tiny_temperature_and_top_p_never_fail_other_requests(srv):
             assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
             assert not any('"error"' in line for line in lines)
     # greedy through a tiny temperature equals temperature 0
-    a = _complete(srv, temperature=1e-38, max_tokens=12).json()["choices"][0]["text"]
-    b = _complete(srv, temperature=0, max_tokens=12).json()["choices"][0]["text"]
+    a = complete_tiny(srv, temperature=1e-38, max_tokens=12).json()["choices"][0]["text"]
+    b = complete_tiny(srv, temperature=0, max_tokens=12).json()["choices"][0]["text"]
     assert a == b
 
 
@@ -111,7 +102,7 @@ BAD = [
 
 @pytest.mark.parametrize("extra,field", BAD, ids=[b[1] + str(i) for i, b in enumerate(BAD)])
 def test_unsupported_or_out_of_range_fields_are_named(srv, extra, field):
-    r = _complete(srv, **extra)
+    r = complete_tiny(srv, **extra)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"].split(".")[0] == field and field in err["message"]
@@ -136,10 +127,10 @@ def test_chat_tool_settings_that_cannot_work_are_refused_by_name(srv):
 def test_seed_at_the_top_of_the_range_with_n_choices(srv):
     """seed + i for n choices overflowed the generator's range: now it wraps."""
     body = {"seed": 2 ** 64 - 1, "n": 3, "temperature": 1.0}
-    a, b = _complete(srv, **body), _complete(srv, **body)
+    a, b = complete_tiny(srv, **body), complete_tiny(srv, **body)
     assert a.status_code == 200, a.text
     assert [c["text"] for c in a.json()["choices"]] == [c["text"] for c in b.json()["choices"]]
-    assert _complete(srv, seed=-(2 ** 63), n=2, temperature=1.0).status_code == 200
+    assert complete_tiny(srv, seed=-(2 ** 63), n=2, temperature=1.0).status_code == 200
 
 
 # -- 10: penalties, bias, min_tokens are applied, not ignored ---------------------------------
@@ -152,24 +143,24 @@ def test_penalties_and_bias_equal_the_core(srv, ckpt):
     ids = model.tokenizer.encode(prompt)
     cases = [dict(frequency_penalty=1.5), dict(presence_penalty=2.0), dict(repetition_penalty=1.8),
              dict(frequency_penalty=-1.0, presence_penalty=0.5, repetition_penalty=0.7)]
-    plain = _complete(srv, prompt=prompt, max_tokens=24, temperature=0, ignore_eos=True).json()["choices"][0]["text"]
+    plain = complete_tiny(srv, prompt=prompt, max_tokens=24, temperature=0, ignore_eos=True).json()["choices"][0]["text"]
     differs = 0
     for c in cases:
-        body = _complete(srv, prompt=prompt, max_tokens=24, temperature=0, ignore_eos=True, **c).json()
+        body = complete_tiny(srv, prompt=prompt, max_tokens=24, temperature=0, ignore_eos=True, **c).json()
         want = model.generate(ids, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, **c))
         assert body["choices"][0]["text"] == want.text, c
         differs += want.text != plain
     assert differs >= 2  # the penalties change greedy output
     # logit_bias +100 on one token makes it the only one generated
     t = ids[3]
-    body = _complete(srv, prompt=prompt, max_tokens=5, temperature=0, ignore_eos=True,
+    body = complete_tiny(srv, prompt=prompt, max_tokens=5, temperature=0, ignore_eos=True,
                      logit_bias={str(t): 100}, logprobs=0).json()
     assert body["choices"][0]["logprobs"]["tokens"] == [model.tokenizer.token_text(t)] * 5
     # min_tokens: eos pushed to the top stops at once, unless min_tokens holds it back
     eos = sorted(model.tokenizer.eos_token_ids or model.config.eos_token_ids)[0]
-    r = _complete(srv, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(eos): 100}).json()
+    r = complete_tiny(srv, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(eos): 100}).json()
     assert r["usage"]["completion_tokens"] == 0 and r["choices"][0]["finish_reason"] == "stop"
-    r = _complete(srv, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(eos): 100}, min_tokens=3).json()
+    r = complete_tiny(srv, prompt=prompt, max_tokens=6, temperature=0, logit_bias={str(eos): 100}, min_tokens=3).json()
     assert r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "stop"
 
 
@@ -180,7 +171,7 @@ def test_models_lists_every_accepted_id(srv):
     for mid in ids:
         r = client.completions.create(model=mid, prompt="def f", max_tokens=1, temperature=0)
         assert r.model_extra["profile"] in ("full", "code", "prose")
-    nf = _complete(srv, model=f"{MODEL}:nope").json()["error"]["message"]
+    nf = complete_tiny(srv, model=f"{MODEL}:nope").json()["error"]["message"]
     assert all(n in nf for n in ("auto", "full", "code", "prose"))
 
 
@@ -188,10 +179,10 @@ def test_models_lists_every_accepted_id(srv):
 
 def test_request_work_is_bounded(srv):
     prompts = ["def add(a, b):\n    return a + b\n" * 6] * 200
-    r = _complete(srv, prompt=prompts, echo=True, logprobs=20, max_tokens=1)
+    r = complete_tiny(srv, prompt=prompts, echo=True, logprobs=20, max_tokens=1)
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
     assert "--max-request-logprobs" in r.json()["error"]["message"]
-    ok = _complete(srv, prompt=prompts[:4], echo=True, logprobs=1, max_tokens=1)
+    ok = complete_tiny(srv, prompt=prompts[:4], echo=True, logprobs=1, max_tokens=1)
     assert ok.status_code == 200
 
 
@@ -270,7 +261,7 @@ def test_startup_summary_and_access_lines(ckpt):
     h = {"Authorization": f"Bearer {KEY}"}
     try:
         s.wait()
-        assert _complete(s, profile="code", max_tokens=4, ignore_eos=True).status_code == 401
+        assert complete_tiny(s, profile="code", max_tokens=4, ignore_eos=True).status_code == 401
         assert s.get("/metrics").status_code == 200  # --public-metrics (tests/test_server.py: keyed by default)
         assert s.post("/v1/completions", {"model": MODEL, "prompt": "def add(a, b):", "max_tokens": 4,
                                           "ignore_eos": True, "profile": "code"}, headers=h).status_code == 200
