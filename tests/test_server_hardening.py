@@ -412,6 +412,28 @@ def test_deadline_holds_when_the_engine_stalls(ckpt):
         s.stop()
 
 
+def test_deadline_answers_when_events_wait_in_the_queue(ckpt):
+    """The event loop is held up past the deadline while the engine keeps queueing
+    tokens and then its own 504: the request must still be answered (a zero-timeout
+    wait on the queue once cancelled every get, so a non-empty queue was never read)."""
+    s = InProcessServer(model=str(ckpt["base"]), request_timeout=0.6, max_batch=1)
+    try:
+        loop = s.server.servers[0].get_loop()
+        with cf.ThreadPoolExecutor(1) as ex:
+            t0 = time.monotonic()
+            fut = ex.submit(httpx.post, s.url + "/v1/completions",
+                            json={"prompt": [5] * 8, "max_tokens": 115, "n": 8, "ignore_eos": True, "temperature": 0},
+                            timeout=30)
+            while not s.state.engine.running and time.monotonic() - t0 < 10:
+                time.sleep(0.005)
+            loop.call_soon_threadsafe(time.sleep, 1.2)  # the event loop stalls; the engine goes on
+            r = fut.result()
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+        assert time.monotonic() - t0 < 10
+    finally:
+        s.stop()
+
+
 # -- 9: vLLM's tokenizer endpoints --------------------------------------------------------------------
 
 def test_tokenizer_endpoints_have_vllms_shapes(srv, ckpt):

@@ -337,10 +337,16 @@ class Run:
             wait = 0.5
             if self.deadline is not None:
                 wait = max(0.0, min(wait, self.deadline - time.monotonic()))
-            try:
-                ev = await asyncio.wait_for(self.queue.get(), timeout=wait)
-            except asyncio.TimeoutError:
-                ev = None
+            # an event already queued is taken as is: `wait_for(get(), 0)` past the deadline
+            # cancels the get before it runs, so it would never drain a queue that has events
+            ev = None
+            if not self.queue.empty():
+                ev = self.queue.get_nowait()
+            elif wait > 0:
+                try:
+                    ev = await asyncio.wait_for(self.queue.get(), timeout=wait)
+                except asyncio.TimeoutError:
+                    pass
             now = time.monotonic()
             if request is not None and now - self._client_checked >= CLIENT_CHECK_S:
                 self._client_checked = now
