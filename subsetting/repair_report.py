@@ -1,7 +1,7 @@
 """Selection methods and profile repairs side by side on the demo twins (reports/subset/repair.md).
 
     python -m subsetting.repair_report [--twins std,emo] [--keep 8,4,16] [--domains python,c,prose]
-        [--distill-steps 8:40,4:20,16:20] [--finetune-steps 8:40,4:20,16:20]
+        [--distill-steps 20] [--finetune-steps 20] [--runs distill+finetune,...]
         [--cells runs/repair-report] [--render]
 
 (also `python -m subsetting.report --repairs ...`; `runs/corpus` first:
@@ -66,6 +66,7 @@ TWINS = {"std": ("standard MoE", "modeling/bundled/stdmoe-demo"), "emo": ("EMO",
 SELECT = ("mean-prob", "reap", "easy-ep")
 CHAINS = (("distill", "finetune"), ("merge", "distill", "finetune"), ("finetune",))  # each repairs mean-prob's choice
 CONTROL = "full+finetune"
+RUNS = (*("+".join(c) for c in CHAINS), CONTROL)
 COLUMNS = ("merge", "distill", "finetune", "distill+finetune", "merge+distill+finetune")
 
 
@@ -91,6 +92,10 @@ def cell_settings(a, keep: int) -> dict:
             "seed": 0}
 
 
+def _sans_steps(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if not k.endswith("_steps")}
+
+
 class Cell:
     """One twin x keep x domain: its json file, rewritten (atomically) as each part is done."""
 
@@ -98,12 +103,29 @@ class Cell:
         self.path = Path(root) / f"{twin}-{keep}-{dom}.json"
         self.settings = settings
         old = json.loads(self.path.read_text()) if self.path.exists() else None
-        if old is None or old.get("settings") != settings:
+        if old is None or _sans_steps(old.get("settings", {})) != _sans_steps(settings):
             old = {"settings": settings, "done": [], "select": {}, "repair": {}, "seconds": 0.0}
+        elif old["settings"] != settings:  # other step counts: the selections stand, the repairs are redone
+            old.update(settings=settings, repair={}, done=[p for p in old["done"] if p == "full" or
+                                                            p.startswith("select:")])
         self.data = old
 
     def done(self, part: str) -> bool:
         return part in self.data["done"]
+
+    def borrow_control(self) -> bool:
+        """The control does not depend on keep: take it from a cell of the same twin and domain
+        measured with the same data and finetune steps, if there is one."""
+        twin, _, dom = self.path.stem.split("-")
+        mine = {k: v for k, v in self.settings.items() if k != "distill_steps"}
+        for other in sorted(self.path.parent.glob(f"{twin}-*-{dom}.json")):
+            d = json.loads(other.read_text())
+            if other != self.path and CONTROL in d["done"] and \
+                    {k: v for k, v in d["settings"].items() if k != "distill_steps"} == mine:
+                self.data["repair"][CONTROL] = {**d["repair"][CONTROL], "measured_in": other.name}
+                self.finish(CONTROL, 0.0)
+                return True
+        return False
 
     def finish(self, part: str, seconds: float) -> None:
         self.data["done"].append(part)
@@ -126,7 +148,8 @@ def _step_cost(r: dict) -> dict:
                               "tokens_per_second", "mean_similarity") if k in r}
 
 
-def run_cell(cell: Cell, twin: str, dom: str, keep: int, methods: tuple[str, ...], work: Path, log=print) -> dict:
+def run_cell(cell: Cell, twin: str, dom: str, keep: int, methods: tuple[str, ...], runs: tuple[str, ...],
+             work: Path, log=print) -> dict:
     """Measure the parts of `cell` not yet done (see the module docstring)."""
     name, path = TWINS[twin]
     st, d = cell.settings, cell.data
@@ -192,9 +215,11 @@ def run_cell(cell: Cell, twin: str, dom: str, keep: int, methods: tuple[str, ...
         cell.finish(part, time.time() - t0)
 
     for steps in CHAINS:
-        repair("+".join(steps), steps, base)
-    everything = {i: list(model.layer_experts(i).ids) for i in layout.moe_layers}
-    repair(CONTROL, ("finetune",), everything, prefix="full+")
+        if "+".join(steps) in runs:
+            repair("+".join(steps), steps, base)
+    if CONTROL in runs and not cell.done(CONTROL) and not cell.borrow_control():
+        everything = {i: list(model.layer_experts(i).ids) for i in layout.moe_layers}
+        repair(CONTROL, ("finetune",), everything, prefix="full+")
     return d
 
 
@@ -283,7 +308,7 @@ def assemble(a) -> dict:
                     "steps": {}, "not_run": [], **{k: getattr(a, k) for k in ("calib", "heldout", "calib_docs",
                                                                               "max_tokens")}},
            "results": {}}
-    parts = ["full", *(f"select:{m}" for m in a.methods), *("+".join(c) for c in CHAINS), CONTROL]
+    parts = ["full", *(f"select:{m}" for m in a.methods), *RUNS]
     for tw in a.twins.split(","):
         for keep in map(int, a.keep.split(",")):
             st = cell_settings(a, keep)
@@ -306,13 +331,13 @@ def main(argv=None) -> None:
     ap.add_argument("--keep", default="8,4,16", help="experts per MoE layer, in the order the cells are run")
     ap.add_argument("--domains", default="python,c,prose")
     ap.add_argument("--methods", default=",".join(SELECT), help=f"selection methods ({', '.join(SELECTORS)})")
+    ap.add_argument("--runs", default=",".join(RUNS), help="the repair runs to measure (and the control)")
     ap.add_argument("--calib", default="runs/corpus/train.jsonl")
     ap.add_argument("--heldout", default="training/data/heldout.jsonl")
     ap.add_argument("--calib-docs", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--distill-steps", type=per_keep, default=per_keep("8:40,4:20,16:20"),
-                    help="N, or steps per keep: 8:40,4:20,16:20")
-    ap.add_argument("--finetune-steps", type=per_keep, default=per_keep("8:40,4:20,16:20"))
+    ap.add_argument("--distill-steps", type=per_keep, default=20, help="N, or steps per keep: 8:40,4:20,16:20")
+    ap.add_argument("--finetune-steps", type=per_keep, default=20)
     ap.add_argument("--cells", type=Path, default=Path("runs/repair-report"), help="the per-cell cache")
     ap.add_argument("--json", default="reports/subset/repair.json")
     ap.add_argument("--md", default="reports/subset/repair.md")
@@ -320,6 +345,9 @@ def main(argv=None) -> None:
     ap.add_argument("--render", action="store_true", help="only assemble --json and --md from the cells")
     a = ap.parse_args(argv)
     a.methods = tuple(m for m in a.methods.split(",") if m)
+    a.runs = tuple(r for r in a.runs.split(",") if r)
+    if set(a.runs) - set(RUNS):
+        ap.error(f"--runs: unknown {sorted(set(a.runs) - set(RUNS))}; choose from {', '.join(RUNS)}")
     bad = [m for m in a.methods if m not in SELECTORS]
     if bad or "mean-prob" not in a.methods:
         ap.error(f"--methods: unknown {bad}" if bad else "--methods must include mean-prob (the repairs start from it)")
@@ -332,7 +360,7 @@ def main(argv=None) -> None:
                 for tw in a.twins.split(","):
                     for dom in a.domains.split(","):
                         run_cell(Cell(a.cells, tw, keep, dom, cell_settings(a, keep)), tw, dom, keep, a.methods,
-                                 Path(work))
+                                 a.runs, Path(work))
     res = assemble(a)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1))

@@ -58,10 +58,28 @@ def test_a_stopped_cell_continues_where_it_stopped_and_other_settings_start_it_a
     assert again["repair"]["distill"] == data["repair"]["distill"]
     assert again["repair"]["full+finetune"]["steps"] == 2
 
-    res, _ = report("--distill-steps", "3", "--finetune-steps", "2")  # other settings: the cell starts again
+    report("--distill-steps", "3", "--finetune-steps", "2")  # other steps: the selections stand, repairs redone
     third = json.loads(cell.read_text())
     assert third["settings"]["distill_steps"] == 3 and third["done"] == PARTS
-    assert third["select"]["reap"]["ppl"]["heldout"] != 12345.0
+    assert third["select"]["reap"]["ppl"]["heldout"] == 12345.0
+    assert third["repair"]["distill"]["steps"] == 3 and third["repair"]["full+finetune"]["steps"] == 2
+
+    report("--distill-steps", "3", "--finetune-steps", "2", "--max-tokens", "48")  # other data: all again
+    fourth = json.loads(cell.read_text())
+    assert fourth["settings"]["max_tokens"] == 48 and fourth["done"] == PARTS
+    assert fourth["select"]["reap"]["ppl"]["heldout"] != 12345.0
+
+
+def test_the_control_is_measured_once_per_twin_and_domain(tiny, tmp_path):
+    cell, report = tiny
+    report("--distill-steps", "2", "--finetune-steps", "2", "--runs", "distill+finetune,full+finetune")
+    res, md = report("--keep", "5", "--distill-steps", "3", "--finetune-steps", "2",
+                     "--runs", "distill+finetune,full+finetune")
+    other = json.loads((cell.parent / "tiny-5-prose.json").read_text())
+    assert other["repair"]["full+finetune"]["measured_in"] == cell.name
+    assert other["repair"]["full+finetune"]["ppl"] == json.loads(cell.read_text())["repair"]["full+finetune"]["ppl"]
+    assert res["meta"]["not_run"] == ["tiny twin keep 5 prose: merge+distill+finetune, finetune"]
+    assert "| tiny twin | 5 | 3/2 | prose |" in md
 
 
 def test_render_lists_cells_never_run(tiny, tmp_path):
