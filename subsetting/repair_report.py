@@ -234,6 +234,60 @@ def _ratio(r: dict | None, col: str, s: str) -> float | None:
     return ent["ppl"][s] / r["full"][s] if ent else None
 
 
+def geo_means(res: dict) -> dict[tuple[str, str], dict[str, dict[str, float | None]]]:
+    """{(twin, keep): {split: {column: geometric mean over the domains, None unless all measured}}}."""
+    cols = [*res["meta"]["methods"], *COLUMNS, CONTROL]
+    out = {}
+    for tw, per in res["results"].items():
+        for keep, cells in per.items():
+            out[(tw, keep)] = {}
+            for s in ("thirdparty", "heldout"):
+                vals = {c: [_ratio(cells.get(d), c, s) for d in res["meta"]["domains"]] for c in cols}
+                out[(tw, keep)][s] = {c: None if None in v else geo(v) for c, v in vals.items()}
+    return out
+
+
+def reading(gm: dict, meta: dict) -> list[str]:
+    """The issue's questions answered from the figures (third-party text, geometric means)."""
+    lines = ["## Reading the figures\n"]
+    repairs = [*COLUMNS]
+    for keep in meta["steps"]:
+        std, emo = gm.get(("std", keep), {}).get("thirdparty"), gm.get(("emo", keep), {}).get("thirdparty")
+        if std and std["mean-prob"] is not None:
+            done = {c: std[c] for c in repairs if std.get(c) is not None}
+            if done:
+                best = min(done, key=done.get)
+                lines.append(f"- Standard twin, keep {keep}: mean-prob {std['mean-prob']:.2f}x; best repair {best} "
+                             f"{done[best]:.2f}x ({'within' if done[best] <= 1.3 else 'above'} the 1.3x target); "
+                             + (f"the full model fine-tuned alike {std[CONTROL]:.2f}x." if std.get(CONTROL) is not None
+                                else "control not run."))
+        if emo and std and emo["mean-prob"] is not None:
+            same = [c for c in repairs if emo.get(c) is not None]
+            worse = [c for c in same if emo[c] > emo["mean-prob"] + 0.005]
+            lines.append(f"- EMO twin, keep {keep}: mean-prob {emo['mean-prob']:.2f}x; with the same steps "
+                         + ", ".join(f"{c} {emo[c]:.2f}x" for c in same)
+                         + (f" (worse than mean-prob: {', '.join(worse)})" if worse else "")
+                         + (f"; full model fine-tuned alike {emo[CONTROL]:.2f}x." if emo.get(CONTROL) is not None
+                            else "."))
+    return lines
+
+
+def bench_section(path: Path) -> list[str]:
+    """The OLMoE-shaped checkpoint's repair cost, from benchmarks/bench_repair.py's --json."""
+    if not path.is_file():
+        return []
+    b = json.loads(path.read_text())
+    out = ["## Cost on an OLMoE-shaped 4-layer checkpoint\n",
+           f"`benchmarks/bench_repair.py` (its own run, not this one; raw: `{path}`): OLMoE-1B-7B's shapes "
+           f"with 4 layers, random bf16 weights, {b['checkpoint_gib']} GiB; keep {b['keep']}, {b['steps']} "
+           f"steps of one {b['ctx']}-token sequence, {b['threads']} threads. Whole build {b['build_seconds']:.0f} s, "
+           f"peak RSS {b['child_peak_rss_gib']} GiB.\n", "| step | seconds | peak RSS (GiB) | tokens/s |",
+           "|---|---|---|---|"]
+    out += [f"| {r['step']} | {r['seconds']} | {r['peak_rss_gib']} | {r['tokens_per_second'] or '-'} |"
+            for r in b["repair"]]
+    return out + [""]
+
+
 def markdown(res: dict) -> str:
     meta = res["meta"]
     cols = [*meta["methods"], *COLUMNS, CONTROL]
@@ -256,6 +310,15 @@ def markdown(res: dict) -> str:
 
     def fmt(v):
         return "not run" if v is None else f"{v:.2f}x"
+
+    gm = geo_means(res)
+    out += ["## Summary: third-party text, geometric mean over " + ", ".join(doms) + "\n",
+            "| twin | keep | steps | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for (tw, keep), v in gm.items():
+        st = meta["steps"][keep]
+        out.append(f"| {TWINS[tw][0]} | {keep} | {st['distill']}/{st['finetune']} | "
+                   + " | ".join(fmt(v["thirdparty"][c]) for c in cols) + " |")
+    out += ["", *reading(gm, meta), ""]
 
     for s, title in (("thirdparty", "Third-party text"), ("heldout", "Held-out split")):
         out += [f"## {title}: perplexity ratio (profile / full)\n",
@@ -283,7 +346,7 @@ def markdown(res: dict) -> str:
             keys = [k for c in (*CHAINS, ("full", "finetune")) for k in ("+".join(c[: n + 1]) for n in range(len(c)))]
             for key in keys:
                 ents = [c["repair"][key] for c in cells.values() if key in c.get("repair", {})
-                        and "seconds" in c["repair"][key]]
+                        and "seconds" in c["repair"][key] and "measured_in" not in c["repair"][key]]
                 if not ents:
                     continue
                 run, step = key.rsplit("+", 1) if "+" in key else ("", key)
@@ -298,12 +361,13 @@ def markdown(res: dict) -> str:
                 out.append(f"| {TWINS[tw][0]} | {keep} | {run} | {step} | {ents[0].get('steps', '-')} | "
                            f"{mean('seconds'):.1f} | {max(e['peak_rss_bytes'] for e in ents) / 1e6:.0f} | "
                            f"{'-' if tps is None else f'{tps:.0f}'} | {loss} |")
+    out += ["", *bench_section(Path(meta["bench"]))] if meta.get("bench") else []
     return "\n".join(out) + "\n"
 
 
 def assemble(a) -> dict:
     """The report's json from the cell files (no measuring)."""
-    res = {"meta": {"date": time.strftime("%Y-%m-%d"), "cells": str(a.cells), "note": a.note,
+    res = {"meta": {"date": time.strftime("%Y-%m-%d"), "cells": str(a.cells), "note": a.note, "bench": a.bench,
                     "methods": list(a.methods), "domains": a.domains.split(","), "cell_seconds": 0.0,
                     "steps": {}, "not_run": [], **{k: getattr(a, k) for k in ("calib", "heldout", "calib_docs",
                                                                               "max_tokens")}},
@@ -341,6 +405,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cells", type=Path, default=Path("runs/repair-report"), help="the per-cell cache")
     ap.add_argument("--json", default="reports/subset/repair.json")
     ap.add_argument("--md", default="reports/subset/repair.md")
+    ap.add_argument("--bench", default="reports/subset/bench_repair.json",
+                    help="benchmarks/bench_repair.py's --json, quoted in the report when it exists")
     ap.add_argument("--note", default="", help="a line about the run for the report's header")
     ap.add_argument("--render", action="store_true", help="only assemble --json and --md from the cells")
     a = ap.parse_args(argv)
