@@ -377,15 +377,18 @@ def assemble(a) -> dict:
         for keep in map(int, a.keep.split(",")):
             st = cell_settings(a, keep)
             res["meta"]["steps"][str(keep)] = {"distill": st["distill_steps"], "finetune": st["finetune_steps"]}
+            missing = {}
             for dom in a.domains.split(","):
                 c = Cell(a.cells, tw, keep, dom, st)
-                missing = [p for p in parts if not c.done(p)]
-                if missing:
-                    res["meta"]["not_run"].append(f"{TWINS[tw][0]} keep {keep} {dom}: "
-                                                  + ("all" if len(missing) == len(parts) else ", ".join(missing)))
+                m = [p for p in parts if not c.done(p)]
+                missing[dom] = "all" if len(m) == len(parts) else ", ".join(m)
                 if c.data["done"]:
                     res["results"].setdefault(tw, {}).setdefault(str(keep), {})[dom] = c.data
                     res["meta"]["cell_seconds"] += c.data["seconds"]
+            same = set(missing.values())
+            if len(missing) > 1 and same == {next(iter(same))}:
+                missing = {"every domain": next(iter(same))}
+            res["meta"]["not_run"] += [f"{TWINS[tw][0]} keep {keep} {dom}: {m}" for dom, m in missing.items() if m]
     return res
 
 
