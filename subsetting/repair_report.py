@@ -257,8 +257,10 @@ def reading(gm: dict, meta: dict) -> list[str]:
             done = {c: std[c] for c in repairs if std.get(c) is not None}
             if done:
                 best = min(done, key=done.get)
+                share = (done[best] - 1) / (std["mean-prob"] - 1) if std["mean-prob"] > 1 else float("nan")
                 lines.append(f"- Standard twin, keep {keep}: mean-prob {std['mean-prob']:.2f}x; best repair {best} "
-                             f"{done[best]:.2f}x ({'within' if done[best] <= 1.3 else 'above'} the 1.3x target); "
+                             f"{done[best]:.2f}x, its excess over full {share:.0%} of mean-prob's "
+                             f"({'within' if done[best] <= 1.3 else 'above'} 1.3x; the goal: at most half); "
                              + (f"the full model fine-tuned alike {std[CONTROL]:.2f}x." if std.get(CONTROL) is not None
                                 else "control not run."))
         if emo and std and emo["mean-prob"] is not None:
