@@ -340,7 +340,9 @@ def markdown(res: dict) -> str:
                     "not run" if None in v else f"**{geo(v):.2f}x**" for v in ratios.values()) + " |")
         out.append("")
     out += ["## Cost of each repair step\n",
-            "Mean over the domains measured (peak RSS: the largest), in the process that ran the cell.\n",
+            "Mean over the domains measured (peak RSS: the largest), in the process that ran the cell. Loss first "
+            "-> last: the mean over the first and the last 10% of the steps, on different batches (at 20 steps, "
+            "two batches each: noisy; the perplexities above are the measure).\n",
             "| twin | keep | run | step | steps | seconds | peak RSS (MB) | tokens/s | loss first -> last |",
             "|---|---|---|---|---|---|---|---|---|"]
     for tw, per in res["results"].items():
