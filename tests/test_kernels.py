@@ -310,3 +310,19 @@ def test_quantized_profile_through_the_native_path(tmp_path, monkeypatch):
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
         e = fused.weights.layers[0].experts.experts[0]
         assert e.gate._held == []  # never repacked: the kernels read the mapped bytes
+
+
+def test_a_stale_build_is_refused_with_a_message(monkeypatch, capsys):
+    """An extension built from older sources (editable install, sources pulled, not rebuilt) lacks what the
+    Python side calls: it is refused with a message naming the rebuild, and the torch path runs."""
+    from modeling.kernels import native
+
+    monkeypatch.setattr(EXT, "ABI", native.ABI - 1)
+    native.extension.cache_clear()
+    try:
+        assert native.extension() is None
+        assert "older sources" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        native.extension.cache_clear()
+        assert native.extension() is EXT
