@@ -72,6 +72,11 @@ class Family:
         """The attention window of each layer (None: full causal attention)."""
         return [None] * num_layers
 
+    def layer_types(self, d: dict, num_layers: int, windows: list[int | None]) -> list[str]:
+        """The attention kind of each layer (a key of `modeling.attention.ATTENTION_KINDS`).
+        Default: grouped-query attention, sliding where the layer has a window."""
+        return ["full_attention" if w is None else "sliding_attention" for w in windows]
+
     def parse_extra(self, d: dict) -> dict[str, Any]:
         """Family-specific settings kept on `ModelConfig.extra` (for later families)."""
         return {}
