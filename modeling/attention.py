@@ -21,6 +21,7 @@ so the native CPU kernels and int8 serve every kind.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -253,10 +254,125 @@ def prefill_attention(q: Tensor, keys: Tensor, vals: Tensor, start: int, first: 
     return out.reshape(h, n, Dv)
 
 
+class MultiHeadLatentAttention(Attention):
+    """DeepSeek's multi-head latent attention (MLA; DeepSeek-V2/V3, Kimi-K2, GLM-4.7-Flash),
+    as transformers' DeepseekV3Attention computes it.
+
+    Queries come through a low-rank pair (`q_a_proj`, RMSNorm, `q_b_proj`) or one
+    `q_proj` when `q_lora_rank` is None. Keys and values are compressed to a latent
+    of `kv_lora_rank` (`kv_a_proj_with_mqa`, RMSNorm) plus one shared rotary key of
+    `qk_rope_head_dim` (decoupled RoPE, interleaved pairs when `rope_interleave`).
+    The cache keeps only that: latent and rotary key per position (a `KVState` of one
+    "head", kv_lora_rank + qk_rope_head_dim wide), 576 values per position and layer for
+    DeepSeek-V3 against 2 x 128 x 192 for the keys and values it expands to.
+    `kv_b_proj` expands the cached latents to per-head keys (nope part) and values at
+    attention time. The softmax scale is qk_head_dim ** -0.5, times mscale^2 for YaRN
+    with `mscale_all_dim` (transformers' `yarn_apply_mscale`)."""
+
+    roles = ("q", "q_a", "q_a_bias", "q_a_norm", "q_b", "kv_a", "kv_a_bias", "kv_a_norm", "kv_b", "o", "o_bias")
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        m = cfg.extra["mla"]
+        self.heads = cfg.num_heads
+        self.q_rank, self.kv_rank = m["q_lora_rank"], m["kv_lora_rank"]
+        self.nope, self.rope, self.v_dim = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"]
+        self.interleave = m["rope_interleave"]
+        self.rope_dim = m["rope_head_dim"]  # rope_tables(cfg.rope, rope_dim) rotates exactly qk_rope_head_dim dims
+        self.scale = mla_softmax_scale(cfg, self.nope + self.rope)
+
+    def specs(self, names: TensorNames) -> list[TensorSpec]:
+        cfg, i, H, n = self.cfg, self.layer, self.cfg.hidden_size, self.heads
+        bias = cfg.attention_bias
+        out = []
+        if self.q_rank is None:
+            out.append(TensorSpec("q", names.mla(i, "q_proj"), (n * (self.nope + self.rope), H)))
+        else:
+            out += [TensorSpec("q_a", names.mla(i, "q_a_proj"), (self.q_rank, H))]
+            out += [TensorSpec("q_a_bias", names.mla(i, "q_a_proj", "bias"), (self.q_rank,))] if bias else []
+            out += [TensorSpec("q_a_norm", names.mla(i, "q_a_layernorm"), (self.q_rank,)),
+                    TensorSpec("q_b", names.mla(i, "q_b_proj"), (n * (self.nope + self.rope), self.q_rank))]
+        out += [TensorSpec("kv_a", names.mla(i, "kv_a_proj_with_mqa"), (self.kv_rank + self.rope, H))]
+        out += [TensorSpec("kv_a_bias", names.mla(i, "kv_a_proj_with_mqa", "bias"), (self.kv_rank + self.rope,))] if bias else []
+        out += [TensorSpec("kv_a_norm", names.mla(i, "kv_a_layernorm"), (self.kv_rank,)),
+                TensorSpec("kv_b", names.mla(i, "kv_b_proj"), (n * (self.nope + self.v_dim), self.kv_rank)),
+                TensorSpec("o", names.mla(i, "o_proj"), (H, n * self.v_dim))]
+        out += [TensorSpec("o_bias", names.mla(i, "o_proj", "bias"), (H,))] if bias else []
+        return out
+
+    def read(self, reader, names: TensorNames) -> AttentionWeights:
+        from .safetensors_io import CheckpointError
+
+        try:
+            return super().read(reader, names)
+        except CheckpointError as e:  # say which config keys the shapes come from
+            raise CheckpointError(f"{e} (MLA: q_lora_rank {self.q_rank}, kv_lora_rank {self.kv_rank}, "
+                                  f"qk_nope_head_dim {self.nope}, qk_rope_head_dim {self.rope}, "
+                                  f"v_head_dim {self.v_dim}, {self.heads} heads)") from None
+
+    def new_state(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> KVState:
+        # "keys": the normed latent [1, L, kv_lora_rank]; "values": the rotated shared key [1, L, qk_rope_head_dim]
+        return KVState(num_slots, 1, max_len, self.kv_rank, self.rope, dtype, device)
+
+    def state_bytes(self, num_slots: int, max_len: int, itemsize: int) -> int:
+        return num_slots * max_len * (self.kv_rank + self.rope) * itemsize
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if not self.interleave:
+            return apply_rope(x, cos, sin)
+        # DeepSeek's interleaved pairs (x0, x1), (x2, x3), ... each rotated by one frequency; the
+        # result is laid out de-interleaved, as transformers' apply_rotary_pos_emb_interleave
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half].to(x.dtype), sin[..., :half].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+    def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: KVState,
+                linear: Linear) -> Tensor:
+        eps = self.cfg.rms_norm_eps
+        T, n = h.shape[0], self.heads
+        if self.q_rank is None:
+            q = linear(h, w.q)
+        else:
+            q = linear(rms_norm(linear(h, w.q_a, w.q_a_bias), w.q_a_norm, eps), w.q_b)
+        q = q.view(T, n, self.nope + self.rope).transpose(0, 1)  # [heads, T, qk_head_dim]
+        q = torch.cat([q[..., :self.nope], self._rotate(q[..., self.nope:], cos, sin)], dim=-1)
+        ckv = linear(h, w.kv_a, w.kv_a_bias)
+        latent = rms_norm(ckv[:, :self.kv_rank], w.kv_a_norm, eps)[None]  # [1, T, kv_lora_rank]
+        k_rot = self._rotate(ckv[None, :, self.kv_rank:], cos, sin)  # [1, T, qk_rope_head_dim]
+        out = torch.empty(n, T, self.v_dim, dtype=q.dtype, device=q.device)
+        off = 0
+        for slot, s, m in zip(batch.slots, batch.starts, batch.counts):
+            lat, rot, _ = state.write(slot, s, latent[:, off:off + m], k_rot[:, off:off + m])
+            L = lat.shape[1]
+            kv = linear(lat[0], w.kv_b).view(L, n, self.nope + self.v_dim).transpose(0, 1)  # [heads, L, .]
+            keys = torch.cat([kv[..., :self.nope], rot.expand(n, L, self.rope)], dim=-1)
+            vals = kv[..., self.nope:]
+            qs = q[:, off:off + m]
+            if m == 1:
+                out[:, off] = decode_attention(qs[:, 0], keys, vals, None, self.scale)
+            else:
+                out[:, off:off + m] = prefill_attention(qs, keys, vals, s, 0, None, None, self.scale)
+            off += m
+        return linear(out.transpose(0, 1).reshape(T, n * self.v_dim), w.o, w.o_bias)
+
+
+def mla_softmax_scale(cfg: ModelConfig, qk_head_dim: int) -> float:
+    """qk_head_dim ** -0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' yarn_apply_mscale)."""
+    scale = qk_head_dim ** -0.5
+    p = cfg.rope.params
+    if cfg.rope.type != "default" and p.get("mscale_all_dim"):
+        factor = float(p["factor"])
+        mscale = 0.1 * float(p["mscale_all_dim"]) * math.log(factor) + 1.0 if factor > 1 else 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
 # layer-type word -> module class. A new kind is one more entry (and its words in a family's layer_types).
 ATTENTION_KINDS: dict[str, type[Attention]] = {
     "full_attention": GroupedQueryAttention,
     "sliding_attention": GroupedQueryAttention,
+    "mla": MultiHeadLatentAttention,
 }
 
 
