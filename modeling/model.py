@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
 from .layers import rms_norm, rope_tables
 from .kernels import Kernels
+from .fp8 import Fp8Matrix
 from .mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
@@ -101,7 +102,9 @@ class Transformer:
         assert len(dims) <= 1, f"attention modules disagree on the RoPE width: {dims}"
         self.rope_dim = dims.pop() if dims else None
 
-    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
+            return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
 
     # -- pools -----------------------------------------------------------------

@@ -106,7 +106,9 @@ class TensorNames:
                self.fused_gate_up(i), self.fused_down(i), self.router_logit_bias(i)}
         out.update(self.stacked(i, p, k) for p in ("gate_up", "down") for k in ("bias", "blocks", "scales"))
         for j in range(num_experts):
-            out.update(self.expert_tensor_names(i, j))
+            per = self.expert_tensor_names(i, j)
+            out.update(per)
+            out.update(n + "_scale_inv" for n in per)  # block-scaled FP8 experts (modeling.fp8)
         return out
 
 
