@@ -85,6 +85,7 @@ class ModelConfig:
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
     expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2-style, FlexOlmo)
     fp8_block: tuple[int, int] | None = None  # block-scaled FP8 weights (quantization_config quant_method fp8)
     extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -258,6 +259,7 @@ class ModelConfig:
             sliding_windows=windows,
             layer_types=layer_types,
             fp8_block=fp8_block,
+            norm_placement=fam.norm_placement,
             attention_sinks=fam.attention_sinks,
             router_logit_bias=fam.router_logit_bias,
             expert_mlp=fam.expert_mlp,

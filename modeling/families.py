@@ -55,6 +55,9 @@ class Family:
     # experts: "swiglu" down(silu(gate x) * up x), or "clamped_swiglu" (gpt-oss: gate/up interleaved, biases,
     # gate clamped above at swiglu_limit, up to +-limit, gate * sigmoid(alpha gate) * (up + 1))
     expert_mlp: str = "swiglu"
+    # where a layer's two RMSNorms sit: "pre" (x + f(norm(x)), names' attn_norm / mlp_norm before each block)
+    # or "post" (x + norm(f(x)), OLMo2-style: the norms after attention and after the MLP)
+    norm_placement: str = "pre"
     # defaults of the family's config class, for keys a config.json leaves out
     defaults: dict[str, Any] = field(default_factory=dict)
     # profiles keeping the same count per MoE layer use the family's own keys (stock tools load them)

@@ -178,15 +178,26 @@ class Transformer:
         return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
 
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
-        """x + attention(RMSNorm(x)) for layer i, by the layer's attention module, which
-        writes the batch's state (keys and values, ...) to `cache`."""
-        lw = self.w.layers[i]
-        h = rms_norm(x, lw.attn_norm, self.cfg.rms_norm_eps)
+        """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
+        by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
+        lw, eps = self.w.layers[i], self.cfg.rms_norm_eps
+        if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
+            return x + rms_norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
+                                lw.attn_norm, eps)
+        h = rms_norm(x, lw.attn_norm, eps)
         return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
-        """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
+        """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the
+        family norms the MLP's output instead (norm_placement "post")."""
+        if self.cfg.norm_placement == "post":
+            return x
         return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+
+    def _mlp_output(self, i: int, y: Tensor) -> Tensor:
+        if self.cfg.norm_placement == "post":
+            return rms_norm(y, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return y
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
                   h: Tensor | None = None) -> tuple[Tensor, Route | None]:
@@ -196,9 +207,9 @@ class Transformer:
         lw = self.w.layers[i]
         h = self.mlp_input(i, x) if h is None else h
         if lw.experts is None:
-            return x + self._dense(lw, h), None
+            return x + self._mlp_output(i, self._dense(lw, h)), None
         y, r = self.moe(i, h, allowed, collect)
-        return x + y, r
+        return x + self._mlp_output(i, y), r
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
