@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DEEPSEEK_V3_NAMES, EMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
+from .names import DEEPSEEK_V3_NAMES, EMO_NAMES, FLEX_OLMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
 
 
 class FamilyConfigError(ValueError):
@@ -223,3 +223,8 @@ register(_Glm4MoeLite("glm4_moe_lite", GLM4_MOE_LITE_NAMES, "Glm4MoeLiteForCausa
                                 "topk_group": 1, "routed_scaling_factor": 1.8, "q_lora_rank": 768,
                                 "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 256,
                                 "qk_nope_head_dim": 192, "rope_interleave": True}))
+# FlexOlmo (AllenAI): experts trained apart on each data owner's domain; OLMo2 blocks (post-norm), q/k norm
+# over the whole projection, softmax top-k routing.
+register(Family("flex_olmo", FLEX_OLMO_NAMES, "FlexOlmoForCausalLM", shared="none", qk_norm="proj",
+                norm_placement="post", gguf_arch=None,
+                defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": False}))

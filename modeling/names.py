@@ -118,5 +118,7 @@ QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
 GLM4_MOE_NAMES = TensorNames("glm4_moe")
 GPT_OSS_NAMES = TensorNames("gpt_oss", router_name="router", stacked_experts=True)
 MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))
+# FlexOlmo (OLMo2 blocks): the layer's norms sit after attention and after the MLP
+FLEX_OLMO_NAMES = TensorNames("flex_olmo", "post_attention_layernorm", "post_feedforward_layernorm")
 DEEPSEEK_V3_NAMES = TensorNames("deepseek_v3")
 GLM4_MOE_LITE_NAMES = TensorNames("glm4_moe_lite")

@@ -86,6 +86,9 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                                    kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                                    v_head_dim=6, attention_bias=True, rope_interleave=True,
                                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # FlexOlmo: OLMo2 post-norm blocks (norms after attention and after the MoE), q/k norm over the projection.
+    "flex_olmo": ("FlexOlmoConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                            norm_topk_prob=False, attention_bias=True)),
     "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                                      clip_qkv=None)),
 }

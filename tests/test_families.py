@@ -63,7 +63,7 @@ def test_fused_expert_layout_reads_the_same(checkpoints, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe", "gpt_oss", "deepseek_v3",
-                                  "deepseek_v3-yarn", "glm4_moe_lite"])
+                                  "deepseek_v3-yarn", "glm4_moe_lite", "flex_olmo"])
 def test_ragged_batch_and_kv_cache_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
     seqs = [IDS[:9], IDS[2:5], IDS]
