@@ -218,6 +218,9 @@ register(_Mla("deepseek_v3", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_
                         "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3,
                         "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 128,
                         "qk_nope_head_dim": 128, "rope_interleave": True}))
+# Kimi-K2 (moonshotai) ships DeepSeek-V3's layout under its own model_type (config and modeling as remote code)
+register(_Mla("kimi_k2", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_MOE, gguf_arch="deepseek2",
+              defaults=FAMILIES["deepseek_v3"].defaults))
 register(_Glm4MoeLite("glm4_moe_lite", GLM4_MOE_LITE_NAMES, "Glm4MoeLiteForCausalLM", **_MLA_MOE,
                       gguf_arch="deepseek2",
                       defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1, "n_group": 1,
