@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Attention, attention_modules
+from .attention import Attention, LayerOps, attention_modules
 from .cache import KVCache
 from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers import rms_norm, rope_tables
+from .layers import rope_tables
 from .kernels import Kernels
 from .fp8 import Fp8Matrix
 from .mxfp4 import DequantCache
@@ -96,6 +96,7 @@ class Transformer:
         self.kernels = Kernels(device, int8, compile_decode)
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
+        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
         self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
         # the RoPE tables embed() computes: one width for the modules that rotate (None: none does)
         dims = {a.rope_dim for a in self.attention if a.rope_dim is not None}
@@ -106,6 +107,9 @@ class Transformer:
         if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
             return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
 
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
@@ -139,13 +143,14 @@ class Transformer:
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        x, cos, sin = self.embed(batch)
-        routes: list[Route | None] = []
-        collect = collect_router_probs or collect_routes
-        for i in range(len(self.w.layers)):
-            x = self.attention_block(i, x, cos, sin, batch, cache)
-            x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
-            routes.append(r)
+        with self.kernels.small_step(T):
+            x, cos, sin = self.embed(batch)
+            routes: list[Route | None] = []
+            collect = collect_router_probs or collect_routes
+            for i in range(len(self.w.layers)):
+                x = self.attention_block(i, x, cos, sin, batch, cache)
+                x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
+                routes.append(r)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -180,23 +185,21 @@ class Transformer:
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
         """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
         by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
-        lw, eps = self.w.layers[i], self.cfg.rms_norm_eps
+        lw, attn = self.w.layers[i], self.attention[i]
         if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
-            return x + rms_norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
-                                lw.attn_norm, eps)
-        h = rms_norm(x, lw.attn_norm, eps)
-        return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
+            return x + self._norm(attn.forward(lw.attn, x, cos, sin, batch, cache[i], self.ops), lw.attn_norm)
+        return x + attn.forward(lw.attn, self._norm(x, lw.attn_norm), cos, sin, batch, cache[i], self.ops)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
         """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the
         family norms the MLP's output instead (norm_placement "post")."""
         if self.cfg.norm_placement == "post":
             return x
-        return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return self._norm(x, self.w.layers[i].mlp_norm)
 
     def _mlp_output(self, i: int, y: Tensor) -> Tensor:
         if self.cfg.norm_placement == "post":
-            return rms_norm(y, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+            return self._norm(y, self.w.layers[i].mlp_norm)
         return y
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
@@ -213,7 +216,7 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -241,8 +244,8 @@ class Transformer:
         rule, le = self.cfg.routing, self.w.layers[i].experts
         if rule.router_float32:
             logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
-        else:
-            logits = F.linear(h, le.router, le.logit_bias)
+        else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
+            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
         return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
                      bias=le.bias, groups=le.group_ids)
 
