@@ -151,12 +151,15 @@ def test_one_row_products_agree_streamed_and_tiled(isa, bits):
     mat = EXT.dense(w, "w") if bits == 16 else native_matrix(EXT, w, "w")
     x = torch.randn(1, K, generator=g).bfloat16()
     streamed = EXT.linear(x, mat).float()
-    EXT.set_decode_streams(False)
     try:
+        EXT.set_decode_streams(0)
         tiled = EXT.linear(x, mat).float()
+        EXT.set_decode_streams(2)
+        paired = EXT.linear(x, mat).float()
     finally:
-        EXT.set_decode_streams(True)
+        EXT.set_decode_streams(1)
     torch.testing.assert_close(streamed, tiled, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(paired, tiled, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
