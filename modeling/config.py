@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, Family, FamilyConfigError
-from .layers import ROPE_TYPES, RopeConfig
+from .quant.fp8 import Fp8Error, parse_fp8_config
+from .layers.blocks import ROPE_TYPES, RopeConfig
 from .names import TensorNames
-from .routing import RoutingRule
+from .layers.routing import RoutingRule
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -79,9 +80,13 @@ class ModelConfig:
     o_bias: bool = False  # o_proj bias
     rope: RopeConfig = field(default_factory=RopeConfig)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None: full attention
+    # per layer: the attention kind (modeling.layers.attention.ATTENTION_KINDS), e.g. "full_attention"
+    layer_types: list[str] = field(default_factory=list)
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
     expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2-style, FlexOlmo)
+    fp8_block: tuple[int, int] | None = None  # block-scaled FP8 weights (quantization_config quant_method fp8)
     extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     source: str = "<dict>"
@@ -91,6 +96,8 @@ class ModelConfig:
             self.routing = RoutingRule(top_k=self.top_k, renormalise=self.norm_topk_prob)
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
+        if not self.layer_types:
+            self.layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.sliding_windows]
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -205,8 +212,18 @@ class ModelConfig:
         try:
             extra = fam.parse_extra(d)
             windows = fam.sliding_windows(d, L)
-        except FamilyConfigError as e:
+            layer_types = fam.layer_types(d, L, windows)
+            fp8_block = parse_fp8_config(d.get("quantization_config"))
+        except (FamilyConfigError, Fp8Error) as e:
             raise ConfigError(f"{source}: {e}") from None
+        from .layers.attention import ATTENTION_KINDS
+
+        if len(layer_types) != L:
+            raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {L} layers")
+        bad = sorted({t for t in layer_types if t not in ATTENTION_KINDS})
+        if bad:
+            raise ConfigError(f"{source}: unknown layer type {bad[0]!r} in 'layer_types'; supported: "
+                              f"{', '.join(ATTENTION_KINDS)}")
 
         return cls(
             model_type=mt,
@@ -240,6 +257,9 @@ class ModelConfig:
             o_bias=attention_bias and fam.o_bias,
             rope=rope,
             sliding_windows=windows,
+            layer_types=layer_types,
+            fp8_block=fp8_block,
+            norm_placement=fam.norm_placement,
             attention_sinks=fam.attention_sinks,
             router_logit_bias=fam.router_logit_bias,
             expert_mlp=fam.expert_mlp,

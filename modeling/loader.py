@@ -13,14 +13,16 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
-from .mxfp4 import DequantCache
-from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
-from .profile import ProfileManifest, base_identity
-from .safetensors_io import CheckpointFiles
+from .quant.fp8 import Fp8Matrix
+from .quant.mxfp4 import DequantCache
+from .layers.cache import KVCache
+from .model import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
+from .io.profile import ProfileManifest, base_identity
+from .io.safetensors_io import CheckpointFiles
 from .decoding import DecodeState
 from .sampling import SamplingParams, logprobs_of, sample_next
 from .tokenizer import Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
+from .io.weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -198,7 +200,8 @@ class Model:
     def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
         """Views of a mapped source's tensors, read with that source's own quantization."""
         return _Reader(files, self.dtype, self.device,
-                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                       cfg.fp8_block)
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
         le = self.weights.layers[layer].experts
@@ -208,8 +211,7 @@ class Model:
         w = self.weights
         ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
         for lw in w.layers:
-            ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias, lw.sinks) if t is not None]
+            ts += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             if lw.experts is not None:
                 ts.append(lw.experts.router)
                 if lw.experts.logit_bias is not None:
@@ -222,15 +224,14 @@ class Model:
 
     def pin(self, pool: Pool | None = None) -> dict:
         """Keep in memory what serving `pool` ({layer: original ids}; None: every loaded
-        expert) reads: the base weights and those experts (`modeling.pinning`).
+        expert) reads: the base weights and those experts (`modeling.io.pinning`).
         Quantized matrices are repacked now (their kernel copies are anonymous memory)."""
-        from .pinning import pin
+        from .io.pinning import pin
 
         w = self.weights
         mats: list = [w.embed, w.final_norm, w.lm_head]
         for i, lw in enumerate(w.layers):
-            mats += [lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                     lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias]
+            mats += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             for e in (lw.dense, lw.shared_mlp):
                 if e is not None:
                     mats += e.matrices()
@@ -248,7 +249,7 @@ class Model:
             if isinstance(m, PackedLinear) and not native:
                 m.prepare(self.dtype)
                 repacked += 1
-            elif isinstance(m, PackedLinear):
+            elif isinstance(m, (PackedLinear, Fp8Matrix)):  # as stored: FP8 bytes and scales
                 tensors += m.tensors()
             elif m is not None:
                 tensors.append(m)

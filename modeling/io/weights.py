@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
-from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
-from .names import TensorNames
-from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
+from ..layers.attention import AttentionWeights, attention_modules
+from ..config import ModelConfig
+from ..quant.fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
+from ..quant.mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
+from ..names import TensorNames
+from ..quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 PROFILE_FILE = "profile.json"
@@ -62,7 +64,7 @@ class Expert:
     def tensors(self) -> list[Tensor]:
         """Every stored tensor of the expert (MXFP4 blocks and scales as stored; a
         compressed-tensors matrix's views, or its repacked copy once used)."""
-        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, (PackedLinear, Fp8Matrix)) else [m])]
         return ts + self._extra_tensors()
 
     def nbytes(self) -> int:
@@ -79,9 +81,9 @@ class Expert:
         return gu, dn
 
 
-def weight_bytes(t: Tensor | PackedLinear) -> int:
+def weight_bytes(t: Tensor | PackedLinear | Fp8Matrix) -> int:
     """Bytes a weight takes in its checkpoint (a quantized one: packed values, scales, zero points)."""
-    return t.nbytes() if isinstance(t, PackedLinear) else t.numel() * t.element_size()
+    return t.nbytes() if isinstance(t, (PackedLinear, Fp8Matrix)) else t.numel() * t.element_size()
 
 
 @dataclass
@@ -139,22 +141,18 @@ class LayerExperts:
 @dataclass
 class LayerWeights:
     attn_norm: Tensor
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    o: Tensor
+    attn: "AttentionWeights"  # the layer's attention module's tensors (modeling.layers.attention)
     mlp_norm: Tensor
-    q_norm: Tensor | None = None
-    k_norm: Tensor | None = None
-    q_bias: Tensor | None = None
-    k_bias: Tensor | None = None
-    v_bias: Tensor | None = None
-    o_bias: Tensor | None = None
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
     shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
-    sinks: Tensor | None = None  # [heads] attention sink logits (gpt-oss)
+
+    def __getattr__(self, role: str):
+        # lw.q, lw.sinks, ...: the attention tensors by role, for readers written before the modules
+        if role.startswith("__") or role == "attn":
+            raise AttributeError(role)
+        return getattr(self.attn, role)
 
 
 @dataclass
@@ -174,8 +172,9 @@ class _Reader:
     `PackedLinear` over views of those tensors."""
 
     def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device,
-                 quant: CheckpointQuantization | None = None):
+                 quant: CheckpointQuantization | None = None, fp8_block: tuple[int, int] | None = None):
         self.files, self.dtype, self.device, self.quant = files, dtype, device, quant
+        self.fp8_block = fp8_block  # block-scaled FP8 checkpoints (modeling.quant.fp8): weights kept as stored
         self.mapped = [r for f in files.files.values() if (r := f.address_range()) is not None]
 
     def has(self, name: str) -> bool:
@@ -188,7 +187,24 @@ class _Reader:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"{self.files.file_of(name)}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if t.dtype in FP8_DTYPES:
+            return self.fp8(name, t)
         return self.convert(t)
+
+    def fp8(self, name: str, t: Tensor) -> Fp8Matrix:
+        """An FP8 weight and its block scales as stored (dequantized per use, `Fp8Matrix.dequantize`)."""
+        where = self.files.file_of(name)
+        if self.fp8_block is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, but config.json has no "
+                                  f"quantization_config with quant_method 'fp8'")
+        scale = self.files.get(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in self.files else None
+        try:
+            m = fp8_matrix(name, t, scale, self.fp8_block)
+        except Fp8Error as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if self.device.type != "cpu":
+            m = Fp8Matrix(m.weight.to(self.device), m.scale_inv.to(self.device), m.block)
+        return m
 
     def convert(self, t: Tensor) -> Tensor:
         if t.dtype != self.dtype:
@@ -367,36 +383,17 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
 def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     """Views of every tensor the config calls for, shapes checked against it."""
-    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                cfg.fp8_block)
     n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
-    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     embed = r.get(n.embed, (V, H))
     lm_head = embed if cfg.tie_word_embeddings and n.lm_head not in files else r.get(n.lm_head, (V, H))
     orig_ids = original_expert_ids(folder, cfg)
     layers = []
-    for i in range(cfg.num_layers):
-        lw = LayerWeights(
-            attn_norm=r.get(n.attn_norm(i), (H,)),
-            q=r.get(n.proj(i, "q"), (qd, H)),
-            k=r.get(n.proj(i, "k"), (kvd, H)),
-            v=r.get(n.proj(i, "v"), (kvd, H)),
-            o=r.get(n.proj(i, "o"), (H, qd)),
-            mlp_norm=r.get(n.mlp_norm(i), (H,)),
-        )
-        if cfg.qk_norm == "proj":  # OLMoE: over the whole projection
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (qd,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (kvd,))
-        elif cfg.qk_norm == "head":  # Qwen3, GLM: one [head_dim] weight shared by every head
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (cfg.head_dim,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (cfg.head_dim,))
-        if cfg.attention_bias:
-            lw.q_bias, lw.k_bias = r.get(n.proj(i, "q", "bias"), (qd,)), r.get(n.proj(i, "k", "bias"), (kvd,))
-            lw.v_bias = r.get(n.proj(i, "v", "bias"), (kvd,))
-        if cfg.o_bias:
-            lw.o_bias = r.get(n.proj(i, "o", "bias"), (H,))
-        if cfg.attention_sinks:
-            lw.sinks = r.get(n.sinks(i), (cfg.num_heads,))
+    for i, module in enumerate(attention_modules(cfg)):
+        lw = LayerWeights(attn_norm=r.get(n.attn_norm(i), (H,)), attn=module.read(r, n),
+                          mlp_norm=r.get(n.mlp_norm(i), (H,)))
         if cfg.is_dense(i):
             D = cfg.dense_intermediate_size
             lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),
