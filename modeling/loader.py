@@ -17,7 +17,7 @@ from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import ProfileManifest, base_identity
 from .safetensors_io import CheckpointFiles
-from .decoding import DecodeState
+from .decoding import TextState, TokenState
 from .sampling import SamplingParams, logprobs_of, sample_next
 from .tokenizer import Tokenizer
 from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
@@ -311,8 +311,9 @@ class Model:
     def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                  pool: Pool | ResolvedPool | None = None) -> Generation:
         """Generate for one prompt, synchronously. What happens to each sampled token
-        (stop ids, min_tokens, stop strings, detokenization) is the server engine's
-        own `DecodeState`; the engine adds batching across sequences."""
+        is the server's own: the engine core's `TokenState` (stop ids, min_tokens,
+        max_tokens, grammar), then the output processor's `TextState`
+        (detokenization, stop strings); the engine adds batching across sequences."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
@@ -321,21 +322,23 @@ class Model:
         max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
         cache = self.new_cache(1, max_len)
         rpool = self.resolve_pool(pool)
-        dec = DecodeState(params, self.tokenizer, self.eos_ids)
+        core, text = TokenState(params, self.eos_ids), TextState(params, self.tokenizer)
         lps: list[float] = []
         batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
         finish = "length"
         while params.max_tokens > 0 and cache.lengths[0] < max_len:
             logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [dec.generator], [dec.output], [ids], [dec.stop_ids])[0]
+            tok = sample_next(logits, [params], [core.generator], [core.output], [ids], [core.stop_ids])[0]
             lps.append(float(logprobs_of(logits[0])[tok]))
-            _, _, reason = dec.accept(tok)
+            kept, reason = core.accept(tok)
+            if kept and text.add(tok)[1]:
+                reason = "stop"
             if reason is not None:
                 finish = reason
                 break
             batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        _, finish = dec.finish(finish)
-        return Generation(dec.output, dec.text if self.tokenizer is not None else "", finish, lps)
+        _, finish = text.finish(finish)
+        return Generation(core.output, text.text if self.tokenizer is not None else "", finish, lps)
 
 
 QUANTIZE_CHOICES = (None, "int8")

@@ -8,8 +8,17 @@ Every step has three parts (vLLM's split):
   every running sequence, prefill and decode together, each sequence with its
   own pool (profile) and its own slot of one shared `KVCache`;
 - `_execute`: the forward pass over that batch;
-- `_process_outputs`: sample (vectorized over rows), logprobs, incremental
-  detokenization, stop checks, and one event per sequence.
+- `_process_outputs`: sample (vectorized over rows), logprobs, the token-level
+  stops (stop ids, `min_tokens`, `max_tokens`, a complete grammar) and one
+  event per sequence: token ids and logprobs, never text.
+
+That is vLLM v1's engine core. The two other parts run on the asyncio side:
+the input processor (tokenize, validate, resolve the profile name; in
+`entrypoints/openai/serving_engine.py`) and the output processor
+(`server/output_processor.py`: detokenization, stop strings, the routing
+summary), so that text never costs the engine thread a step. A stop string
+found there ends the sequence: the request cancels it, and the engine drops
+it before its next step (what it generated meanwhile is never shown).
 
 Work that runs on the model outside the packed batch (side work) is
 scheduled fairly beside it: the `auto` probe of a sequence (which profile
@@ -45,7 +54,7 @@ from typing import Callable
 import torch
 
 from modeling import Batch, Model, ResolvedPool, SamplingParams
-from modeling.decoding import DecodeState
+from modeling.decoding import TokenState
 from modeling.sampling import sample_next
 
 from . import metrics as M
@@ -70,12 +79,14 @@ class TokenInfo:
 
 @dataclass
 class SeqEvent:
-    text: str = ""  # released text delta (stop strings and their possible prefixes held back)
+    text: str = ""  # filled by the output processor: released text delta (stop strings held back)
     tokens: list[TokenInfo] = field(default_factory=list)  # new generated tokens (logprobs when asked)
     prompt_logprobs: list[TokenInfo] | None = None  # once, before the first token, when asked
     profile: str | None = None  # the profile that serves the sequence (sent first)
     finish_reason: str | None = None  # "stop" / "length" on the last event
     error: tuple[int, str, str] | None = None  # (http status, type, message) on failure
+    # with return_routing: per MoE layer, tokens of this step's forward routed to each slot
+    expert_counts: dict[int, torch.Tensor] | None = None
 
 
 @dataclass
@@ -93,9 +104,11 @@ class Sequence:
     pool: ResolvedPool | None = None
     slot: int = -1
     output: list[int] = field(default_factory=list)
-    decode: DecodeState | None = None  # stop ids, stop strings, detokenization (set up on admission)
+    decode: TokenState | None = None  # stop ids, min/max tokens, grammar (set up on admission)
     prefilled: bool = False
-    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [slots] tokens routed there
+    # with return_routing: layer -> [slots] tokens of the step in flight routed there (sent with its event,
+    # so the output processor counts exactly the steps whose tokens it keeps)
+    step_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     prompt_affinity: dict[str, float] | None = None  # with return_routing: share of the prompt's routing per profile
     probed: bool = False  # the auto / return_routing probe ran (or was not needed)
     nll: dict[str, float] | None = None  # auto by perplexity: the profiles scored so far
@@ -441,7 +454,7 @@ class Engine:
 
     def _setup(self, s: Sequence) -> None:
         s.pool = self.registry.get(s.profile).resolved
-        s.decode = DecodeState(s.params, self.model.tokenizer, self.eos_ids)
+        s.decode = TokenState(s.params, self.eos_ids)
         s.output = s.decode.output  # one list: what sampling's penalties read is what the state appends to
         self.cache.lengths[s.slot] = 0
         self._emit(s, SeqEvent(profile=s.profile))
@@ -589,6 +602,8 @@ class Engine:
     def _process_one(self, s: Sequence, rows: torch.Tensor, tok: int | None,
                      lp: tuple[float, list[tuple[int, float]] | None] | None) -> None:
         ev = SeqEvent()
+        if s.step_counts:
+            ev.expert_counts, s.step_counts = s.step_counts, {}
         if not s.prefilled:
             if s.prompt_logprobs:
                 ev.prompt_logprobs = self._prompt_logprobs(s, rows)
@@ -599,10 +614,9 @@ class Engine:
         info = TokenInfo(tok, None, None)
         if lp is not None:
             info.logprob, info.top = lp
-        kept, ev.text, reason = s.decode.accept(tok)
+        kept, reason = s.decode.accept(tok)
         if kept:
             ev.tokens.append(info)
-            M.GENERATED_TOKENS.inc()
         if reason is None and self.cache.lengths[s.slot] >= self.max_model_len:
             reason = "length"
         if reason is not None:
@@ -628,22 +642,20 @@ class Engine:
             for k, s in enumerate(seqs):
                 if s.return_routing:
                     c = torch.bincount(chosen[bounds[k]:bounds[k + 1]].flatten(), minlength=S + 1)[:S]
-                    s.expert_counts[i] = s.expert_counts.get(i, 0) + c
+                    s.step_counts[i] = s.step_counts.get(i, 0) + c
 
-    def routing_summary(self, s: Sequence) -> dict:
+    def routing_summary(self, counts: dict[int, torch.Tensor], affinity: dict[str, float] | None) -> dict:
         """The compact `routing` object of a response: per MoE layer the experts its
-        tokens used (original ids) and how many tokens each; the prompt's profile affinity."""
+        tokens used (original ids) and how many tokens each (`counts`: per layer, tokens
+        per slot); the prompt's profile affinity."""
         layers = []
-        for i, c in sorted(s.expert_counts.items()):
+        for i, c in sorted(counts.items()):
             ids = self.model.layer_experts(i).ids
             used = [(ids[j], int(n)) for j, n in enumerate(c.tolist()) if n]
             layers.append({"layer": i, "experts": [e for e, _ in used], "tokens": [n for _, n in used]})
-        return {"layers": layers, "profile_affinity": s.prompt_affinity or {}}
+        return {"layers": layers, "profile_affinity": affinity or {}}
 
     def _finish(self, s: Sequence, ev: SeqEvent, reason: str) -> None:
-        if s.decode is not None:
-            tail, reason = s.decode.finish(reason)
-            ev.text += tail
         ev.finish_reason = reason
         self._release(s)
         self._emit(s, ev)

@@ -1,6 +1,8 @@
-"""What completions and chat completions share: body parsing, validation of the
-limits, turning a request into engine `Sequence`s, and reading their events back
-on the asyncio side (with cancellation on disconnect and a deadline)."""
+"""What completions and chat completions share: the input processor (body
+parsing, validation of the limits, turning a request into engine `Sequence`s)
+and reading their events back on the asyncio side through the output processor
+(`server.output_processor`: detokenization and stop strings), with cancellation
+on disconnect and a deadline."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from modeling.sampling import seed_for_choice
 from ... import metrics as M
 from ...engine import EngineStopped, QueueFull, SeqEvent, Sequence, TokenInfo
 from ...errors import APIError, bad_request
+from ...output_processor import SeqOutput
 from ...state import AppState
 from .completions.protocol import Usage
 
@@ -291,6 +294,8 @@ class Run:
             self.seqs.append(Sequence(ids, params, profile, sink, logprobs, prompt_logprobs, self.deadline,
                                       return_routing=return_routing))
         self.results = [SeqResult() for _ in self.seqs]
+        tokenizer = state.registry.model.tokenizer
+        self.outputs = [SeqOutput(params, tokenizer) for _, params in specs]
         self.done = [False] * len(self.seqs)
         self.status = "ok"
         self._metrics_done = False
@@ -369,11 +374,18 @@ class Run:
         and ClientDisconnected (after cancelling) when the client goes away."""
         while not all(self.done):
             i, ev = await self._next(request)
+            if self.done[i]:  # sent before the engine saw that a stop string had ended the sequence
+                continue
             r = self.results[i]
             if ev.error is not None:
                 self.done[i] = True
                 status, etype, msg = ev.error
                 raise self._fail(status, etype, msg)
+            if self.outputs[i].process(ev):  # a stop string ended it: the engine drops it before its next step
+                self.seqs[i].cancel()
+                self.state.engine.wake()
+            if ev.tokens:
+                M.GENERATED_TOKENS.inc(len(ev.tokens))
             if ev.profile:
                 r.profile = ev.profile
             if ev.prompt_logprobs is not None:
@@ -435,7 +447,9 @@ class Run:
     def routing(self, i: int) -> dict | None:
         """Sequence i's compact routing summary (`return_routing`), once it finished."""
         s = self.seqs[i]
-        return self.state.engine.routing_summary(s) if s.return_routing and self.done[i] else None
+        if not (s.return_routing and self.done[i]):
+            return None
+        return self.state.engine.routing_summary(self.outputs[i].expert_counts, s.prompt_affinity)
 
     def _record(self) -> None:
         M.REQUESTS.labels(self.profile, self.status).inc()
