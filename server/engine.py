@@ -58,6 +58,7 @@ from modeling.decoding import TokenState
 from modeling.sampling import sample_next
 
 from . import metrics as M
+from .registry import FULL
 
 log = logging.getLogger("emo_serve.engine")
 
@@ -287,12 +288,21 @@ class Engine:
         """One unit of the sequence's probe: which profile `auto` serves it with, and
         the prompt's profile affinity for `return_routing`. One forward of the full
         model's router serves both; the perplexity rule scores one profile per unit
-        (one forward each), so a step never runs more than one of them."""
+        (one forward each), so a step never runs more than one of them. Before those,
+        when `--auto-min-fit` is set or the affinity is asked for, the perplexity
+        rule runs the full model's routing as a unit of its own: a prompt that no
+        profile fits well enough is served by `full`, as by every other rule."""
         reg = self.registry
         if s.profile == "auto" and reg.auto_rule == "perplexity":
             if s.nll is None:
                 s.nll = {}
                 s.nll_left = [p.name for p in reg.perplexity_candidates(s.prompt_ids)]
+                if s.nll_left and (reg.auto_min_fit > 0 or s.return_routing):
+                    probs = reg.full_router_probs(s.prompt_ids)
+                    self._note_affinity(s, probs)
+                    if reg.auto_falls_back(probs):
+                        s.profile, s.nll_left, s.probed = FULL, [], True
+                    return
             if s.nll_left:
                 name = s.nll_left.pop(0)
                 if reg.profiles[name].state != "failed":  # out of service since: never scored, never chosen
@@ -300,19 +310,22 @@ class Engine:
                 if s.nll_left:
                     return
                 sound = {n: v for n, v in s.nll.items() if reg.profiles[n].state != "failed"}
-                s.profile = min(sound, key=sound.get) if sound else "full"
-                if not s.return_routing:
-                    s.probed = True
+                s.profile = min(sound, key=sound.get) if sound else FULL
+                s.probed = True  # with return_routing, the affinity was noted in the first unit
                 return
         probs = None
         if s.return_routing or s.profile == "auto":  # every rule but perplexity reads the full routing
-            probs = self.registry.full_router_probs(s.prompt_ids)
+            probs = reg.full_router_probs(s.prompt_ids)
         if s.profile == "auto":
-            s.profile = self.registry.choose_auto(s.prompt_ids, router_probs=probs)
+            s.profile = reg.choose_auto(s.prompt_ids, router_probs=probs)
+        self._note_affinity(s, probs)
+        s.probed = True
+
+    def _note_affinity(self, s: Sequence, probs) -> None:
+        """With return_routing: the share of the prompt's full-model routing per profile."""
         if s.return_routing and self.registry.names():
             shares = self.registry.affinity(probs).mean(0).tolist()
             s.prompt_affinity = dict(zip(self.registry.names(), shares))
-        s.probed = True
 
     def wait_for_step(self) -> None:
         """Return once the step in flight (if any) has ended: every later step reads

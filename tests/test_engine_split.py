@@ -100,3 +100,33 @@ def test_stop_string_ends_a_request_with_exact_tokens_and_routing(ckpt):
     top_k = state.registry.model.config.top_k
     assert routing["layers"] and all(sum(layer["tokens"]) == ran * top_k for layer in routing["layers"])
     assert state.engine.running == []
+
+
+def test_perplexity_auto_rule_honours_auto_min_fit(ckpt):
+    """Before: the engine's perplexity probe scored the profiles and chose one
+    without looking at `--auto-min-fit`. Now a prompt that no profile fits well
+    enough is served by `full`, as `Registry.choose_auto` decides, and a fit
+    threshold every profile passes still scores by perplexity."""
+    from modeling import SamplingParams
+    from server.engine import Sequence
+
+    ids = list(range(20, 60))
+    for min_fit in (2.0, 1e-6):
+        state = _engine_state(ckpt, auto_rule="perplexity", auto_min_fit=min_fit)
+        want = state.registry.choose_auto(ids)
+        assert (want == "full") == (min_fit == 2.0)
+        done = threading.Event()
+        seqs = [Sequence(ids, SamplingParams(max_tokens=1, temperature=0), "auto",
+                         lambda ev: done.set() if ev.finish_reason or ev.error else None, return_routing=rr)
+                for rr in (False, True)]
+        state.engine.start()
+        try:
+            state.engine.submit(seqs[:1])
+            assert done.wait(60)
+            done.clear()
+            state.engine.submit(seqs[1:])
+            assert done.wait(60)
+        finally:
+            state.engine.stop()
+        assert [s.profile for s in seqs] == [want, want]
+        assert set(seqs[1].prompt_affinity) == {"code", "prose"}
