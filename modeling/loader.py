@@ -17,8 +17,9 @@ from .mxfp4 import DequantCache
 from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
 from .profile import ProfileManifest, base_identity
 from .safetensors_io import CheckpointFiles
-from .decoding import TextState, TokenState
-from .sampling import SamplingParams, logprobs_of, sample_next
+from .engine_core import EngineCore, Sequence
+from .output_processor import SeqOutput
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
@@ -65,7 +66,7 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" or "length"
-    logprobs: list[float]
+    logprobs: list[float]  # of each token of token_ids
 
 
 class Model:
@@ -310,35 +311,38 @@ class Model:
     @torch.inference_mode()
     def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                  pool: Pool | ResolvedPool | None = None) -> Generation:
-        """Generate for one prompt, synchronously. What happens to each sampled token
-        is the server's own: the engine core's `TokenState` (stop ids, min_tokens,
-        max_tokens, grammar), then the output processor's `TextState`
-        (detokenization, stop strings); the engine adds batching across sequences."""
+        """Generate for one prompt, synchronously: a driver of the server's own
+        engine core (`modeling.engine_core`) with one sequence, and of the output
+        processor after each step (as vLLM's `LLM` drives its engine); the server
+        adds batching across sequences, a queue and a thread."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("empty prompt")
         self.check_tokens(ids)
         max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
-        cache = self.new_cache(1, max_len)
-        rpool = self.resolve_pool(pool)
-        core, text = TokenState(params, self.eos_ids), TextState(params, self.tokenizer)
+        core = EngineCore(self, max_batch=1, max_model_len=max_len, max_prefill_tokens=len(ids))
+        events: list = []
+        seq = Sequence(ids, params, "", events.append, logprobs=0)
+        seq.pool = self.resolve_pool(pool)
+        out = SeqOutput(params, self.tokenizer)
+        tokens: list[int] = []
         lps: list[float] = []
-        batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
-        finish = "length"
-        while params.max_tokens > 0 and cache.lengths[0] < max_len:
-            logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [core.generator], [core.output], [ids], [core.stop_ids])[0]
-            lps.append(float(logprobs_of(logits[0])[tok]))
-            kept, reason = core.accept(tok)
-            if kept and text.add(tok)[1]:
-                reason = "stop"
-            if reason is not None:
-                finish = reason
-                break
-            batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        _, finish = text.finish(finish)
-        return Generation(core.output, text.text if self.tokenizer is not None else "", finish, lps)
+        finish = None
+        core.add(seq)
+        while finish is None:
+            core.step()
+            if not events:
+                raise RuntimeError("the engine core dropped the sequence")
+            for ev in events:
+                if ev.error is not None:
+                    raise RuntimeError(ev.error[2])
+                out.process(ev)  # a stop string ends it here: nothing past it is kept
+                tokens += [t.token_id for t in ev.tokens]
+                lps += [t.logprob for t in ev.tokens]
+                finish = finish or ev.finish_reason
+            events.clear()
+        return Generation(tokens, out.text.text if self.tokenizer is not None else "", finish, lps)
 
 
 QUANTIZE_CHOICES = (None, "int8")

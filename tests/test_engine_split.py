@@ -28,7 +28,7 @@ def test_engine_core_sends_token_ids_and_the_output_processor_makes_the_text(ckp
     into `Model.generate`'s text, tokens and finish reason."""
     from modeling import SamplingParams
     from server.engine import Sequence
-    from server.output_processor import SeqOutput
+    from modeling.output_processor import SeqOutput
 
     state = _engine_state(ckpt)
     full = _generate(state, "code", max_tokens=16)

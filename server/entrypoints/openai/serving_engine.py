@@ -1,7 +1,7 @@
 """What completions and chat completions share: the input processor (body
 parsing, validation of the limits, turning a request into engine `Sequence`s)
 and reading their events back on the asyncio side through the output processor
-(`server.output_processor`: detokenization and stop strings), with cancellation
+(`modeling.output_processor`: detokenization and stop strings), with cancellation
 on disconnect and a deadline."""
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from modeling import SamplingParams
+from modeling.output_processor import SeqOutput
 from modeling.sampling import seed_for_choice
 
 from ... import metrics as M
 from ...engine import EngineStopped, QueueFull, SeqEvent, Sequence, TokenInfo
 from ...errors import APIError, bad_request
-from ...output_processor import SeqOutput
 from ...state import AppState
 from .completions.protocol import Usage
 

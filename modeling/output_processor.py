@@ -1,5 +1,6 @@
-"""The output processor (vLLM v1's third part): on the asyncio side, per
-sequence of a request, it turns the engine core's events (token ids and
+"""The output processor (vLLM v1's third part): per sequence, off the engine
+core (the server runs it on the asyncio side per request, `Model.generate`
+after each step), it turns the engine core's events (token ids and
 logprobs) into what the client sees: incremental detokenization, stop strings
 held back and cut as OpenAI does, the finish reason, and the routing counts of
 `return_routing`. The engine thread never detokenizes.
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from modeling import SamplingParams
-from modeling.decoding import TextState
-from modeling.tokenizer import Tokenizer
-
-from .engine import SeqEvent
+from .decoding import TextState
+from .engine_core import SeqEvent
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
 
 
 class SeqOutput:
