@@ -21,7 +21,8 @@ from .engine_core import EngineCore, Sequence
 from .output_processor import SeqOutput
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
+from .expert_store import ExpertStore, LayerExperts
+from .weights import PROFILE_FILE, TensorNames, _Reader, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -77,9 +78,14 @@ class Model:
         self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
         self.name = path.name
         self.quantize = quantize
-        self.weights = read_weights(path, files, config, dtype, device)
-        self.sources: dict[str, CheckpointFiles] = {str(path): files}
-        self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
+        self.is_profile = (path / PROFILE_FILE).is_file()
+        self.weights = read_weights(path, files, config, dtype, device,
+                                    repaired=self.is_profile and bool(ProfileManifest.read(path).repair))
+        # per source folder: (config, reader, original ids per layer, repaired), read once
+        self._source_info: dict[str, tuple[ModelConfig, _Reader, list[list[int]], bool]] = {}
+        # every expert slot, the mapped sources and what changes them (merge, withdraw, bytes, pinning)
+        self.experts = ExpertStore([lw.experts for lw in self.weights.layers], str(path), files,
+                                   self._layer_experts_of)
         # Set (under `lock`) when the model's own files can no longer be read: every forward refuses
         self.unusable: str | None = None
         # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
@@ -91,13 +97,17 @@ class Model:
         self.transformer = Transformer(config, self.weights, dtype, device, int8, compile_decode=compile)
         self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
                           if (path / "tokenizer.json").is_file() else None)
-        self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
 
     def mark_unusable(self, reason: str) -> None:
         """No forward runs after this returns (it waits for the one in flight)."""
         with self.lock:
             self.unusable = reason
+
+    @property
+    def sources(self) -> dict[str, CheckpointFiles]:
+        """The mapped checkpoint folders (the model's own first), by folder."""
+        return self.experts.sources
 
     def _note_mappings(self, files: CheckpointFiles) -> None:
         self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
@@ -131,22 +141,13 @@ class Model:
         cfg = load_config(folder)
         if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
             raise PoolError(f"{folder}: shape differs from {self.path}")
-        files = self.sources.get(str(folder))
-        if files is None:
+        if str(folder) not in self.sources:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = self._reader(folder, files, cfg)
-        orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
         take_over = str(self.path) if take_over_base and not self.is_profile else None
-        added: dict[int, list[int]] = {}
-        for i, lw in enumerate(self.weights.layers):
-            if lw.experts is None or not cfg.experts_per_layer[i]:
-                continue
-            src = read_layer_experts(folder, files, cfg, i, reader, orig[i])
-            added[i] = merge_experts(lw.experts, src, self.device, take_over)
-        return added
+        return self.experts.merge(str(folder), take_over)
 
     def withdraw(self, folder: str | Path) -> dict[int, list[int]]:
         """Stop using the bytes of `folder` (an added profile found corrupt): every
@@ -160,41 +161,20 @@ class Model:
         if key == str(self.path):
             raise PoolError(f"{folder}: the model's own checkpoint cannot be withdrawn")
         with self.lock:  # after the forward pass in flight, before the next
-            return self._withdraw(key)
-
-    def _withdraw(self, key: str) -> dict[int, list[int]]:
-        self._withdrawn.add(key)
-        alternatives = [s for s in self.sources if s not in self._withdrawn]
-        orphans: dict[int, list[int]] = {}
-        for i, lw in enumerate(self.weights.layers):
-            le = lw.experts
-            if le is None or key not in le.sources:
-                continue
-            wanted = {le.ids[k] for k, s in enumerate(le.sources) if s == key}
-            for alt in alternatives:
-                if not wanted:
-                    break
-                src = self._layer_experts_of(alt, i)
-                if src is None:
-                    continue
-                for j, orig in enumerate(src.ids):
-                    if orig in wanted:
-                        le.take_slot(le.ids.index(orig), src, j)
-                        wanted.discard(orig)
-            if wanted:
-                orphans[i] = sorted(wanted)
-            le.rebuild(self.device)
-        return orphans
+            return self.experts.withdraw(key)
 
     def _layer_experts_of(self, source: str, layer: int) -> LayerExperts | None:
         """Views of layer `layer`'s experts in one mapped source (None: it has none there)."""
-        folder = Path(source)
-        cfg = self.config if source == str(self.path) else load_config(folder)
+        if source not in self._source_info:
+            folder = Path(source)
+            cfg = self.config if source == str(self.path) else load_config(folder)
+            repaired = (folder / PROFILE_FILE).is_file() and bool(ProfileManifest.read(folder).repair)
+            self._source_info[source] = (cfg, self._reader(folder, self.sources[source], cfg),
+                                         original_expert_ids(folder, cfg), repaired)
+        cfg, reader, orig, repaired = self._source_info[source]
         if not cfg.experts_per_layer[layer]:
             return None
-        reader = self._reader(folder, self.sources[source], cfg)
-        return read_layer_experts(folder, self.sources[source], cfg, layer, reader,
-                                  original_expert_ids(folder, cfg)[layer])
+        return read_layer_experts(Path(source), self.sources[source], cfg, layer, reader, orig[layer], repaired)
 
     def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
         """Views of a mapped source's tensors, read with that source's own quantization."""
@@ -202,8 +182,7 @@ class Model:
                        read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
-        le = self.weights.layers[layer].experts
-        return le.experts[le.ids.index(orig_id)].nbytes()
+        return self.experts.expert_bytes(layer, orig_id)
 
     def non_expert_bytes(self) -> int:
         w = self.weights
@@ -229,20 +208,13 @@ class Model:
 
         w = self.weights
         mats: list = [w.embed, w.final_norm, w.lm_head]
-        for i, lw in enumerate(w.layers):
+        for lw in w.layers:
             mats += [lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
                      lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias]
             for e in (lw.dense, lw.shared_mlp):
                 if e is not None:
                     mats += e.matrices()
-            le = lw.experts
-            if le is not None:
-                mats.append(le.router)
-                ids = le.ids if pool is None or pool.get(i) is None else pool[i]
-                for e in ids:
-                    ex = le.experts[le.ids.index(e)]
-                    mats += [ex.gate_up] if ex.gate_up is not None else []
-                    mats += ex.matrices()
+        mats += self.experts.pinned_matrices(pool)
         tensors, repacked = [], 0
         native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
         for m in mats:
