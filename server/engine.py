@@ -9,7 +9,7 @@ and side work.
 vLLM v1's split: the input processor (tokenize, validate, resolve the profile
 name) and the output processor (`modeling.output_processor`: detokenization,
 stop strings, the routing summary) run on the asyncio side per request
-(`entrypoints/openai/serving_engine.py`), so text never costs the engine
+(`entrypoints/openai/input_processor.py` and `request_run.py`), so text never costs the engine
 thread a step. A stop string found there ends the sequence: the request
 cancels it, and the engine drops it before its next step (what it generated
 meanwhile is never shown).

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
 from modeling.safetensors_io import CheckpointFiles, write_checkpoint
-from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.profile import file_hashes, verify_profile
 from modeling.quant import WeightScheme, preset
 from modeling.quant.quantize import ignore_list, is_quantized_linear, quantize_matrix
 from modeling.weights import PROFILE_FILE
@@ -223,7 +223,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     return manifest
 
 
-def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
+def verification_report(folder: str | Path, progress: bool = False) -> dict[str, Any]:
     """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
     the manifest's own hash, every shard's and every other file's sha256.
     Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
@@ -233,4 +233,4 @@ def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
     with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
               leave=False) as bar:
-        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()
+        return verify_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()

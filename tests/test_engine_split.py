@@ -73,7 +73,7 @@ def test_stop_string_ends_a_request_with_exact_tokens_and_routing(ckpt):
     before the kept ones (prompt + kept - 1, each to top_k experts), although the
     engine may have run further before it saw the cancellation."""
     from modeling import SamplingParams
-    from server.entrypoints.openai.serving_engine import Run
+    from server.entrypoints.openai.request_run import Run
 
     state = _engine_state(ckpt)
     full = _generate(state, "code", max_tokens=24)
