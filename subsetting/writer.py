@@ -82,9 +82,8 @@ class _Plan:
         per_layer: dict[int, list[str]] = {i: [] for i in range(cfg.num_layers)}
         top: list[str] = []
         for name in f.names():
-            parts = name.split(".")
-            if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-                i = int(parts[2])
+            i = n.layer_of(name)
+            if i is not None:
                 if i < cfg.num_layers:
                     per_layer[i].append(name)
                 continue  # a layer the config does not have (GLM's MTP layer): left out

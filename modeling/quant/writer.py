@@ -17,6 +17,7 @@ from typing import Iterator
 from torch import Tensor
 
 from ..config import load_config
+from ..names import TensorNames
 from ..profile import ProfileManifest, file_hashes
 from ..safetensors_io import CheckpointFiles, write_checkpoint
 from ..weights import PROFILE_FILE
@@ -28,9 +29,9 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 
 
 def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-        return int(parts[2]), name
+    i = TensorNames.layer_of(name)
+    if i is not None:
+        return i, name
     return (-1 if "embed" in name else 1 << 30), name
 
 
