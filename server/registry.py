@@ -393,7 +393,6 @@ class Registry:
         engine thread calls it. `router_probs`: the full model's routing of the
         prompt, when the caller has it already (saves that forward)."""
         rule = rule or self.auto_rule
-        sound = {p.name for p in self.profiles.values() if p.state != "failed"}
         probs = router_probs
         if probs is None and self.profiles:
             probs = self.full_router_probs(token_ids)  # one forward for every rule
