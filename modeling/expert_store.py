@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .weights import Expert
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared by identity: a changed slot is a new record
 class ExpertSlot:
     orig_id: int
     source: str  # the checkpoint folder whose bytes serve the slot
