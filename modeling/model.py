@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import ModelConfig
-from .layers import apply_rope, rms_norm, rope_tables
+from .layers import apply_rope, rope_tables
 from .kernels import Kernels
 from .mxfp4 import DequantCache, gemv as mxfp4_gemv
 from .quant import Int8Cache, PackedLinear
@@ -166,6 +166,9 @@ class Transformer:
     def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
         return self.kernels.linear(x, w, bias)
 
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
+
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
         masks: list[Tensor | None] = []
@@ -198,13 +201,14 @@ class Transformer:
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        x, cos, sin = self.embed(batch)
-        routes: list[Route | None] = []
-        collect = collect_router_probs or collect_routes
-        for i in range(len(self.w.layers)):
-            x = self.attention_block(i, x, cos, sin, batch, cache)
-            x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
-            routes.append(r)
+        with self.kernels.small_step(T):
+            x, cos, sin = self.embed(batch)
+            routes: list[Route | None] = []
+            collect = collect_router_probs or collect_routes
+            for i in range(len(self.w.layers)):
+                x = self.attention_block(i, x, cos, sin, batch, cache)
+                x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
+                routes.append(r)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -236,11 +240,11 @@ class Transformer:
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
         """x + attention(RMSNorm(x)) for layer i; writes the batch's keys and values to `cache`."""
         lw = self.w.layers[i]
-        return x + self._attention(i, lw, rms_norm(x, lw.attn_norm, self.cfg.rms_norm_eps), cos, sin, batch, cache)
+        return x + self._attention(i, lw, self._norm(x, lw.attn_norm), cos, sin, batch, cache)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
         """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
-        return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return self._norm(x, self.w.layers[i].mlp_norm)
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
                   h: Tensor | None = None) -> tuple[Tensor, Route | None]:
@@ -256,7 +260,7 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -273,15 +277,15 @@ class Transformer:
         T = h.shape[0]
         q, k, v = self._linear(h, lw.q, lw.q_bias), self._linear(h, lw.k, lw.k_bias), self._linear(h, lw.v, lw.v_bias)
         if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection, before the head split
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+            q = self._norm(q, lw.q_norm)
+            k = self._norm(k, lw.k_norm)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":  # Qwen3, GLM: RMSNorm over head_dim, after the head split
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
+            q = self._norm(q, lw.q_norm)
+            k = self._norm(k, lw.k_norm)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, T, D]
         v = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -293,7 +297,8 @@ class Transformer:
             keys, vals, first = cache.write(i, slot, s, k[:, off:off + n], v[:, off:off + n])
             qs = q[:, off:off + n]
             if n == 1:  # every key the cache returns is visible to a single query
-                out[:, off] = _decode_attention(qs[:, 0], keys, vals, sinks)
+                o = self.kernels.attend_decode(qs[:, 0], keys, vals, sinks, cfg.head_dim ** -0.5)
+                out[:, off] = _decode_attention(qs[:, 0], keys, vals, sinks) if o is None else o
             else:
                 out[:, off:off + n] = _prefill_attention(qs, keys, vals, s, first, window, sinks)
             off += n
@@ -322,8 +327,8 @@ class Transformer:
         rule, le = self.cfg.routing, self.w.layers[i].experts
         if rule.router_float32:
             logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
-        else:
-            logits = F.linear(h, le.router, le.logit_bias)
+        else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
+            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
         return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
                      bias=le.bias, groups=le.group_ids)
 
