@@ -113,8 +113,8 @@ class ModelConfig:
 
     def expert_groups(self, layer: int) -> list[int]:
         """The routing group of each of layer i's experts (local ids; all 0 unless group-limited)."""
-        E, g = self.experts_per_layer[layer], self.routing.n_group
-        return [j // (E // g) for j in range(E)] if g > 1 else [0] * E
+        E = self.experts_per_layer[layer]
+        return [self.routing.group_of(j, E) for j in range(E)]
 
     # -- parsing ---------------------------------------------------------------
     @classmethod

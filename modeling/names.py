@@ -38,6 +38,16 @@ class TensorNames:
     def layer(i: int) -> str:
         return f"model.layers.{i}"
 
+    @staticmethod
+    def layer_of(name: str) -> int | None:
+        """The decoder layer a tensor name belongs to (`model.layers.N...`), or None
+        for a tensor outside the layers (embeddings, final norm, lm_head). Every
+        writer that orders or groups tensors by layer reads the index here."""
+        parts = name.split(".", 3)
+        if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+            return int(parts[2])
+        return None
+
     def attn_norm(self, i: int) -> str:
         return f"{self.layer(i)}.{self.attn_norm_name}.weight"
 

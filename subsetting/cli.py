@@ -25,7 +25,7 @@ from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
 from .select import SELECTORS, Calibration, coverage, parse_keep, read_experts_file
 from .stability import resample_stability
-from .writer import verify_profile, write_profile
+from .writer import verification_report, write_profile
 
 PROG = "emo-subset"
 
@@ -497,7 +497,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    results = [verify_profile(p, progress=not args.quiet) for p in args.profiles]
+    results = [verification_report(p, progress=not args.quiet) for p in args.profiles]
     ok = all(r["ok"] for r in results)
     lines = []
     for r in results:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from modeling import Batch, KVCache, Model, ProfileManifest
 from modeling.io.safetensors_io import make_parents, remove_created
+from modeling.layers.routing import expert_group
 
 from .errors import SubsetError
 
@@ -48,7 +49,7 @@ class Layout:
         return max(self.num_original, default=0)
 
     def group_of(self, layer: int, expert: int) -> int:
-        return expert // (self.num_original[layer] // self.n_group) if self.n_group > 1 else 0
+        return expert_group(expert, self.num_original[layer], self.n_group)
 
     @classmethod
     def of(cls, model: Model) -> "Layout":

@@ -16,7 +16,7 @@ from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
 from modeling.quant.fp8 import FP8_DTYPES, SCALE_SUFFIX
 from modeling.io.safetensors_io import CheckpointFiles, write_checkpoint
-from modeling.io.profile import file_hashes, verify_profile as check_profile
+from modeling.io.profile import file_hashes, verify_profile
 from modeling.quant import WeightScheme, preset
 from modeling.quant.quantize import ignore_list, is_quantized_linear, quantize_matrix
 from modeling.io.weights import PROFILE_FILE
@@ -83,9 +83,8 @@ class _Plan:
         per_layer: dict[int, list[str]] = {i: [] for i in range(cfg.num_layers)}
         top: list[str] = []
         for name in f.names():
-            parts = name.split(".")
-            if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-                i = int(parts[2])
+            i = n.layer_of(name)
+            if i is not None:
                 if i < cfg.num_layers:
                     per_layer[i].append(name)
                 continue  # a layer the config does not have (GLM's MTP layer): left out
@@ -226,7 +225,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     return manifest
 
 
-def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
+def verification_report(folder: str | Path, progress: bool = False) -> dict[str, Any]:
     """`modeling.io.profile.verify_profile` with a progress bar over the bytes hashed:
     the manifest's own hash, every shard's and every other file's sha256.
     Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
@@ -236,4 +235,4 @@ def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
     with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
               leave=False) as bar:
-        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()
+        return verify_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()

@@ -9,7 +9,7 @@ here except when a dtype or device conversion is asked for.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ from ..layers.attention import AttentionWeights, attention_modules
 from ..config import ModelConfig
 from ..quant.fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
 from ..quant.mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
+from ..expert_store import ExpertSlot, LayerExperts
 from ..names import TensorNames
 from ..quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
@@ -84,58 +85,6 @@ class Expert:
 def weight_bytes(t: Tensor | PackedLinear | Fp8Matrix) -> int:
     """Bytes a weight takes in its checkpoint (a quantized one: packed values, scales, zero points)."""
     return t.nbytes() if isinstance(t, (PackedLinear, Fp8Matrix)) else t.numel() * t.element_size()
-
-
-@dataclass
-class LayerExperts:
-    """The experts one layer has loaded, in slots sorted by original id."""
-
-    ids: list[int] = field(default_factory=list)  # original expert id per slot
-    experts: list[Expert] = field(default_factory=list)
-    router_rows: list[Tensor] = field(default_factory=list)  # [H] each
-    shared: list[bool] = field(default_factory=list)
-    always_active: list[bool] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)  # which checkpoint folder provided the slot
-    bias_rows: list[Tensor] = field(default_factory=list)  # e_score_correction_bias entries (sigmoid routers)
-    groups: list[int] = field(default_factory=list)  # routing group per slot (group-limited routers)
-    router: Tensor | None = None  # [S, H], rebuilt when slots change
-    shared_mask: Tensor | None = None
-    always_mask: Tensor | None = None
-    bias: Tensor | None = None  # [S] float32 correction bias, or None
-    logit_bias_rows: list[Tensor] = field(default_factory=list)  # gpt-oss router bias entries
-    logit_bias: Tensor | None = None  # [S] bias on the router logits, or None
-    group_ids: Tensor | None = None  # [S] int64
-
-    def rebuild(self, device: torch.device) -> None:
-        """The per-slot tensors routing reads, from the per-slot lists."""
-        self.router = torch.stack(self.router_rows)
-        self.shared_mask = torch.tensor(self.shared, dtype=torch.bool, device=device)
-        self.always_mask = torch.tensor(self.always_active, dtype=torch.bool, device=device)
-        self.bias = torch.stack(self.bias_rows).float() if self.bias_rows else None
-        self.logit_bias = torch.stack(self.logit_bias_rows) if self.logit_bias_rows else None
-        self.group_ids = torch.tensor(self.groups, dtype=torch.int64, device=device)
-
-    # Everything a slot reads from its source's bytes. Withdrawing a source re-points all of
-    # them at once (`take_slot`): a field left out keeps reading the withdrawn file.
-    SOURCED = ("experts", "router_rows", "bias_rows", "logit_bias_rows")
-
-    def take_slot(self, slot: int, src: "LayerExperts", j: int) -> None:
-        """Serve `slot` from slot `j` of `src` (the same original expert in another
-        mapped source): every sourced record is replaced by `src`'s objects, never
-        mutated (kernels key prepared weights on the Expert object). Call
-        `rebuild` after the last one."""
-        assert src.ids[j] == self.ids[slot]
-        for attr in self.SOURCED:
-            mine, theirs = getattr(self, attr), getattr(src, attr)
-            if mine and theirs:
-                mine[slot] = theirs[j]
-        self.sources[slot] = src.sources[j]
-
-    def slot_of(self, orig_id: int) -> int | None:
-        try:
-            return self.ids.index(orig_id)
-        except ValueError:
-            return None
 
 
 @dataclass
@@ -346,8 +295,9 @@ def _stacked_experts(files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _
 
 
 def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader,
-                       ids: list[int]) -> LayerExperts:
-    """The experts of layer i; `ids` are their original ids (see original_expert_ids)."""
+                       ids: list[int], repaired: bool = False) -> LayerExperts:
+    """The experts of layer i; `ids` are their original ids (see original_expert_ids);
+    `repaired`: the folder's experts are a repair (profile.json "repair")."""
     names = cfg.names
     E, s = cfg.experts_per_layer[i], cfg.shared_per_layer[i]
     rname = names.router(i) if names.router(i) in files or names.fused_router(i) not in files else names.fused_router(i)
@@ -362,27 +312,21 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
     logit_bias = reader.get(names.router_logit_bias(i), (E,)) if cfg.router_logit_bias else None
     stacked = _stacked_experts(files, cfg, i, reader) if cfg.expert_mlp == "clamped_swiglu" else None
     groups = cfg.expert_groups(i)
-    le = LayerExperts()
-    for j in range(E):
-        le.ids.append(ids[j])
-        le.experts.append(stacked[j] if stacked is not None else _expert_views(files, names, cfg, i, j, reader))
-        if logit_bias is not None:
-            le.logit_bias_rows.append(logit_bias[j])
-        le.router_rows.append(router[j])
-        le.shared.append(j >= E - s)
-        le.always_active.append(j in cfg.always_active_per_layer[i])
-        le.sources.append(str(folder))
-        le.groups.append(groups[j])
-        if bias is not None:
-            le.bias_rows.append(bias[j])
-    le.rebuild(reader.device)
-    le.router = router  # the checkpoint's own view, no copy
-    return le
+    slots = [ExpertSlot(ids[j], str(folder), stacked[j] if stacked is not None else
+                        _expert_views(files, names, cfg, i, j, reader), router[j], shared=j >= E - s,
+                        always_active=j in cfg.always_active_per_layer[i], group=groups[j],
+                        bias=None if bias is None else bias[j],
+                        logit_bias=None if logit_bias is None else logit_bias[j], repaired=repaired)
+             for j in range(E)]
+    # the checkpoint's own router view, no copy, when its rows are already in original-id order
+    in_order = all(ids[j] < ids[j + 1] for j in range(E - 1))
+    return LayerExperts(slots, reader.device, router if in_order else None)
 
 
 def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
-                 device: torch.device) -> ModelWeights:
-    """Views of every tensor the config calls for, shapes checked against it."""
+                 device: torch.device, repaired: bool = False) -> ModelWeights:
+    """Views of every tensor the config calls for, shapes checked against it
+    (`repaired`: the folder's experts are a repair, profile.json "repair")."""
     r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
                 cfg.fp8_block)
     n = cfg.names
@@ -402,54 +346,10 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
                 lw.dense_bias = (r.get(n.dense(i, "gate", "bias"), (D,)), r.get(n.dense(i, "up", "bias"), (D,)),
                                  r.get(n.dense(i, "down", "bias"), (H,)))
         else:
-            lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i])
+            lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i], repaired)
             if cfg.shared_mlp_size:
                 S = cfg.shared_mlp_size
                 lw.shared_mlp = Expert(r.get(n.shared(i, "gate"), (S, H)), r.get(n.shared(i, "up"), (S, H)),
                                        r.get(n.shared(i, "down"), (H, S)))
         layers.append(lw)
     return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)
-
-
-def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.device,
-                  take_over_from: str | None = None) -> list[int]:
-    """Add to `target` the experts of `source` it lacks (by original id).
-
-    An expert already present is kept as is: two checkpoints of the same base
-    hold the same bytes for the same original id (the caller checks the base
-    identity), so it exists once in memory. The exception is a slot provided by
-    `take_over_from` (the base checkpoint's folder): a profile's own shards then
-    serve that expert, and the base's copy is never touched. Returns the ids
-    added or taken over.
-    """
-    added = []
-    for j, orig in enumerate(source.ids):
-        if orig in target.ids:
-            slot = target.ids.index(orig)
-            if take_over_from is not None and target.sources[slot] == take_over_from:
-                target.experts[slot] = source.experts[j]
-                target.sources[slot] = source.sources[j]
-                added.append(orig)
-            continue
-        target.ids.append(orig)
-        target.experts.append(source.experts[j])
-        target.router_rows.append(source.router_rows[j])
-        target.shared.append(source.shared[j])
-        target.always_active.append(source.always_active[j])
-        target.sources.append(source.sources[j])
-        target.groups.append(source.groups[j])
-        if source.logit_bias_rows:
-            target.logit_bias_rows.append(source.logit_bias_rows[j])
-        if source.bias_rows:
-            target.bias_rows.append(source.bias_rows[j])
-        added.append(orig)
-    if added:
-        order = sorted(range(len(target.ids)), key=target.ids.__getitem__)
-        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources", "groups", "bias_rows",
-                     "logit_bias_rows"):
-            lst = getattr(target, attr)
-            if lst:
-                setattr(target, attr, [lst[k] for k in order])
-        # The router over the union is small (S x H) and is the one copy made.
-        target.rebuild(device)
-    return added

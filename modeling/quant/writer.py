@@ -20,6 +20,7 @@ from ..config import load_config
 from ..io.profile import ProfileManifest, file_hashes
 from ..io.safetensors_io import CheckpointFiles, write_checkpoint
 from ..io.weights import PROFILE_FILE
+from ..names import TensorNames
 from .quantize import check_config, ignore_list, is_quantized_linear, quantize_matrix
 from .scheme import QuantizationError, WeightScheme
 
@@ -28,9 +29,9 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 
 
 def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-        return int(parts[2]), name
+    i = TensorNames.layer_of(name)
+    if i is not None:
+        return i, name
     return (-1 if "embed" in name else 1 << 30), name
 
 
