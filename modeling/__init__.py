@@ -2,7 +2,8 @@
 
 from .config import ConfigError, ModelConfig, load_config
 from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
-from .model import Batch, ChosenExperts, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool
+from .cache import KVCache
+from .model import Batch, ChosenExperts, ForwardOutput, Pool, PoolError, ResolvedPool
 from .profile import ProfileError, ProfileManifest, base_identity
 from .safetensors_io import CheckpointError, CheckpointFiles, write_checkpoint
 from .sampling import SamplingParams, StopChecker

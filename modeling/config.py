@@ -79,6 +79,8 @@ class ModelConfig:
     o_bias: bool = False  # o_proj bias
     rope: RopeConfig = field(default_factory=RopeConfig)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None: full attention
+    # per layer: the attention kind (modeling.attention.ATTENTION_KINDS), e.g. "full_attention"
+    layer_types: list[str] = field(default_factory=list)
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
     expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
@@ -91,6 +93,8 @@ class ModelConfig:
             self.routing = RoutingRule(top_k=self.top_k, renormalise=self.norm_topk_prob)
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
+        if not self.layer_types:
+            self.layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.sliding_windows]
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -205,8 +209,17 @@ class ModelConfig:
         try:
             extra = fam.parse_extra(d)
             windows = fam.sliding_windows(d, L)
+            layer_types = fam.layer_types(d, L, windows)
         except FamilyConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        from .attention import ATTENTION_KINDS
+
+        if len(layer_types) != L:
+            raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {L} layers")
+        bad = sorted({t for t in layer_types if t not in ATTENTION_KINDS})
+        if bad:
+            raise ConfigError(f"{source}: unknown layer type {bad[0]!r} in 'layer_types'; supported: "
+                              f"{', '.join(ATTENTION_KINDS)}")
 
         return cls(
             model_type=mt,
@@ -240,6 +253,7 @@ class ModelConfig:
             o_bias=attention_bias and fam.o_bias,
             rope=rope,
             sliding_windows=windows,
+            layer_types=layer_types,
             attention_sinks=fam.attention_sinks,
             router_logit_bias=fam.router_logit_bias,
             expert_mlp=fam.expert_mlp,

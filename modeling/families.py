@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import EMO_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
+from .names import DEEPSEEK_V3_NAMES, EMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
 
 
 class FamilyConfigError(ValueError):
@@ -72,6 +72,11 @@ class Family:
         """The attention window of each layer (None: full causal attention)."""
         return [None] * num_layers
 
+    def layer_types(self, d: dict, num_layers: int, windows: list[int | None]) -> list[str]:
+        """The attention kind of each layer (a key of `modeling.attention.ATTENTION_KINDS`).
+        Default: grouped-query attention, sliding where the layer has a window."""
+        return ["full_attention" if w is None else "sliding_attention" for w in windows]
+
     def parse_extra(self, d: dict) -> dict[str, Any]:
         """Family-specific settings kept on `ModelConfig.extra` (for later families)."""
         return {}
@@ -103,6 +108,50 @@ class _Mixtral(Family):
 class _Glm4Moe(Family):
     def dense_layers(self, d: dict, num_layers: int) -> set[int]:
         return set(range(min(int(d.get("first_k_dense_replace") or 0), num_layers)))
+
+
+class _Mla(_Glm4Moe):
+    """DeepSeek-V3's layout (Kimi-K2, DeepSeek-V3.1): multi-head latent attention in every
+    layer, GLM-style MoE (sigmoid, correction bias, group-limited, shared-expert MLP)
+    after `first_k_dense_replace` dense layers."""
+
+    def dense_layers(self, d: dict, num_layers: int) -> set[int]:
+        k = d.get("first_k_dense_replace")
+        return set(range(min(int(self.defaults["first_k_dense_replace"] if k is None else k), num_layers)))
+
+    def layer_types(self, d: dict, num_layers: int, windows: list[int | None]) -> list[str]:
+        return ["mla"] * num_layers
+
+    def parse_extra(self, d: dict) -> dict[str, Any]:
+        def get(key):
+            return d[key] if key in d else self.defaults.get(key)
+
+        mla = {k: get(k) for k in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                                   "v_head_dim")}
+        for k, v in mla.items():
+            if (v is None and k != "q_lora_rank") or (v is not None and (not isinstance(v, int) or v < 1)):
+                raise FamilyConfigError(f"{k!r} is {v!r}; multi-head latent attention needs a positive integer")
+        if mla["qk_rope_head_dim"] % 2:
+            raise FamilyConfigError(f"'qk_rope_head_dim' {mla['qk_rope_head_dim']} is odd; RoPE rotates pairs")
+        mla["rope_interleave"] = bool(get("rope_interleave"))
+        # transformers computes the tables over head_dim (an alias of qk_rope_head_dim) x partial_rotary_factor;
+        # anything but the whole rotary part would not even run there
+        partial = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if float(partial) != 1.0:
+            raise FamilyConfigError(f"partial_rotary_factor {partial}: MLA rotates all qk_rope_head_dim dims")
+        mla["rope_head_dim"] = mla["qk_rope_head_dim"]
+        return {"mla": mla}
+
+
+class _Glm4MoeLite(_Mla):
+    """GLM-4.7-Flash: DeepSeek-V3's MLA and MoE, dense layers from `mlp_layer_types`."""
+
+    def dense_layers(self, d: dict, num_layers: int) -> set[int]:
+        types = d.get("mlp_layer_types") or ["dense"] + ["sparse"] * (num_layers - 1)
+        if len(types) != num_layers or any(t not in ("dense", "sparse") for t in types):
+            raise FamilyConfigError(f"'mlp_layer_types' {types} must hold 'dense' or 'sparse' for each of "
+                                    f"{num_layers} layers")
+        return {i for i, t in enumerate(types) if t == "dense"}
 
 
 class _GptOss(Family):
@@ -158,3 +207,16 @@ register(_Glm4Moe("glm4_moe", GLM4_MOE_NAMES, "Glm4MoeForCausalLM",
                   qk_norm="head", qk_norm_key="use_qk_norm", o_bias=False, gguf_arch="glm4moe",
                   defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1,
                             "partial_rotary_factor": 0.5}))
+_MLA_MOE = dict(expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_keys=("moe_intermediate_size",),
+                dense_size_keys=("intermediate_size",), scoring="sigmoid", group_limited=True,
+                scaling_key="routed_scaling_factor", correction_bias=True, router_float32=True, shared="module")
+register(_Mla("deepseek_v3", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_MOE,
+              defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": True, "n_shared_experts": 1, "n_group": 8,
+                        "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3,
+                        "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 128,
+                        "qk_nope_head_dim": 128, "rope_interleave": True}))
+register(_Glm4MoeLite("glm4_moe_lite", GLM4_MOE_LITE_NAMES, "Glm4MoeLiteForCausalLM", **_MLA_MOE,
+                      defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1, "n_group": 1,
+                                "topk_group": 1, "routed_scaling_factor": 1.8, "q_lora_rank": 768,
+                                "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 256,
+                                "qk_nope_head_dim": 192, "rope_interleave": True}))

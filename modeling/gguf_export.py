@@ -119,15 +119,12 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
     yield item(n.embed, w.embed)
     for i, lw in enumerate(w.layers):
         yield item(n.attn_norm(i), lw.attn_norm)
-        for p, t, b, heads in (("q", lw.q, lw.q_bias, cfg.num_heads), ("k", lw.k, lw.k_bias, cfg.num_kv_heads),
-                               ("v", lw.v, lw.v_bias, 0), ("o", lw.o, lw.o_bias, 0)):
-            perm = (lambda x, h=heads: _permute_for_llama(x, h)) if llama and heads else None
-            yield item(n.proj(i, p), t, fn=perm)
-            if b is not None:
-                yield item(n.proj(i, p, "bias"), b, fn=perm)
-        if lw.q_norm is not None:
-            yield item(n.qk_norm(i, "q"), lw.q_norm)
-            yield item(n.qk_norm(i, "k"), lw.k_norm)
+        # the attention module's own tensors, by checkpoint name; llama's q/k rows are permuted
+        rotated = {n.proj(i, "q"): cfg.num_heads, n.proj(i, "k"): cfg.num_kv_heads,
+                   n.proj(i, "q", "bias"): cfg.num_heads, n.proj(i, "k", "bias"): cfg.num_kv_heads}
+        for name, t in lw.attn.named_tensors():
+            heads = rotated.get(name) if llama else None
+            yield item(name, t, fn=(lambda x, h=heads: _permute_for_llama(x, h)) if heads else None)
         yield item(n.mlp_norm(i), lw.mlp_norm)
         if lw.experts is None:
             for p, t in zip(EXPERT_PARTS, lw.dense.tensors()):

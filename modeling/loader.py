@@ -14,7 +14,8 @@ from torch import Tensor
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
 from .mxfp4 import DequantCache
-from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
+from .cache import KVCache
+from .model import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
 from .profile import ProfileManifest, base_identity
 from .safetensors_io import CheckpointFiles
 from .decoding import DecodeState
@@ -208,8 +209,7 @@ class Model:
         w = self.weights
         ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
         for lw in w.layers:
-            ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias, lw.sinks) if t is not None]
+            ts += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             if lw.experts is not None:
                 ts.append(lw.experts.router)
                 if lw.experts.logit_bias is not None:
@@ -229,8 +229,7 @@ class Model:
         w = self.weights
         mats: list = [w.embed, w.final_norm, w.lm_head]
         for i, lw in enumerate(w.layers):
-            mats += [lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                     lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias]
+            mats += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             for e in (lw.dense, lw.shared_mlp):
                 if e is not None:
                     mats += e.matrices()

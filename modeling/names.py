@@ -47,6 +47,10 @@ class TensorNames:
     def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
         return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
 
+    def mla(self, i: int, module: str, kind: str = "weight") -> str:
+        """Multi-head latent attention (DeepSeek): q_a_proj, q_a_layernorm, kv_a_proj_with_mqa, kv_b_proj, ..."""
+        return f"{self.layer(i)}.self_attn.{module}.{kind}"
+
     def sinks(self, i: int) -> str:  # gpt-oss: [heads] attention sink logits
         return f"{self.layer(i)}.self_attn.sinks"
 
@@ -112,3 +116,5 @@ QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
 GLM4_MOE_NAMES = TensorNames("glm4_moe")
 GPT_OSS_NAMES = TensorNames("gpt_oss", router_name="router", stacked_experts=True)
 MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))
+DEEPSEEK_V3_NAMES = TensorNames("deepseek_v3")
+GLM4_MOE_LITE_NAMES = TensorNames("glm4_moe_lite")

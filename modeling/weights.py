@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .attention import AttentionWeights, attention_modules
 from .config import ModelConfig
 from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
 from .names import TensorNames
@@ -139,22 +140,18 @@ class LayerExperts:
 @dataclass
 class LayerWeights:
     attn_norm: Tensor
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    o: Tensor
+    attn: "AttentionWeights"  # the layer's attention module's tensors (modeling.attention)
     mlp_norm: Tensor
-    q_norm: Tensor | None = None
-    k_norm: Tensor | None = None
-    q_bias: Tensor | None = None
-    k_bias: Tensor | None = None
-    v_bias: Tensor | None = None
-    o_bias: Tensor | None = None
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
     shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
-    sinks: Tensor | None = None  # [heads] attention sink logits (gpt-oss)
+
+    def __getattr__(self, role: str):
+        # lw.q, lw.sinks, ...: the attention tensors by role, for readers written before the modules
+        if role.startswith("__") or role == "attn":
+            raise AttributeError(role)
+        return getattr(self.attn, role)
 
 
 @dataclass
@@ -370,33 +367,13 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
     r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
     n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
-    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     embed = r.get(n.embed, (V, H))
     lm_head = embed if cfg.tie_word_embeddings and n.lm_head not in files else r.get(n.lm_head, (V, H))
     orig_ids = original_expert_ids(folder, cfg)
     layers = []
-    for i in range(cfg.num_layers):
-        lw = LayerWeights(
-            attn_norm=r.get(n.attn_norm(i), (H,)),
-            q=r.get(n.proj(i, "q"), (qd, H)),
-            k=r.get(n.proj(i, "k"), (kvd, H)),
-            v=r.get(n.proj(i, "v"), (kvd, H)),
-            o=r.get(n.proj(i, "o"), (H, qd)),
-            mlp_norm=r.get(n.mlp_norm(i), (H,)),
-        )
-        if cfg.qk_norm == "proj":  # OLMoE: over the whole projection
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (qd,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (kvd,))
-        elif cfg.qk_norm == "head":  # Qwen3, GLM: one [head_dim] weight shared by every head
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (cfg.head_dim,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (cfg.head_dim,))
-        if cfg.attention_bias:
-            lw.q_bias, lw.k_bias = r.get(n.proj(i, "q", "bias"), (qd,)), r.get(n.proj(i, "k", "bias"), (kvd,))
-            lw.v_bias = r.get(n.proj(i, "v", "bias"), (kvd,))
-        if cfg.o_bias:
-            lw.o_bias = r.get(n.proj(i, "o", "bias"), (H,))
-        if cfg.attention_sinks:
-            lw.sinks = r.get(n.sinks(i), (cfg.num_heads,))
+    for i, module in enumerate(attention_modules(cfg)):
+        lw = LayerWeights(attn_norm=r.get(n.attn_norm(i), (H,)), attn=module.read(r, n),
+                          mlp_norm=r.get(n.mlp_norm(i), (H,)))
         if cfg.is_dense(i):
             D = cfg.dense_intermediate_size
             lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),

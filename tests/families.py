@@ -57,6 +57,35 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                          "beta_fast": 8.0, "beta_slow": 1.0, "truncate": False,
                                                          "original_max_position_embeddings": 32})),
+    # DeepSeek-V3 (Kimi-K2, V3.1): MLA with low-rank q, interleaved decoupled RoPE, q_a/kv_a/o biases;
+    # GLM-style MoE: sigmoid + correction bias, 2 groups, scaling, a shared-expert MLP, one dense layer.
+    "deepseek_v3": ("DeepseekV3Config", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                                n_shared_experts=1, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                                first_k_dense_replace=1, norm_topk_prob=True,
+                                                routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=12,
+                                                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                                                attention_bias=True, rope_interleave=True,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # DeepSeek-V2-Lite-like attention: one q_proj (no q rank), rotate-half RoPE, YaRN with mscale_all_dim
+    # (the softmax scale changes too), no renormalisation.
+    "deepseek_v3-yarn": ("DeepseekV3Config", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
+                                                     n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                                     n_group=1, topk_group=1, first_k_dense_replace=0,
+                                                     norm_topk_prob=False, routed_scaling_factor=1.5,
+                                                     q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=6,
+                                                     qk_rope_head_dim=4, v_head_dim=8, rope_interleave=False,
+                                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                      "factor": 4.0, "mscale": 1.0,
+                                                                      "mscale_all_dim": 1.0,
+                                                                      "original_max_position_embeddings": 32})),
+    # GLM-4.7-Flash: DeepSeek's MLA and MoE, dense layers from mlp_layer_types.
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
+                                                   n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                                   mlp_layer_types=["dense", "sparse", "sparse"],
+                                                   norm_topk_prob=True, routed_scaling_factor=1.8, q_lora_rank=16,
+                                                   kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                   v_head_dim=6, attention_bias=True, rope_interleave=True,
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
     "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                                      clip_qkv=None)),
 }

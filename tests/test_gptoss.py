@@ -77,12 +77,12 @@ def test_sinks_and_clamp_matter(ckpt, tmp_path):
     """The test checkpoint exercises what it claims: zero sinks or no clamp change the logits."""
     m = load_model(ckpt["float"])
     base = m.logits(LONG)
-    sinks = [lw.sinks for lw in m.weights.layers]
+    sinks = [lw.attn.sinks for lw in m.weights.layers]
     for lw in m.weights.layers:
-        lw.sinks = torch.full_like(lw.sinks, -1e4)
+        lw.attn.sinks = torch.full_like(lw.attn.sinks, -1e4)
     assert not torch.allclose(m.logits(LONG), base, atol=1e-3)
     for lw, s in zip(m.weights.layers, sinks):
-        lw.sinks = s
+        lw.attn.sinks = s
     m.config.extra["swiglu_limit"] = 1e9
     assert not torch.allclose(m.logits(LONG), base, atol=1e-3)
 
@@ -90,7 +90,7 @@ def test_sinks_and_clamp_matter(ckpt, tmp_path):
 def test_windowed_cache_holds_only_the_window_and_decode_equals_recompute(ckpt):
     m = load_model(ckpt["float"])
     cache = m.new_cache(2, 40)
-    assert [cache.k[i].shape[2] for i in range(3)] == [4, 40, 4]
+    assert [cache[i].k.shape[2] for i in range(3)] == [4, 40, 4]
     # prefill 6 (past the window), then chunks of 3 and single tokens, in slot 1 beside another sequence
     seq = LONG
     m.forward(Batch(torch.tensor(seq[:6]), [1], [0], [6], []), cache)
@@ -122,7 +122,7 @@ def test_cache_write_returns_the_window(ckpt):
     assert first is None and sorted(k[0, :, 0].tolist()) == [6, 7, 8, 9]
     k, _, first = cache.write(0, 0, 10, kv(10, 12), kv(10, 12))
     assert first == 7 and k[0, :, 0].tolist() == [7, 8, 9, 10, 11]
-    assert 2 not in cache.k and cache.k[1].shape[2] == 32
+    assert 2 not in cache.states and cache[1].k.shape[2] == 32
 
 
 @pytest.mark.parametrize("params", [
