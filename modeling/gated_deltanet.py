@@ -26,11 +26,20 @@ Dense products go through the `linear` the caller passes (the model's kernels).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .attention import Attention, AttentionWeights, GroupedQueryAttention, TensorSpec, attend
+from .cache import LayerState
+from .layers import apply_rope, rms_norm_offset
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
+    from .model import Batch
+    from .names import TensorNames
 
 Linear = Callable[..., Tensor]  # linear(x, w, bias=None), as Transformer.kernels.linear
 
@@ -101,7 +110,7 @@ class DeltaNetWeights:
                             self.A_log, self.norm, self.out) if t is not None]
 
 
-class DeltaNetState:
+class DeltaNetState(LayerState):
     """The per-sequence state of one Gated DeltaNet layer, one row per cache slot:
     `conv` `[slots, conv_dim, K-1]` (the last K-1 inputs of the convolution, model
     dtype) and `recurrent` `[slots, Hv, dk, dv]` (S, float32). Its size does not grow
@@ -113,6 +122,9 @@ class DeltaNetState:
         self.conv = torch.empty(num_slots, shape.conv_dim, shape.conv_kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.empty(num_slots, shape.num_v_heads, shape.head_k_dim, shape.head_v_dim,
                                      dtype=torch.float32, device=device)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.conv, self.recurrent]
 
     def read(self, slot: int, start: int) -> tuple[Tensor, Tensor]:
         """(conv inputs `[conv_dim, K-1]`, S `[Hv, dk, dv]`) before position `start` (copies)."""
@@ -257,3 +269,69 @@ def _decode(w: DeltaNetWeights, shape: DeltaNetShape, qkv: Tensor, b: Tensor, a:
     q, k, v, g, beta = (t.transpose(0, 1) for t in rule_inputs(y, b[r], a[r], w, shape))  # batch-major
     o, state.recurrent[idx] = step_delta_rule(q, k, v, g, beta, state.recurrent[idx])
     core[r] = o.to(core.dtype)
+
+
+# -- the two attention kinds of Qwen3-Next / Qwen3.5 (modeling.attention.ATTENTION_KINDS) ----------------
+
+
+class GatedDeltaNetAttention(Attention):
+    """"linear_attention" layers: the Gated DeltaNet above, its state a `DeltaNetState`
+    (fixed size per slot, whatever `max_len`). Tensors under `linear_attn.`: four
+    projections (Qwen3.5) or two fused ones (Qwen3-Next, `cfg.extra["deltanet_fused"]`)."""
+
+    roles = ("qkv", "z", "b", "a", "qkvz", "ba", "conv", "dt_bias", "A_log", "norm", "out")
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        self.shape: DeltaNetShape = cfg.extra["deltanet"]
+        self.fused = bool(cfg.extra.get("deltanet_fused"))
+
+    def specs(self, names: TensorNames) -> list[TensorSpec]:
+        s, H, i = self.shape, self.cfg.hidden_size, self.layer
+        proj = ([("qkvz", "in_proj_qkvz.weight", (s.conv_dim + s.value_dim, H)),
+                 ("ba", "in_proj_ba.weight", (2 * s.num_v_heads, H))] if self.fused else
+                [("qkv", "in_proj_qkv.weight", (s.conv_dim, H)), ("z", "in_proj_z.weight", (s.value_dim, H)),
+                 ("b", "in_proj_b.weight", (s.num_v_heads, H)), ("a", "in_proj_a.weight", (s.num_v_heads, H))])
+        rest = [("conv", "conv1d.weight", (s.conv_dim, 1, s.conv_kernel)), ("dt_bias", "dt_bias", (s.num_v_heads,)),
+                ("A_log", "A_log", (s.num_v_heads,)), ("norm", "norm.weight", (s.head_v_dim,)),
+                ("out", "out_proj.weight", (H, s.value_dim))]
+        return [TensorSpec(role, names.linear_attn(i, part), shape) for role, part, shape in proj + rest]
+
+    def new_state(self, num_slots: int, max_len: int, dtype: torch.dtype, device) -> DeltaNetState:
+        return DeltaNetState(self.shape, num_slots, dtype, device)
+
+    def state_bytes(self, num_slots: int, max_len: int, itemsize: int) -> int:
+        return num_slots * self.shape.state_bytes(itemsize)
+
+    def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: DeltaNetState,
+                linear: Linear) -> Tensor:
+        weights = DeltaNetWeights(conv=w.conv, dt_bias=w.dt_bias, A_log=w.A_log, norm=w.norm, out=w.out, qkv=w.qkv,
+                                  z=w.z, b=w.b, a=w.a, qkvz=w.qkvz, ba=w.ba)
+        return gated_deltanet(weights, self.shape, h, state, batch.slots, batch.starts, batch.counts, linear)
+
+
+class GatedAttention(GroupedQueryAttention):
+    """"full_attention" layers of Qwen3-Next / Qwen3.5: grouped-query attention whose
+    `q_proj` also yields a per-head output gate (rows per head: head_dim query, then
+    head_dim gate), output = o_proj(attention * sigmoid(gate)); per-head q/k RMSNorm with
+    zero-centred weights (1 + w); partial RoPE (the first head_dim * 0.25 dims rotate)."""
+
+    def specs(self, names: TensorNames) -> list[TensorSpec]:
+        out = []
+        for s in super().specs(names):
+            if s.role in ("q", "q_bias"):  # twice the rows: query and gate
+                s = TensorSpec(s.role, s.name, (2 * s.shape[0], *s.shape[1:]))
+            out.append(s)
+        return out
+
+    def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state,
+                linear: Linear) -> Tensor:
+        eps, T, D = self.cfg.rms_norm_eps, h.shape[0], self.head_dim
+        q, gate = linear(h, w.q, w.q_bias).view(T, self.heads, 2 * D).chunk(2, dim=-1)
+        k, v = linear(h, w.k, w.k_bias), linear(h, w.v, w.v_bias)
+        q = rms_norm_offset(q, w.q_norm, eps).transpose(0, 1)  # [heads, T, D]
+        k = rms_norm_offset(k.view(T, self.kv_heads, D), w.k_norm, eps).transpose(0, 1)
+        v = v.view(T, self.kv_heads, D).transpose(0, 1)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, k, v, batch, state, self.window, None, None).transpose(0, 1).reshape(T, self.heads * D)
+        return linear(out * torch.sigmoid(gate.reshape(T, self.heads * D)), w.o, w.o_bias)

@@ -23,7 +23,7 @@ from .attention import Attention, attention_modules
 from .cache import KVCache
 from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers import rms_norm, rope_tables
+from .layers import rms_norm, rms_norm_offset, rope_tables
 from .kernels import Kernels
 from .mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
@@ -93,6 +93,8 @@ class Transformer:
         self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
         # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
         self.kernels = Kernels(device, int8, compile_decode)
+        # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
+        self.norm = rms_norm_offset if cfg.norm_offset else rms_norm
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
         self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
@@ -178,12 +180,12 @@ class Transformer:
         """x + attention(RMSNorm(x)) for layer i, by the layer's attention module, which
         writes the batch's state (keys and values, ...) to `cache`."""
         lw = self.w.layers[i]
-        h = rms_norm(x, lw.attn_norm, self.cfg.rms_norm_eps)
+        h = self.norm(x, lw.attn_norm, self.cfg.rms_norm_eps)
         return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
         """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
-        return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return self.norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
                   h: Tensor | None = None) -> tuple[Tensor, Route | None]:
@@ -199,7 +201,7 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(self.norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -244,7 +246,10 @@ class Transformer:
             out = self._moe_one(le, h, r) if r.indices.shape[0] == 1 else self._moe_many(le, h, r)
         out = out.to(h.dtype)
         if lw.shared_mlp is not None:
-            out = out + SWIGLU.forward(self, lw.shared_mlp, h)
+            shared = SWIGLU.forward(self, lw.shared_mlp, h)
+            if lw.shared_gate is not None:  # Qwen: the shared expert weighed by sigmoid(h . w) per token
+                shared = torch.sigmoid(self._linear(h, lw.shared_gate)) * shared
+            out = out + shared
         return out, (r if collect else None)
 
     def _moe_fused(self, le, h: Tensor, r: Route) -> Tensor | None:
