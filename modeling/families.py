@@ -271,6 +271,7 @@ _QWEN_HYBRID = dict(expert_size_keys=("moe_intermediate_size",), dense_size_keys
 register(_Qwen3Hybrid("qwen3_next", QWEN3_NEXT_NAMES, "Qwen3NextForCausalLM", gguf_arch="qwen3next",
                       defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": True, "partial_rotary_factor": 0.25},
                       **_QWEN_HYBRID))
-register(_Qwen3Hybrid("qwen3_5_moe", QWEN3_5_MOE_NAMES, "Qwen3_5MoeForConditionalGeneration", always_renormalise=True,
+register(_Qwen3Hybrid("qwen3_5_moe", QWEN3_5_MOE_NAMES, "Qwen3_5MoeForConditionalGeneration", gguf_arch="qwen35moe",
+                      always_renormalise=True,
                       text_config_key="text_config",
                       defaults={"rms_norm_eps": 1e-6, "partial_rotary_factor": 0.25}, **_QWEN_HYBRID))

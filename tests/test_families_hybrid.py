@@ -123,3 +123,11 @@ def test_bad_linear_attention_config_is_named(checkpoints, tmp_path):
     (out / "config.json").write_text(json.dumps({**cfg, "linear_num_value_heads": 3}))
     with pytest.raises(ConfigError, match="linear_num_value_heads 3"):
         load_model(out)
+
+
+@pytest.mark.parametrize("name,arch", [("qwen3_next", "qwen3next"), ("qwen3_5_moe", "qwen35moe")])
+def test_gguf_export_is_refused_naming_the_architecture(checkpoints, tmp_path, capsys, name, arch):
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(checkpoints[name][0]), "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert f"llama.cpp architecture {arch!r}" in err and "Gated DeltaNet" in err and not out.exists()
