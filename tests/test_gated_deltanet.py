@@ -114,11 +114,11 @@ def test_chunked_rule_equals_stepwise_rule():
     beta = torch.rand(H, n, generator=g)
     s0 = torch.randn(H, dk, dv, generator=g)
     out, s_chunk = chunk_delta_rule(q, k, v, decay, beta, s0, chunk=16)
-    s = s0[None]
+    s = s0.clone()
     for t in range(n):
-        o, s = step_delta_rule(q[None, :, t], k[None, :, t], v[None, :, t], decay[None, :, t], beta[None, :, t], s)
-        torch.testing.assert_close(out[:, t], o[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(s_chunk, s[0], atol=1e-5, rtol=0)
+        o = step_delta_rule(q[:, t], k[:, t], v[:, t], decay[:, t], beta[:, t], s)  # s updated in place
+        torch.testing.assert_close(out[:, t], o, atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_chunk, s, atol=1e-5, rtol=0)
 
 
 def test_bad_head_counts_are_refused():
