@@ -131,3 +131,31 @@ def test_gguf_export_is_refused_naming_the_architecture(checkpoints, tmp_path, c
     assert main(["export-gguf", str(checkpoints[name][0]), "--out", str(out)]) != 0
     err = capsys.readouterr().err
     assert f"llama.cpp architecture {arch!r}" in err and "Gated DeltaNet" in err and not out.exists()
+
+
+def test_quantized_profile_serves_its_dequantized_weights(checkpoints, tmp_path):
+    """`build --quantize int8` packs the attention, shared and routed expert matrices (the DeltaNet
+    projections stay float, like the router); the profile's logits are those of its dequantized
+    weights (1e-4) and near the float pool's."""
+    from modeling.quant import PackedLinear
+
+    base = checkpoints["qwen3_5_moe"][0]
+    ef = tmp_path / "experts.json"
+    ef.write_text(json.dumps({str(i): ids for i, ids in KEPT.items()}))
+    prof = tmp_path / "q"
+    assert main([str(a) for a in ("build", base, "--out", prof, "--experts-file", ef, "--quantize", "int8", "-q")]) == 0
+    names = load_model(prof).files.names()
+    assert "model.language_model.layers.3.self_attn.q_proj.weight_packed" in names
+    assert "model.language_model.layers.0.mlp.experts.1.down_proj.weight_packed" in names
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.weight" in names
+    got = load_model(prof).logits(IDS)
+    deq = load_model(prof)
+    for lw, module in zip(deq.weights.layers, deq.transformer.attention):
+        for role in module.roles:
+            if isinstance(getattr(lw.attn, role), PackedLinear):
+                setattr(lw.attn, role, getattr(lw.attn, role).dequantize(torch.float32))
+        for e in lw.experts.experts + [lw.shared_mlp]:
+            e.gate, e.up, e.down = (x.dequantize(torch.float32) for x in (e.gate, e.up, e.down))
+    torch.testing.assert_close(got, deq.logits(IDS), atol=1e-4, rtol=1e-4)
+    ref = load_model(base).logits(IDS, pool=KEPT)
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.05
