@@ -1,4 +1,5 @@
-"""emo-serve's one implementation of its model families: EMO, OLMoE, Qwen3-MoE, Mixtral, GLM-4.5 (modeling.families)."""
+"""emo-serve's one implementation of its model families: EMO, OLMoE, Qwen3-MoE, Mixtral, GLM-4.5, gpt-oss,
+DeepSeek-V3 / Kimi-K2, GLM-4.7-Flash, FlexOlmo (modeling.families)."""
 
 from .config import ConfigError, ModelConfig, load_config
 from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint

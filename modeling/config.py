@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, Family, FamilyConfigError
+from .fp8 import Fp8Error, parse_fp8_config
 from .layers import ROPE_TYPES, RopeConfig
 from .names import TensorNames
 from .routing import RoutingRule
@@ -86,6 +87,8 @@ class ModelConfig:
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
     expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2-style, FlexOlmo)
+    fp8_block: tuple[int, int] | None = None  # block-scaled FP8 weights (quantization_config quant_method fp8)
     extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     source: str = "<dict>"
@@ -216,7 +219,8 @@ class ModelConfig:
             extra = fam.parse_extra(d)
             windows = fam.sliding_windows(d, L)
             layer_types = fam.layer_types(d, L, windows)
-        except FamilyConfigError as e:
+            fp8_block = parse_fp8_config(d.get("quantization_config"))
+        except (FamilyConfigError, Fp8Error) as e:
             raise ConfigError(f"{source}: {e}") from None
         from .attention import ATTENTION_KINDS
 
@@ -262,6 +266,8 @@ class ModelConfig:
             rope=rope,
             sliding_windows=windows,
             layer_types=layer_types,
+            fp8_block=fp8_block,
+            norm_placement=fam.norm_placement,
             attention_sinks=fam.attention_sinks,
             router_logit_bias=fam.router_logit_bias,
             expert_mlp=fam.expert_mlp,

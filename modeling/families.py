@@ -21,8 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import (DEEPSEEK_V3_NAMES, EMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES,
-                    OLMOE_NAMES, QWEN3_5_MOE_NAMES, QWEN3_MOE_NAMES, QWEN3_NEXT_NAMES, TensorNames)
+from .names import (DEEPSEEK_V3_NAMES, EMO_NAMES, FLEX_OLMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES,
+                    GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_5_MOE_NAMES, QWEN3_MOE_NAMES, QWEN3_NEXT_NAMES,
+                    TensorNames)
 
 
 class FamilyConfigError(ValueError):
@@ -62,6 +63,9 @@ class Family:
     # experts: "swiglu" down(silu(gate x) * up x), or "clamped_swiglu" (gpt-oss: gate/up interleaved, biases,
     # gate clamped above at swiglu_limit, up to +-limit, gate * sigmoid(alpha gate) * (up + 1))
     expert_mlp: str = "swiglu"
+    # where a layer's two RMSNorms sit: "pre" (x + f(norm(x)), names' attn_norm / mlp_norm before each block)
+    # or "post" (x + norm(f(x)), OLMo2-style: the norms after attention and after the MLP)
+    norm_placement: str = "pre"
     # defaults of the family's config class, for keys a config.json leaves out
     defaults: dict[str, Any] = field(default_factory=dict)
     # profiles keeping the same count per MoE layer use the family's own keys (stock tools load them)
@@ -255,16 +259,25 @@ register(_Glm4Moe("glm4_moe", GLM4_MOE_NAMES, "Glm4MoeForCausalLM",
 _MLA_MOE = dict(expert_count_keys=("n_routed_experts", "num_local_experts"), expert_size_keys=("moe_intermediate_size",),
                 dense_size_keys=("intermediate_size",), scoring="sigmoid", group_limited=True,
                 scaling_key="routed_scaling_factor", correction_bias=True, router_float32=True, shared="module")
-register(_Mla("deepseek_v3", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_MOE,
+register(_Mla("deepseek_v3", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_MOE, gguf_arch="deepseek2",
               defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": True, "n_shared_experts": 1, "n_group": 8,
                         "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3,
                         "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 128,
                         "qk_nope_head_dim": 128, "rope_interleave": True}))
+# Kimi-K2 (moonshotai) ships DeepSeek-V3's layout under its own model_type (config and modeling as remote code)
+register(_Mla("kimi_k2", DEEPSEEK_V3_NAMES, "DeepseekV3ForCausalLM", **_MLA_MOE, gguf_arch="deepseek2",
+              defaults=FAMILIES["deepseek_v3"].defaults))
 register(_Glm4MoeLite("glm4_moe_lite", GLM4_MOE_LITE_NAMES, "Glm4MoeLiteForCausalLM", **_MLA_MOE,
+                      gguf_arch="deepseek2",
                       defaults={"rms_norm_eps": 1e-5, "norm_topk_prob": True, "n_shared_experts": 1, "n_group": 1,
                                 "topk_group": 1, "routed_scaling_factor": 1.8, "q_lora_rank": 768,
                                 "kv_lora_rank": 512, "qk_rope_head_dim": 64, "v_head_dim": 256,
                                 "qk_nope_head_dim": 192, "rope_interleave": True}))
+# FlexOlmo (AllenAI): experts trained apart on each data owner's domain; OLMo2 blocks (post-norm), q/k norm
+# over the whole projection, softmax top-k routing.
+register(Family("flex_olmo", FLEX_OLMO_NAMES, "FlexOlmoForCausalLM", shared="none", qk_norm="proj",
+                norm_placement="post", gguf_arch=None,
+                defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": False}))
 _QWEN_HYBRID = dict(expert_size_keys=("moe_intermediate_size",), dense_size_keys=("intermediate_size",),
                     shared="module", shared_size_key="shared_expert_intermediate_size", shared_gate=True,
                     qk_norm="head", norm_offset=True)

@@ -11,9 +11,12 @@ time (a layer's stacked experts are the largest copy made).
 
 Families and llama.cpp architectures: olmoe -> `olmoe`, qwen3_moe ->
 `qwen3moe`, mixtral -> `llama` (q/k rows permuted to llama.cpp's interleaved
-RoPE, as its converter does), glm4_moe -> `glm4moe`. llama.cpp keeps one
-expert count per model, so only profiles with the same count in every MoE
-layer export.
+RoPE, as its converter does), glm4_moe -> `glm4moe`, deepseek_v3 and
+glm4_moe_lite -> `deepseek2` (MLA as llama.cpp's converter writes it:
+`kv_b_proj` split into per-head `attn_k_b` (transposed) and `attn_v_b`, the
+`*_mla` key/value lengths; block-scaled FP8 weights are written dequantized to
+bfloat16, llama.cpp having no such type). llama.cpp keeps one expert count per
+model, so only profiles with the same count in every MoE layer export.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, load_config
+from .fp8 import Fp8Matrix
 from .names import EXPERT_PARTS
 from .safetensors_io import CheckpointFiles
 from .weights import ModelWeights, read_weights
@@ -40,7 +44,9 @@ class ExportError(ValueError):
 
 # llama.cpp's pre-tokenizer name per architecture, for the families' released tokenizers
 # (llama.cpp identifies it by hashing a tokenization, which needs transformers; ours is a default).
-DEFAULT_PRE = {"qwen3moe": "qwen2", "olmoe": "olmo", "glm4moe": "glm4", "llama": "default"}
+DEFAULT_PRE = {"qwen3moe": "qwen2", "olmoe": "olmo", "glm4moe": "glm4", "llama": "default", "deepseek2": "default"}
+# architectures whose dense layers lead (first_k_dense_replace) and whose MoE has a shared-expert MLP
+_LEADING_DENSE = ("glm4moe", "deepseek2")
 
 
 @dataclass
@@ -81,7 +87,7 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
         raise ExportError(f"{cfg.source}: MoE layers keep different expert counts {moe}; llama.cpp holds one count "
                           f"per model (build the profile with the same --keep in every layer)")
     dense = [i for i, e in enumerate(cfg.experts_per_layer) if e == 0]
-    if fam.gguf_arch == "glm4moe":
+    if fam.gguf_arch in _LEADING_DENSE:
         if dense != list(range(len(dense))):
             raise ExportError(f"{cfg.source}: dense layers {dense} are not the leading layers llama.cpp's glm4moe expects")
     elif dense:
@@ -98,6 +104,13 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
         raise ExportError(f"{cfg.source}: shared or always-active router slots have no llama.cpp equivalent")
     if cfg.rope.type != "default":
         raise ExportError(f"{cfg.source}: RoPE type {cfg.rope.type!r} is not exported")
+    if fam.gguf_arch == "deepseek2":
+        if not cfg.extra["mla"]["rope_interleave"]:
+            raise ExportError(f"{cfg.source}: MLA with rope_interleave false (rotate-half RoPE) is not exported: "
+                              f"llama.cpp's deepseek2 rotates interleaved pairs")
+        if cfg.attention_bias:
+            raise ExportError(f"{cfg.source}: MLA with attention biases is not exported: llama.cpp's deepseek2 "
+                              f"has no attention bias tensors")
     return fam.gguf_arch, moe[0]
 
 
@@ -116,7 +129,9 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
             raise ExportError(f"llama.cpp's {arch_name} has no tensor for {hf!r}")
         return g
 
-    def item(hf: str, t: Tensor, f32: bool = False, fn: Callable[[Tensor], Tensor] | None = None) -> _Item:
+    def item(hf: str, t, f32: bool = False, fn: Callable[[Tensor], Tensor] | None = None) -> _Item:
+        if isinstance(t, Fp8Matrix):  # dequantized when written (one matrix at a time)
+            return _Item(gname(hf), t.shape, torch.bfloat16, lambda: _plain(t))
         dt = torch.float32 if f32 or t.dim() == 1 else t.dtype  # norms, biases and routers stay float32
         return _Item(gname(hf), tuple(t.shape), dt, lambda: (fn(t) if fn else t).to(dt))
 
@@ -128,11 +143,14 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
         rotated = {n.proj(i, "q"): cfg.num_heads, n.proj(i, "k"): cfg.num_kv_heads,
                    n.proj(i, "q", "bias"): cfg.num_heads, n.proj(i, "k", "bias"): cfg.num_kv_heads}
         for name, t in lw.attn.named_tensors():
+            if arch_name == "deepseek2" and name == n.mla(i, "kv_b_proj"):
+                yield from _mla_kv_b(cfg, i, t, gname)
+                continue
             heads = rotated.get(name) if llama else None
             yield item(name, t, fn=(lambda x, h=heads: _permute_for_llama(x, h)) if heads else None)
         yield item(n.mlp_norm(i), lw.mlp_norm)
         if lw.experts is None:
-            for p, t in zip(EXPERT_PARTS, lw.dense.tensors()):
+            for p, t in zip(EXPERT_PARTS, lw.dense.matrices()):
                 yield item(n.dense(i, p), t)
             continue
         le = lw.experts
@@ -140,16 +158,38 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
         if le.bias is not None:
             yield item(f"{n.layer(i)}.mlp.gate.e_score_correction.bias", le.bias)
         for k, (part, hf_part) in enumerate(zip(EXPERT_PARTS, n.expert_parts)):
-            first = le.experts[0].tensors()[k]
+            first = le.experts[0].matrices()[k]
             merged = f"{n.layer(i)}.{n.moe_module}.experts.{hf_part}.weight"
-            yield _Item(gname(merged), (len(le.experts), *first.shape), first.dtype,
-                        lambda k=k, le=le: torch.stack([e.tensors()[k] for e in le.experts]))
+            dt = torch.bfloat16 if isinstance(first, Fp8Matrix) else first.dtype
+            yield _Item(gname(merged), (len(le.experts), *first.shape), dt,
+                        lambda k=k, le=le: torch.stack([_plain(e.matrices()[k]) for e in le.experts]))
         if lw.shared_mlp is not None:
-            for p, t in zip(EXPERT_PARTS, lw.shared_mlp.tensors()):
+            for p, t in zip(EXPERT_PARTS, lw.shared_mlp.matrices()):
                 yield item(n.shared(i, p), t)
     yield item(n.final_norm, w.final_norm)
     if w.lm_head is not w.embed:
         yield item(n.lm_head, w.lm_head)
+
+
+def _plain(t) -> Tensor:
+    """A weight as a plain tensor: block-scaled FP8 dequantized to bfloat16 (llama.cpp has no such type)."""
+    return t.dequantize(torch.bfloat16) if isinstance(t, Fp8Matrix) else t
+
+
+def _mla_kv_b(cfg: ModelConfig, i: int, kv_b, gname) -> Iterator[_Item]:
+    """llama.cpp's deepseek2 takes MLA's kv_b_proj `[heads * (nope + v), kv_rank]` as two tensors, as its
+    converter writes them: attn_k_b `[heads, kv_rank, nope]` (the key half, transposed) and attn_v_b
+    `[heads, v, kv_rank]`."""
+    m, n = cfg.extra["mla"], cfg.names
+    H, nope, v, r = cfg.num_heads, m["qk_nope_head_dim"], m["v_head_dim"], m["kv_lora_rank"]
+
+    def halves() -> tuple[Tensor, Tensor]:
+        k_b, v_b = _plain(kv_b).view(H, nope + v, r).split([nope, v], dim=1)
+        return k_b.transpose(1, 2), v_b
+
+    dt = torch.bfloat16 if isinstance(kv_b, Fp8Matrix) else kv_b.dtype
+    yield _Item(gname(f"{n.layer(i)}.self_attn.k_b_proj.weight"), (H, r, nope), dt, lambda: halves()[0])
+    yield _Item(gname(f"{n.layer(i)}.self_attn.v_b_proj.weight"), (H, v, r), dt, lambda: halves()[1])
 
 
 _RAW = {torch.float32: (np.float32, None), torch.float16: (np.float16, None), torch.bfloat16: (np.int16, "BF16")}
@@ -212,11 +252,23 @@ def _add_metadata(writer, gguf, cfg: ModelConfig, arch_name: str, experts: int, 
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.dense_intermediate_size or cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
+    if arch_name == "deepseek2":  # MLA as llama.cpp holds it: one latent "kv head", k = latent + rope
+        m = cfg.extra["mla"]
+        writer.add_head_count_kv(1)
+        writer.add_key_length(m["kv_lora_rank"] + m["qk_rope_head_dim"])
+        writer.add_value_length(m["kv_lora_rank"])
+        writer.add_key_length_mla(m["qk_nope_head_dim"] + m["qk_rope_head_dim"])
+        writer.add_value_length_mla(m["v_head_dim"])
+        if m["q_lora_rank"] is not None:
+            writer.add_q_lora_rank(m["q_lora_rank"])
+        writer.add_kv_lora_rank(m["kv_lora_rank"])
+        writer.add_rope_dimension_count(m["qk_rope_head_dim"])
+    else:
+        writer.add_head_count_kv(cfg.num_kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.rope.rotary_dim(cfg.head_dim))
     writer.add_rope_freq_base(cfg.rope.theta)
-    writer.add_rope_dimension_count(cfg.rope.rotary_dim(cfg.head_dim))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_expert_count(experts)
@@ -226,12 +278,13 @@ def _add_metadata(writer, gguf, cfg: ModelConfig, arch_name: str, experts: int, 
     writer.add_file_type(file_type)
     if cfg.clip_qkv is not None:
         writer.add_clamp_kqv(cfg.clip_qkv)
-    if arch_name == "glm4moe":
+    if arch_name in _LEADING_DENSE:
         writer.add_leading_dense_block_count(sum(1 for e in cfg.experts_per_layer if e == 0))
         writer.add_expert_shared_count(cfg.shared_mlp_size // cfg.intermediate_size if cfg.intermediate_size else 0)
         writer.add_expert_weights_scale(cfg.routing.scaling)
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
-        writer.add_nextn_predict_layers(0)  # profiles leave the multi-token-prediction layer out
+        if arch_name == "glm4moe":
+            writer.add_nextn_predict_layers(0)  # profiles leave the multi-token-prediction layer out
 
 
 def export_gguf(folder: str | Path, out: str | Path, *, name: str | None = None, tokenizer_pre: str | None = None,

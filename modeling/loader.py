@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
+from .fp8 import Fp8Matrix
 from .mxfp4 import DequantCache
 from .cache import KVCache
 from .model import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
@@ -199,7 +200,8 @@ class Model:
     def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
         """Views of a mapped source's tensors, read with that source's own quantization."""
         return _Reader(files, self.dtype, self.device,
-                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                       cfg.fp8_block)
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
         le = self.weights.layers[layer].experts
@@ -250,7 +252,7 @@ class Model:
             if isinstance(m, PackedLinear) and not native:
                 m.prepare(self.dtype)
                 repacked += 1
-            elif isinstance(m, PackedLinear):
+            elif isinstance(m, (PackedLinear, Fp8Matrix)):  # as stored: FP8 bytes and scales
                 tensors += m.tensors()
             elif m is not None:
                 tensors.append(m)

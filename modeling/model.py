@@ -25,6 +25,7 @@ from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
 from .layers import rms_norm, rms_norm_offset, rope_tables
 from .kernels import Kernels
+from .fp8 import Fp8Matrix
 from .mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
 from .routing import Route, route
@@ -103,7 +104,9 @@ class Transformer:
         assert len(dims) <= 1, f"attention modules disagree on the RoPE width: {dims}"
         self.rope_dim = dims.pop() if dims else None
 
-    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
+            return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
 
     # -- pools -----------------------------------------------------------------
@@ -177,15 +180,26 @@ class Transformer:
         return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
 
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
-        """x + attention(RMSNorm(x)) for layer i, by the layer's attention module, which
-        writes the batch's state (keys and values, ...) to `cache`."""
-        lw = self.w.layers[i]
-        h = self.norm(x, lw.attn_norm, self.cfg.rms_norm_eps)
+        """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
+        by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
+        lw, eps = self.w.layers[i], self.cfg.rms_norm_eps
+        if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
+            return x + self.norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
+                                 lw.attn_norm, eps)
+        h = self.norm(x, lw.attn_norm, eps)
         return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
-        """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
+        """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the
+        family norms the MLP's output instead (norm_placement "post")."""
+        if self.cfg.norm_placement == "post":
+            return x
         return self.norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+
+    def _mlp_output(self, i: int, y: Tensor) -> Tensor:
+        if self.cfg.norm_placement == "post":
+            return self.norm(y, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return y
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
                   h: Tensor | None = None) -> tuple[Tensor, Route | None]:
@@ -195,9 +209,9 @@ class Transformer:
         lw = self.w.layers[i]
         h = self.mlp_input(i, x) if h is None else h
         if lw.experts is None:
-            return x + self._dense(lw, h), None
+            return x + self._mlp_output(i, self._dense(lw, h)), None
         y, r = self.moe(i, h, allowed, collect)
-        return x + y, r
+        return x + self._mlp_output(i, y), r
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""

@@ -131,7 +131,9 @@ class TensorNames:
                self.fused_gate_up(i), self.fused_down(i), self.router_logit_bias(i)}
         out.update(self.stacked(i, p, k) for p in ("gate_up", "down") for k in ("bias", "blocks", "scales"))
         for j in range(num_experts):
-            out.update(self.expert_tensor_names(i, j))
+            per = self.expert_tensor_names(i, j)
+            out.update(per)
+            out.update(n + "_scale_inv" for n in per)  # block-scaled FP8 experts (modeling.fp8)
         return out
 
 
@@ -141,6 +143,8 @@ QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
 GLM4_MOE_NAMES = TensorNames("glm4_moe")
 GPT_OSS_NAMES = TensorNames("gpt_oss", router_name="router", stacked_experts=True)
 MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))
+# FlexOlmo (OLMo2 blocks): the layer's norms sit after attention and after the MLP
+FLEX_OLMO_NAMES = TensorNames("flex_olmo", "post_attention_layernorm", "post_feedforward_layernorm")
 DEEPSEEK_V3_NAMES = TensorNames("deepseek_v3")
 GLM4_MOE_LITE_NAMES = TensorNames("glm4_moe_lite")
 _MTP = ("mtp.", "multi-token-prediction head: not run")

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .attention import AttentionWeights, attention_modules
 from .config import ModelConfig
+from .fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
 from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
 from .names import TensorNames
 from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
@@ -63,7 +64,7 @@ class Expert:
     def tensors(self) -> list[Tensor]:
         """Every stored tensor of the expert (MXFP4 blocks and scales as stored; a
         compressed-tensors matrix's views, or its repacked copy once used)."""
-        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, (PackedLinear, Fp8Matrix)) else [m])]
         return ts + self._extra_tensors()
 
     def nbytes(self) -> int:
@@ -80,9 +81,9 @@ class Expert:
         return gu, dn
 
 
-def weight_bytes(t: Tensor | PackedLinear) -> int:
+def weight_bytes(t: Tensor | PackedLinear | Fp8Matrix) -> int:
     """Bytes a weight takes in its checkpoint (a quantized one: packed values, scales, zero points)."""
-    return t.nbytes() if isinstance(t, PackedLinear) else t.numel() * t.element_size()
+    return t.nbytes() if isinstance(t, (PackedLinear, Fp8Matrix)) else t.numel() * t.element_size()
 
 
 @dataclass
@@ -172,8 +173,9 @@ class _Reader:
     `PackedLinear` over views of those tensors."""
 
     def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device,
-                 quant: CheckpointQuantization | None = None):
+                 quant: CheckpointQuantization | None = None, fp8_block: tuple[int, int] | None = None):
         self.files, self.dtype, self.device, self.quant = files, dtype, device, quant
+        self.fp8_block = fp8_block  # block-scaled FP8 checkpoints (modeling.fp8): weights kept as stored
         self.mapped = [r for f in files.files.values() if (r := f.address_range()) is not None]
 
     def has(self, name: str) -> bool:
@@ -186,7 +188,24 @@ class _Reader:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"{self.files.file_of(name)}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if t.dtype in FP8_DTYPES:
+            return self.fp8(name, t)
         return self.convert(t)
+
+    def fp8(self, name: str, t: Tensor) -> Fp8Matrix:
+        """An FP8 weight and its block scales as stored (dequantized per use, `Fp8Matrix.dequantize`)."""
+        where = self.files.file_of(name)
+        if self.fp8_block is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, but config.json has no "
+                                  f"quantization_config with quant_method 'fp8'")
+        scale = self.files.get(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in self.files else None
+        try:
+            m = fp8_matrix(name, t, scale, self.fp8_block)
+        except Fp8Error as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if self.device.type != "cpu":
+            m = Fp8Matrix(m.weight.to(self.device), m.scale_inv.to(self.device), m.block)
+        return m
 
     def convert(self, t: Tensor) -> Tensor:
         if t.dtype != self.dtype:
@@ -365,7 +384,8 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
 def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
                  device: torch.device) -> ModelWeights:
     """Views of every tensor the config calls for, shapes checked against it."""
-    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                cfg.fp8_block)
     n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
     embed = r.get(n.embed, (V, H))

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
+from modeling.fp8 import FP8_DTYPES, SCALE_SUFFIX
 from modeling.safetensors_io import CheckpointFiles, write_checkpoint
 from modeling.profile import file_hashes, verify_profile as check_profile
 from modeling.quant import WeightScheme, preset
@@ -58,7 +59,7 @@ class _Plan:
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
         if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
-                and out not in self.keep_dtype:
+                and out not in self.keep_dtype and t.dtype not in FP8_DTYPES and not out.endswith(SCALE_SUFFIX):
             # One tensor at a time, as the writer streams: peak memory is one shard's
             # worth of converted tensors, never a converted copy of the base.
             t = t.to(self.save_dtype)
@@ -121,6 +122,8 @@ class _Plan:
             if per[0] in f:
                 for o, src in zip(outs, per):
                     yield from self._emit(o, self._own(o, f.get(src)), [src], True)
+                    if src + SCALE_SUFFIX in f:  # an FP8 expert: its block scales, as stored
+                        yield from self._emit(o + SCALE_SUFFIX, f.get(src + SCALE_SUFFIX), [src + SCALE_SUFFIX], True)
             else:  # fused source layout: written out per expert
                 gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
                 if gu_name not in f or d_name not in f:

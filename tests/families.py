@@ -86,6 +86,9 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                                    kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                                    v_head_dim=6, attention_bias=True, rope_interleave=True,
                                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # FlexOlmo: OLMo2 post-norm blocks (norms after attention and after the MoE), q/k norm over the projection.
+    "flex_olmo": ("FlexOlmoConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                            norm_topk_prob=False, attention_bias=True)),
     "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                                      clip_qkv=None)),
 }
@@ -139,3 +142,42 @@ def stock(folder):
                                                                     output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-scaled FP8 as DeepSeek publishes it: float8_e4m3fn values and float32 `weight_scale_inv`
+    (block max-abs / 448) over a ceil-divided grid of `block` tiles."""
+    N, K = w.shape
+    bn, bk = block
+    gn, gk = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(gn * bn, gk * bk, dtype=torch.float32)
+    padded[:N, :K] = w.float()
+    tiles = padded.reshape(gn, bn, gk, bk)
+    scale = (tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0).float()
+    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).reshape(gn * bn, gk * bk)[:N, :K]
+    return q.contiguous().to(torch.float8_e4m3fn), scale
+
+
+def write_fp8_checkpoint(folder: Path, name: str, block: tuple[int, int] = (8, 8), seed: int = 0, **over):
+    """A family checkpoint written by transformers, then every linear weight inside the layers but the
+    router stored as block-scaled FP8 (`quant_method: fp8`), as DeepSeek-V3 / Kimi-K2 ship. Only weights
+    the block divides are quantized (transformers' own rule), so stock transformers loads it too."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = write_hf_checkpoint(folder, name, seed=seed, **over)
+    t = load_file(str(folder / "model.safetensors"))
+    out = {}
+    for k, v in t.items():
+        if (v.dim() == 2 and k.startswith("model.layers.") and not k.endswith("mlp.gate.weight")
+                and v.shape[0] % block[0] == 0 and v.shape[1] % block[1] == 0):
+            out[k], out[k + "_scale_inv"] = quantize_fp8(v, block)
+        else:
+            out[k] = v
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block),
+                                  "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return model

@@ -63,7 +63,7 @@ def test_fused_expert_layout_reads_the_same(checkpoints, tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe", "gpt_oss", "deepseek_v3",
-                                  "deepseek_v3-yarn", "glm4_moe_lite"])
+                                  "deepseek_v3-yarn", "glm4_moe_lite", "flex_olmo"])
 def test_ragged_batch_and_kv_cache_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
     seqs = [IDS[:9], IDS[2:5], IDS]
@@ -184,3 +184,10 @@ def test_unknown_layer_type_is_named(checkpoints, tmp_path):
 def test_partial_rope_with_mla_is_refused(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="partial_rotary_factor 0.5"):
         load_model(_with_config(tmp_path, checkpoints, "deepseek_v3", partial_rotary_factor=0.5))
+
+
+def test_kimi_k2_is_deepseek_v3_under_its_own_model_type(checkpoints, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's layout and keys."""
+    m = load_model(_with_config(tmp_path, checkpoints, "deepseek_v3", model_type="kimi_k2"))
+    assert m.config.layer_types == ["mla"] * 3 and m.config.routing.n_group == 2
+    torch.testing.assert_close(m.logits(IDS), load_model(checkpoints["deepseek_v3"][0]).logits(IDS), atol=0, rtol=0)
