@@ -23,7 +23,7 @@ from .attention import Attention, attention_modules
 from .cache import KVCache
 from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers import rms_norm, rms_norm_offset, rope_tables
+from .layers import rms_norm_offset, rope_tables
 from .kernels import Kernels
 from .fp8 import Fp8Matrix
 from .mxfp4 import DequantCache
@@ -95,7 +95,6 @@ class Transformer:
         # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
         self.kernels = Kernels(device, int8, compile_decode)
         # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
-        self.norm = rms_norm_offset if cfg.norm_offset else rms_norm
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
         self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
@@ -108,6 +107,11 @@ class Transformer:
         if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
             return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.cfg.norm_offset:  # zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5): the torch path
+            return rms_norm_offset(x, weight, self.cfg.rms_norm_eps)
+        return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
 
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
@@ -141,13 +145,14 @@ class Transformer:
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        x, cos, sin = self.embed(batch)
-        routes: list[Route | None] = []
-        collect = collect_router_probs or collect_routes
-        for i in range(len(self.w.layers)):
-            x = self.attention_block(i, x, cos, sin, batch, cache)
-            x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
-            routes.append(r)
+        with self.kernels.small_step(T):
+            x, cos, sin = self.embed(batch)
+            routes: list[Route | None] = []
+            collect = collect_router_probs or collect_routes
+            for i in range(len(self.w.layers)):
+                x = self.attention_block(i, x, cos, sin, batch, cache)
+                x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
+                routes.append(r)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -182,11 +187,11 @@ class Transformer:
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
         """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
         by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
-        lw, eps = self.w.layers[i], self.cfg.rms_norm_eps
+        lw = self.w.layers[i]
         if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
-            return x + self.norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
-                                 lw.attn_norm, eps)
-        h = self.norm(x, lw.attn_norm, eps)
+            return x + self._norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
+                                  lw.attn_norm)
+        h = self._norm(x, lw.attn_norm)
         return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
@@ -194,11 +199,11 @@ class Transformer:
         family norms the MLP's output instead (norm_placement "post")."""
         if self.cfg.norm_placement == "post":
             return x
-        return self.norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        return self._norm(x, self.w.layers[i].mlp_norm)
 
     def _mlp_output(self, i: int, y: Tensor) -> Tensor:
         if self.cfg.norm_placement == "post":
-            return self.norm(y, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+            return self._norm(y, self.w.layers[i].mlp_norm)
         return y
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
@@ -215,7 +220,7 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(self.norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -243,8 +248,8 @@ class Transformer:
         rule, le = self.cfg.routing, self.w.layers[i].experts
         if rule.router_float32:
             logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
-        else:
-            logits = F.linear(h, le.router, le.logit_bias)
+        else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
+            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
         return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
                      bias=le.bias, groups=le.group_ids)
 

@@ -14,6 +14,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #endif
 #include <immintrin.h>
+#include <string.h>
 
 #include "kern.h"
 
@@ -196,6 +197,9 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 }
 
 #define EMO_DRIVE(TILE)                                                                                  \
+    if (nrows == 1 && decode_row_streams) {                                                             \
+        for (int64_t n = n0; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                          \
+    } else                                                                                               \
     for (int64_t n = n0; n < n1;) {                                                                      \
         const bool four = n1 - n >= 4;                                                                   \
         for (int64_t i = 0; i < nrows;) {                                                                \
@@ -219,7 +223,9 @@ void gemm(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_
 }
 #undef EMO_DRIVE
 
-const IsaKernels kernels = {"avx2", 32, 0, 1, gemm};
+#include "attn.h"
+
+const IsaKernels kernels = {"avx2", 32, 0, 1, gemm, attend};
 
 }  // namespace
 

@@ -17,6 +17,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c,bmi2")
 #endif
 #include <immintrin.h>
+#include <string.h>
 
 #include "kern.h"
 
@@ -210,6 +211,9 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 // Weight tiles of 4 rows (then single rows), each against activation tiles of up to MRMAX rows: a weight
 // tile is read from memory once and reused from cache by every activation tile.
 #define EMO_DRIVE(TILE, MRMAX)                                                                           \
+    if (nrows == 1 && decode_row_streams) {                                                             \
+        for (int64_t n = n0; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                          \
+    } else                                                                                               \
     for (int64_t n = n0; n < n1;) {                                                                      \
         const bool four = n1 - n >= 4;                                                                   \
         for (int64_t i = 0; i < nrows;) {                                                                \
@@ -235,7 +239,9 @@ void gemm(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_
 }
 #undef EMO_DRIVE
 
-const IsaKernels kernels = {"avx512", 64, 1, 1, gemm};
+#include "attn.h"
+
+const IsaKernels kernels = {"avx512", 64, 1, 1, gemm, attend};
 
 }  // namespace
 
