@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests import families
 from tests.families import _common
 
 LINEAR = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
@@ -39,20 +40,13 @@ def hf_model(name: str, **text_over):
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
+    """tests.families' perturbation (norms in 0.8..1.2, biases, dt_bias and A_log random), with the
+    zero-centred norms (all but the gated one) moved to -0.2..0.2: the model scales by 1 + w."""
+    families.perturb(model, seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if p.dim() > 1:
-                std = 0.5 if n.endswith("gate.weight") else 0.15
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif n.endswith("A_log"):
-                p.copy_(torch.log(0.5 + 4 * torch.rand(p.shape, generator=g)))
-            elif n.endswith("linear_attn.norm.weight"):  # the gated norm multiplies by w itself
-                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
-            elif "norm" in n:  # zero-centred RMSNorms: 1 + w
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-            else:  # dt_bias, vision biases
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            if "norm" in n and not n.endswith("linear_attn.norm.weight") and "visual" not in n:
+                p.sub_(1.0)
 
 
 def write_hybrid_checkpoint(folder: Path, name: str, seed: int = 0, **text_over):

@@ -76,3 +76,26 @@ def test_chat_uses_the_checkpoints_template(qwen35):
     assert body["usage"]["prompt_tokens"] == len(ids)
     want = _greedy(model, ids, body["usage"]["completion_tokens"], None)
     assert body["choices"][0]["message"]["content"] == model.tokenizer.decode(want)
+
+
+def test_auto_and_routing_over_the_hybrid_layers(qwen35):
+    """`auto` picks a hosted profile; /v1/routing reports, per MoE layer (linear-attention layers
+    included), the experts the forward chose under the profile: the core's chosen experts."""
+    s = qwen35["server"]
+    r = s.post("/v1/completions", {"model": "tiny-qwen35:auto", "prompt": "def add(a, b):", "max_tokens": 2,
+                                   "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["profile"] in ("code", "full")
+    r = s.post("/v1/routing", {"model": "tiny-qwen35", "profile": "code", "prompt": "def add(a, b):"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    model = load_model(qwen35["base"])
+    pool = ProfileManifest.read(qwen35["root"] / "code").pool()
+    routes = model.routes(body["token_ids"], pool).routes
+    assert [entry["layer"] for entry in body["layers"]] == [0, 1, 2, 3]
+    for entry in body["layers"]:
+        chosen = routes[entry["layer"]]
+        want = {tuple(sorted(zip(e.tolist(), w.tolist()))) for e, w in zip(chosen.experts, chosen.weights)}
+        got = {tuple(sorted(zip(e, w))) for e, w in zip(entry["experts"], entry["weights"])}
+        assert {tuple(x for x, _ in t) for t in got} == {tuple(x for x, _ in t) for t in want}
+        assert all(set(row) <= set(pool[entry["layer"]]) for row in entry["experts"])  # only the profile's
