@@ -268,7 +268,8 @@ def _decode(w: DeltaNetWeights, shape: DeltaNetShape, qkv: Tensor, b: Tensor, a:
     r = torch.tensor(rows, device=qkv.device)
     x = qkv[r]  # [B, C]
     window = torch.cat([state.conv[idx], x[:, :, None].to(state.conv.dtype)], dim=-1)  # [B, C, K]
-    y = F.silu((window.to(w.conv.dtype) * w.conv[:, 0]).sum(-1)).to(qkv.dtype)  # the conv's last output
+    # the conv's last output, accumulated in float32 and rounded to the weight's dtype as a conv1d would
+    y = F.silu((window.float() * w.conv[:, 0].float()).sum(-1).to(w.conv.dtype)).to(qkv.dtype)
     state.conv[idx] = window[:, :, 1:]
     q, k, v, g, beta = rule_inputs(y, b[r], a[r], w, shape)  # [Hv, B, ...]
     for j, (slot, row) in enumerate(zip(slots, rows)):
