@@ -100,12 +100,14 @@ def test_uniform_profile_loads_in_stock_transformers_and_equals_the_pool(checkpo
     assert ("model.visual." in man.left_out) == (name == "qwen3_5_moe")
 
 
-@pytest.mark.parametrize("name", HYBRID)
-def test_selection_from_a_corpus(checkpoints, tmp_path, name):
-    """Fingerprints over the hybrid layers and a built profile equal to the pool."""
+@pytest.mark.parametrize("name,method", [("qwen3_next", "output-aware")] + [
+    ("qwen3_5_moe", m) for m in ("mean-prob", "layerwise", "output-aware", "random")])
+def test_selection_from_a_corpus(checkpoints, tmp_path, name, method):
+    """Every selection method over the hybrid layers (the builder's layer-at-a-time pass holds
+    their recurrent state); the built profile equals the pool."""
     prof = tmp_path / "p"
     assert main([str(a) for a in ("build", checkpoints[name][0], "--out", prof, "--corpus", checkpoints["corpus"],
-                                  "--keep", 4, "--method", "output-aware", "-q")]) == 0
+                                  "--keep", 4, "--method", method, "-q")]) == 0
     man = ProfileManifest.read(prof)
     torch.testing.assert_close(load_model(prof).logits(IDS), load_model(checkpoints[name][0]).logits(IDS, pool=man.pool()),
                                atol=1e-5, rtol=0)
