@@ -14,8 +14,8 @@ causal depthwise convolution (kernel 4) and SiLU; after it, a gated RMSNorm
 A sequence's whole past is therefore two fixed-size tensors per layer, held per
 cache slot (`DeltaNetState`): the last K-1 convolution inputs, and S in float32.
 Prefill runs the rule in chunks of 64 tokens (the WY form: one triangular solve
-per chunk, `chunk_delta_rule`); decode runs it one step at a time for every
-decoding sequence at once (`step_delta_rule`). Both start from the slot's
+per chunk, `chunk_delta_rule`); decode runs one step per decoding sequence,
+in place on its state row (`step_delta_rule`). Both start from the slot's
 state, so a prompt fed in any split, or beside other sequences, gives the same
 result. The arithmetic follows transformers' torch path (float32 rule, conv and
 norm as it casts them), which the tests compare against.
@@ -236,8 +236,9 @@ def gated_deltanet(w: DeltaNetWeights, shape: DeltaNetShape, h: Tensor, state: D
                    slots: list[int], starts: list[int], counts: list[int], linear: Linear = F.linear) -> Tensor:
     """The layer on a packed batch: h `[T, H]` holds `counts[i]` new tokens of sequence i,
     at positions `starts[i]`.., whose past lives in `state` row `slots[i]` (updated).
-    Sequences with one new token and a past decode together in one batched step;
-    the others (prompts, prompt pieces) run the chunked rule one by one."""
+    Sequences with one new token and a past decode together (one batched conv, then each
+    one's rule step in place on its state row); the others (prompts, prompt pieces) run
+    the chunked rule one by one."""
     T = h.shape[0]
     qkv, z, b, a = project(w, shape, h, linear)
     offsets = [0]
@@ -245,8 +246,9 @@ def gated_deltanet(w: DeltaNetWeights, shape: DeltaNetShape, h: Tensor, state: D
         offsets.append(offsets[-1] + n)
     core = torch.empty(T, shape.num_v_heads, shape.head_v_dim, dtype=h.dtype, device=h.device)
     steps = [i for i, (s, n) in enumerate(zip(starts, counts)) if n == 1 and s > 0]
+    decoding = set(steps)
     for i, (slot, s, n) in enumerate(zip(slots, starts, counts)):
-        if i in steps or n == 0:
+        if i in decoding or n == 0:
             continue
         o0 = offsets[i]
         past_conv, past_s = state.read(slot, s)
