@@ -15,8 +15,9 @@ its one layer:
 - `forward`: its output `[T, H]` for normed hidden states of a packed, ragged
   `Batch`, writing its state for every sequence of the batch.
 
-Every dense product goes through the `linear` it is given (`Kernels.linear`),
-so the native CPU kernels and int8 serve every kind.
+Every dense product, norm and single-query attention goes through the
+`LayerOps` it is given (the model's `Kernels`: native CPU kernels, int8), so
+the kernels serve every kind.
 """
 
 from __future__ import annotations
@@ -30,14 +31,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import KVState, LayerState
-from .layers import apply_rope, rms_norm
+from .layers import apply_rope
 
 if TYPE_CHECKING:
     from .config import ModelConfig
     from .model import Batch
     from .names import TensorNames
 
-Linear = Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T + bias
+
+
+@dataclass(frozen=True)
+class LayerOps:
+    """What a module computes with: the model's kernels (`modeling.kernels.Kernels`)."""
+
+    linear: Callable[..., Tensor]  # (x, weight, bias=None) -> x @ weight.T + bias, any weight format
+    norm: Callable[[Tensor, Tensor], Tensor]  # (x, weight) -> RMSNorm(x) * weight, the model's eps
+    # (q [heads, D], keys [kv_heads, L, D], values [kv_heads, L, D], sinks, scale) -> [heads, D] float32,
+    # or None where the native kernel does not apply (the caller runs `decode_attention`)
+    attend_decode: Callable[..., Tensor | None]
 
 
 @dataclass(frozen=True)
@@ -103,7 +114,7 @@ class Attention:
         raise NotImplementedError
 
     def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: LayerState,
-                linear: Linear) -> Tensor:
+                ops: LayerOps) -> Tensor:
         raise NotImplementedError
 
 
@@ -149,29 +160,28 @@ class GroupedQueryAttention(Attention):
         return num_slots * 2 * self.kv_heads * self.head_dim * itemsize * self._positions(max_len)
 
     def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: KVState,
-                linear: Linear) -> Tensor:
+                ops: LayerOps) -> Tensor:
         cfg = self.cfg
         T, D = h.shape[0], self.head_dim
+        linear, norm = ops.linear, ops.norm
         q, k, v = linear(h, w.q, w.q_bias), linear(h, w.k, w.k_bias), linear(h, w.v, w.v_bias)
         if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection, before the head split
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+            q, k = norm(q, w.q_norm), norm(k, w.k_norm)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q = q.view(T, self.heads, D)
         k = k.view(T, self.kv_heads, D)
         if cfg.qk_norm == "head":  # Qwen3, GLM: RMSNorm over head_dim, after the head split
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
+            q, k = norm(q, w.q_norm), norm(k, w.k_norm)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, T, D]
         v = v.view(T, self.kv_heads, D).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, batch, state, self.window, w.sinks, None)
+        out = attend(q, k, v, batch, state, self.window, w.sinks, None, ops)
         return linear(out.transpose(0, 1).reshape(T, self.heads * D), w.o, w.o_bias)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, batch: Batch, state: KVState, window: int | None,
-           sinks: Tensor | None, scale: float | None) -> Tensor:
+           sinks: Tensor | None, scale: float | None, ops: LayerOps) -> Tensor:
     """Causal attention of packed queries `[heads, T, Dk]` over each sequence's
     cache slot, after writing that sequence's keys `[kv_heads, T, Dk]` and values
     `[kv_heads, T, Dv]` into it. Returns `[heads, T, Dv]`. `scale` None: Dk ** -0.5."""
@@ -181,11 +191,20 @@ def attend(q: Tensor, k: Tensor, v: Tensor, batch: Batch, state: KVState, window
         keys, vals, first = state.write(slot, s, k[:, off:off + n], v[:, off:off + n])
         qs = q[:, off:off + n]
         if n == 1:  # every key the cache returns is visible to a single query
-            out[:, off] = decode_attention(qs[:, 0], keys, vals, sinks, scale)
+            out[:, off] = decode_one(qs[:, 0], keys, vals, sinks, scale, ops)
         else:
             out[:, off:off + n] = prefill_attention(qs, keys, vals, s, first, window, sinks, scale)
         off += n
     return out
+
+
+def decode_one(q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None, scale: float | None,
+               ops: LayerOps) -> Tensor:
+    """One query per head against a slot: the native kernel where it applies (keys and values of one
+    width), else `decode_attention`."""
+    scale = keys.shape[-1] ** -0.5 if scale is None else scale
+    o = ops.attend_decode(q, keys, vals, sinks, scale) if keys.shape[-1] == vals.shape[-1] else None
+    return decode_attention(q, keys, vals, sinks, scale) if o is None else o
 
 
 def decode_attention(q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None = None,
@@ -328,17 +347,17 @@ class MultiHeadLatentAttention(Attention):
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
 
     def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: KVState,
-                linear: Linear) -> Tensor:
-        eps = self.cfg.rms_norm_eps
+                ops: LayerOps) -> Tensor:
+        linear, norm = ops.linear, ops.norm
         T, n = h.shape[0], self.heads
         if self.q_rank is None:
             q = linear(h, w.q)
         else:
-            q = linear(rms_norm(linear(h, w.q_a, w.q_a_bias), w.q_a_norm, eps), w.q_b)
+            q = linear(norm(linear(h, w.q_a, w.q_a_bias), w.q_a_norm), w.q_b)
         q = q.view(T, n, self.nope + self.rope).transpose(0, 1)  # [heads, T, qk_head_dim]
         q = torch.cat([q[..., :self.nope], self._rotate(q[..., self.nope:], cos, sin)], dim=-1)
         ckv = linear(h, w.kv_a, w.kv_a_bias)
-        latent = rms_norm(ckv[:, :self.kv_rank], w.kv_a_norm, eps)[None]  # [1, T, kv_lora_rank]
+        latent = norm(ckv[:, :self.kv_rank].contiguous(), w.kv_a_norm)[None]  # [1, T, kv_lora_rank]
         k_rot = self._rotate(ckv[None, :, self.kv_rank:], cos, sin)  # [1, T, qk_rope_head_dim]
         out = torch.empty(n, T, self.v_dim, dtype=q.dtype, device=q.device)
         off = 0
@@ -350,7 +369,7 @@ class MultiHeadLatentAttention(Attention):
             vals = kv[..., self.nope:]
             qs = q[:, off:off + m]
             if m == 1:
-                out[:, off] = decode_attention(qs[:, 0], keys, vals, None, self.scale)
+                out[:, off] = decode_one(qs[:, 0], keys, vals, None, self.scale, ops)
             else:
                 out[:, off:off + m] = prefill_attention(qs, keys, vals, s, 0, None, None, self.scale)
             off += m

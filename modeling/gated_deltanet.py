@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Attention, AttentionWeights, GroupedQueryAttention, TensorSpec, attend
+from .attention import Attention, AttentionWeights, GroupedQueryAttention, LayerOps, TensorSpec, attend
 from .cache import LayerState
-from .layers import apply_rope, rms_norm_offset
+from .layers import apply_rope
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -312,10 +312,10 @@ class GatedDeltaNetAttention(Attention):
         return num_slots * self.shape.state_bytes(itemsize)
 
     def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state: DeltaNetState,
-                linear: Linear) -> Tensor:
+                ops: LayerOps) -> Tensor:
         weights = DeltaNetWeights(conv=w.conv, dt_bias=w.dt_bias, A_log=w.A_log, norm=w.norm, out=w.out, qkv=w.qkv,
                                   z=w.z, b=w.b, a=w.a, qkvz=w.qkvz, ba=w.ba)
-        return gated_deltanet(weights, self.shape, h, state, batch.slots, batch.starts, batch.counts, linear)
+        return gated_deltanet(weights, self.shape, h, state, batch.slots, batch.starts, batch.counts, ops.linear)
 
 
 class GatedAttention(GroupedQueryAttention):
@@ -333,13 +333,13 @@ class GatedAttention(GroupedQueryAttention):
         return out
 
     def forward(self, w: AttentionWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch, state,
-                linear: Linear) -> Tensor:
-        eps, T, D = self.cfg.rms_norm_eps, h.shape[0], self.head_dim
+                ops: LayerOps) -> Tensor:
+        linear, norm, T, D = ops.linear, ops.norm, h.shape[0], self.head_dim  # norm: the family's (1 + w)
         q, gate = linear(h, w.q, w.q_bias).view(T, self.heads, 2 * D).chunk(2, dim=-1)
         k, v = linear(h, w.k, w.k_bias), linear(h, w.v, w.v_bias)
-        q = rms_norm_offset(q, w.q_norm, eps).transpose(0, 1)  # [heads, T, D]
-        k = rms_norm_offset(k.view(T, self.kv_heads, D), w.k_norm, eps).transpose(0, 1)
+        q = norm(q, w.q_norm).transpose(0, 1)  # [heads, T, D]
+        k = norm(k.view(T, self.kv_heads, D), w.k_norm).transpose(0, 1)
         v = v.view(T, self.kv_heads, D).transpose(0, 1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, k, v, batch, state, self.window, None, None).transpose(0, 1).reshape(T, self.heads * D)
+        out = attend(q, k, v, batch, state, self.window, None, None, ops).transpose(0, 1).reshape(T, self.heads * D)
         return linear(out * torch.sigmoid(gate.reshape(T, self.heads * D)), w.o, w.o_bias)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Attention, attention_modules
+from .attention import Attention, LayerOps, attention_modules
 from .cache import KVCache
 from .config import ModelConfig
 from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
@@ -97,6 +97,7 @@ class Transformer:
         # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
+        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
         self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
         # the RoPE tables embed() computes: one width for the modules that rotate (None: none does)
         dims = {a.rope_dim for a in self.attention if a.rope_dim is not None}
@@ -187,12 +188,10 @@ class Transformer:
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
         """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
         by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
-        lw = self.w.layers[i]
+        lw, attn = self.w.layers[i], self.attention[i]
         if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
-            return x + self._norm(self.attention[i].forward(lw.attn, x, cos, sin, batch, cache[i], self._linear),
-                                  lw.attn_norm)
-        h = self._norm(x, lw.attn_norm)
-        return x + self.attention[i].forward(lw.attn, h, cos, sin, batch, cache[i], self._linear)
+            return x + self._norm(attn.forward(lw.attn, x, cos, sin, batch, cache[i], self.ops), lw.attn_norm)
+        return x + attn.forward(lw.attn, self._norm(x, lw.attn_norm), cos, sin, batch, cache[i], self.ops)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
         """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the

@@ -181,3 +181,19 @@ def write_fp8_checkpoint(folder: Path, name: str, block: tuple[int, int] = (8, 8
                                   "activation_scheme": "dynamic"}
     (folder / "config.json").write_text(json.dumps(cfg))
     return model
+
+
+def check_chunks_beside_another(m, cache, seq: list[int], slot: int, pos: int, steps: list[int],
+                                other: list[int], other_slot: int) -> None:
+    """Feed `seq[pos:]` into `slot` in chunks of `steps` tokens while `other` (already in `other_slot`)
+    decodes one token per step in the same batch: every step's logits equal recomputing the prefix."""
+    from modeling import Batch
+
+    for n in steps:
+        out = m.forward(Batch(torch.tensor(seq[pos:pos + n] + [31]), [slot, other_slot], [pos, len(other)], [n, 1],
+                              []), cache, "last").logits
+        other.append(31)
+        pos += n
+        torch.testing.assert_close(out[0], m.logits(seq[:pos])[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[1], m.logits(other)[-1], atol=1e-5, rtol=0)
+    assert pos == len(seq) and cache.lengths[slot] == len(seq)

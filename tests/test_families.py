@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling import Batch, CheckpointError, ConfigError, load_model
-from tests.families import FAMILY_CONFIGS, IDS, hf_logits, write_hf_checkpoint
+from tests.families import FAMILY_CONFIGS, IDS, check_chunks_beside_another, hf_logits, write_hf_checkpoint
 
 FAMILIES = list(FAMILY_CONFIGS)
 
@@ -144,17 +144,9 @@ def test_latent_cache_in_chunks_of_one_to_three_beside_another_sequence(checkpoi
     decodes in slot 0: every step equals recomputing the prefix."""
     m = load_model(checkpoints[name][0])
     cache = m.new_cache(3, 32)
-    seq, other = IDS + [9, 8, 7], [21, 22]
+    other = [21, 22]
     m.forward(Batch(torch.tensor(other), [0], [0], [2], []), cache)
-    pos = 0
-    for n in [1, 3, 2, 1, 3, 1, 2, 1, 1]:
-        out = m.forward(Batch(torch.tensor(seq[pos:pos + n] + [33]), [2, 0], [pos, len(other)], [n, 1], []),
-                        cache, "last").logits
-        other.append(33)
-        pos += n
-        torch.testing.assert_close(out[0], m.logits(seq[:pos])[-1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[1], m.logits(other)[-1], atol=1e-5, rtol=0)
-    assert pos == len(seq) and cache.lengths[2] == len(seq)
+    check_chunks_beside_another(m, cache, IDS + [9, 8, 7], 2, 0, [1, 3, 2, 1, 3, 1, 2, 1, 1], other, 0)
 
 
 def test_latent_cache_holds_the_latent_not_the_keys(checkpoints):

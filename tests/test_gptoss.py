@@ -21,7 +21,7 @@ from modeling.mxfp4 import gemv as mxfp4_gemv
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import IDS, hf_logits, stock, write_hf_checkpoint
+from tests.families import IDS, check_chunks_beside_another, hf_logits, stock, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -94,18 +94,9 @@ def test_windowed_cache_holds_only_the_window_and_decode_equals_recompute(ckpt):
     # prefill 6 (past the window), then chunks of 3 and single tokens, in slot 1 beside another sequence
     seq = LONG
     m.forward(Batch(torch.tensor(seq[:6]), [1], [0], [6], []), cache)
-    pos = 6
-    steps = [3, 1, 1, 3, 1, 2, 1, 1, 1, 2]
     other = [5, 17]
     m.forward(Batch(torch.tensor(other), [0], [0], [2], []), cache)
-    for n in steps:
-        out = m.forward(Batch(torch.tensor(seq[pos:pos + n] + [31]), [1, 0], [pos, len(other)], [n, 1], []),
-                        cache, "last").logits
-        other.append(31)
-        pos += n
-        torch.testing.assert_close(out[0], m.logits(seq[:pos])[-1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[1], m.logits(other)[-1], atol=1e-5, rtol=0)
-    assert pos == len(seq) and cache.lengths[1] == len(seq)
+    check_chunks_beside_another(m, cache, seq, 1, 6, [3, 1, 1, 3, 1, 2, 1, 1, 1, 2], other, 0)
 
 
 def test_cache_write_returns_the_window(ckpt):

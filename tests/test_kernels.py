@@ -115,7 +115,7 @@ def test_mxfp4_kernel_equals_dequantize_then_linear(isa, M, N, K):
 def test_decode_attention_equals_torch(isa, dtype, H, KVH, L, D, sinks):
     """One query per head against strided cache views (a slot of a [slots, kv_heads, max_len, D] cache),
     grouped-query heads, gpt-oss sinks: the softmax-weighted sum in float32, as the torch path computes it."""
-    from modeling.attention import decode_attention as _decode_attention  # moved there by the layer modules
+    from modeling.attention import decode_attention as _decode_attention
 
     g = torch.Generator().manual_seed(H * L + D)
     cache_k = torch.randn(3, KVH, L + 9, D, generator=g).to(dtype)

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from modeling import Batch, ProfileManifest, SamplingParams, load_model
-from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import write_hf_checkpoint
-from tests.test_server import Server, emo_subset
+from tests.test_server_families import serve_family
 
 pytest.importorskip("transformers")
 
@@ -19,20 +17,7 @@ TEXT = "def add(a, b):\n    return a + b"
 
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-deepseek")
-    base = root / "tiny-ds"
-    write_hf_checkpoint(base, "deepseek_v3", seed=23)
-    write_tokenizer(base, 300)
-    corpus = write_domain_corpus(root / "corpus.jsonl")
-    for name in ("code", "prose"):  # 6 of 8: top-3 inside one of 2 groups needs 3 per group
-        emo_subset("build", base, "--out", root / name, "--name", name, "-q", "--corpus", corpus, "--domain", name,
-                   "--keep", "6", timeout=120)
-    server = Server(["--model", str(base), "--profile", str(root / "code"), "--profile", str(root / "prose"),
-                     "--served-model-name", "tiny-ds"], root / "server.log").wait()
-    try:
-        yield {"root": root, "base": base, "server": server}
-    finally:
-        server.stop()
+    yield from serve_family(tmp_path_factory, "deepseek_v3", "tiny-ds", 6, seed=23)  # top-3 of one of 2 groups: 3 each
 
 
 @pytest.mark.parametrize("profile", ["code", "full"])
