@@ -153,6 +153,9 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    // the weight group of chunk c, counted (a division per chunk costs more than the chunk's other work)
+    const int64_t chunks_per_group = MX ? 1 : W.group / 128;
+    int64_t g = 0, in_group = 0;
     for (int64_t c = 0; c < Kb; c += 64) {
         const int64_t len = Kb - c < 64 ? Kb - c : 64;  // a multiple of 16
         const __mmask64 bm = bytes_mask(len);
@@ -173,7 +176,6 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                                         nb > 2 ? e8_half_table[e[2]] : 0.f, nb > 3 ? e8_half_table[e[3]] : 0.f);
                 ws[j] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(s4));
             } else {
-                const int64_t g = (2 * c) / W.group;
                 ws[j] = _mm512_set1_ps(W.scale[(n + j) * W.sld + g]);
                 zf[j] = _mm512_set1_epi32(-(8 + (W.zp ? W.zp[(n + j) * W.sld + g] : 0)));
             }
@@ -195,6 +197,10 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 d = _mm512_dpbusd_epi32(d, hi[j], xh);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }
+        }
+        if (!MX && ++in_group == chunks_per_group) {
+            in_group = 0;
+            g++;
         }
     }
     for (int i = 0; i < MR; i++)
