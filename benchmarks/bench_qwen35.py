@@ -173,11 +173,12 @@ def main() -> None:
 
     root = Path(args.dir)
     base = root / f"qwen35-35b-a3b-shape-{args.layers}l"
-    run_child("write", base, args.layers, args.vocab)
     prof = root / f"qwen35-{args.layers}l-keep{KEEP}"
     res: dict = {"layers": args.layers, "vocab": args.vocab, "threads": args.threads, "prompt": args.prompt,
-                 "decode": args.decode, "base_bytes": sum(f.stat().st_size for f in base.glob("*.safetensors"))}
-    try:
+                 "decode": args.decode}
+    try:  # --clean removes what was written even when a part fails (a full disk, ...)
+        run_child("write", base, args.layers, args.vocab)
+        res["base_bytes"] = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         res["build"] = build_profile(base, prof, args.threads, KEEP)
         print(f"build: {res['build']}", file=sys.stderr)
         res["ours"] = run_child("ours", prof, args.threads, args.prompt, args.decode)
