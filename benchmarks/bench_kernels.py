@@ -55,7 +55,7 @@ def cpu_model() -> str:
 def bytes_read_per_token(m) -> int:
     """Weight bytes one decoded token reads: every non-expert matrix (one embedding row), the router, and
     top-k experts of each MoE layer (their average size)."""
-    from modeling.weights import weight_bytes
+    from modeling.io.weights import weight_bytes
 
     cfg = m.config
     total = m.weights.embed.shape[1] * m.weights.embed.element_size() + weight_bytes(m.weights.lm_head)

@@ -70,7 +70,7 @@ def write_base(folder: Path, layers: int, vocab: int) -> Path:
     """Random bf16 weights, generated and written one tensor at a time (never the whole model in RAM)."""
     import torch
 
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
     from tests.checkpoints import write_tokenizer
 
     cfg = config(layers, vocab)
@@ -133,7 +133,7 @@ def child_write(folder: str, layers: int, vocab: int) -> dict:
 def state_at(tokens: int, itemsize: int = 2) -> dict:
     """One sequence's cache state in the released 40-layer model at `tokens` positions, by layer kind
     (the attention modules' own state_bytes), and a KV cache in every layer for comparison."""
-    from modeling.attention import GroupedQueryAttention, attention_modules
+    from modeling.layers.attention import GroupedQueryAttention, attention_modules
     from modeling.config import ModelConfig
 
     cfg = ModelConfig.from_dict(config(RELEASE_LAYERS, 248320))

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, Family, FamilyConfigError
-from .fp8 import Fp8Error, parse_fp8_config
-from .layers import ROPE_TYPES, RopeConfig
+from .quant.fp8 import Fp8Error, parse_fp8_config
+from .layers.blocks import ROPE_TYPES, RopeConfig
 from .names import TensorNames
-from .routing import RoutingRule
+from .layers.routing import RoutingRule
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -82,7 +82,7 @@ class ModelConfig:
     o_bias: bool = False  # o_proj bias
     rope: RopeConfig = field(default_factory=RopeConfig)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None: full attention
-    # per layer: the attention kind (modeling.attention.ATTENTION_KINDS), e.g. "full_attention"
+    # per layer: the attention kind (modeling.layers.attention.ATTENTION_KINDS), e.g. "full_attention"
     layer_types: list[str] = field(default_factory=list)
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
@@ -222,7 +222,7 @@ class ModelConfig:
             fp8_block = parse_fp8_config(d.get("quantization_config"))
         except (FamilyConfigError, Fp8Error) as e:
             raise ConfigError(f"{source}: {e}") from None
-        from .attention import ATTENTION_KINDS
+        from .layers.attention import ATTENTION_KINDS
 
         if len(layer_types) != L:
             raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {L} layers")

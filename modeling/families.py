@@ -1,9 +1,12 @@
-"""Model families: what differs between EMO, OLMoE, Qwen3-MoE, Mixtral and GLM-4.5.
+"""Model families: what differs between EMO, OLMoE, Qwen3-MoE, Mixtral, GLM-4.5, gpt-oss, DeepSeek-V3 /
+Kimi-K2, GLM-4.7-Flash and FlexOlmo.
 
 Each family is a small declaration: its `config.json` keys (where the expert
 count and sizes live, which layers are dense), its tensor names
-(`modeling.names`), its attention variant (q/k norm over the whole projection
-or per head, biases) and its routing rule (`modeling.routing.RoutingRule`:
+(`modeling.names`), the attention module of each layer (`layer_types`, words of
+`modeling.layers.attention.ATTENTION_KINDS`) and its options (q/k norm over the
+whole projection or per head, biases), its expert kind (`expert_mlp`), where
+its norms sit (`norm_placement`) and its routing rule (`modeling.layers.routing.RoutingRule`:
 softmax or sigmoid + correction bias, top-k or group-limited, renormalise,
 scale) and where its shared experts live ("slots": EMO's last s experts inside
 the router; "module": GLM's separate always-on `mlp.shared_experts` MLP).
@@ -11,9 +14,10 @@ the router; "module": GLM's separate always-on `mlp.shared_experts` MLP).
 forward pass, the pool mechanism, the builder and the server stay one
 implementation over them.
 
-Adding a family: subclass `Family` (override `dense_layers`, `check` or
-`parse_extra` where its config needs it), give it a `TensorNames` table, and
-`register()` it. A RoPE variant is added to `modeling.layers.ROPE_TYPES`.
+Adding a family: subclass `Family` (override `dense_layers`, `layer_types`,
+`check` or `parse_extra` where its config needs it), give it a `TensorNames`
+table, and `register()` it (docs/architecture.md, "Adding a family"). A RoPE
+variant is added to `modeling.layers.ROPE_TYPES`.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ class Family:
         return [None] * num_layers
 
     def layer_types(self, d: dict, num_layers: int, windows: list[int | None]) -> list[str]:
-        """The attention kind of each layer (a key of `modeling.attention.ATTENTION_KINDS`).
+        """The attention kind of each layer (a key of `modeling.layers.attention.ATTENTION_KINDS`).
         Default: grouped-query attention, sliding where the layer has a window."""
         return ["full_attention" if w is None else "sliding_attention" for w in windows]
 
@@ -202,7 +206,7 @@ class _Qwen3Hybrid(_Qwen3Moe):
 
     def check(self, d: dict) -> None:
         super().check(d)
-        from .gated_deltanet import DeltaNetShape
+        from .layers.gated_deltanet import DeltaNetShape
 
         try:
             DeltaNetShape.from_config({**d, "rms_norm_eps": d.get("rms_norm_eps", 1e-6)})
@@ -216,11 +220,11 @@ class _Qwen3Hybrid(_Qwen3Moe):
         if types is None:
             every = int(d.get("full_attention_interval") or 4)
             types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(num_layers)]
-        # transformers' words; our full layers are the gated kind (modeling.gated_deltanet.GatedAttention)
+        # transformers' words; our full layers are the gated kind (modeling.layers.gated_deltanet.GatedAttention)
         return ["gated_attention" if t == "full_attention" else t for t in types]
 
     def parse_extra(self, d: dict) -> dict[str, Any]:
-        from .gated_deltanet import DeltaNetShape
+        from .layers.gated_deltanet import DeltaNetShape
 
         return {"deltanet": DeltaNetShape.from_config({**d, "rms_norm_eps": d.get("rms_norm_eps", 1e-6)}),
                 "deltanet_fused": self.model_type == "qwen3_next"}  # in_proj_qkvz / in_proj_ba

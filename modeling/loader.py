@@ -13,16 +13,16 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
-from .fp8 import Fp8Matrix
-from .mxfp4 import DequantCache
-from .cache import KVCache
+from .quant.fp8 import Fp8Matrix
+from .quant.mxfp4 import DequantCache
+from .layers.cache import KVCache
 from .model import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
-from .profile import ProfileManifest, base_identity
-from .safetensors_io import CheckpointFiles
+from .io.profile import ProfileManifest, base_identity
+from .io.safetensors_io import CheckpointFiles
 from .decoding import DecodeState
 from .sampling import SamplingParams, logprobs_of, sample_next
 from .tokenizer import Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
+from .io.weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -226,9 +226,9 @@ class Model:
 
     def pin(self, pool: Pool | None = None) -> dict:
         """Keep in memory what serving `pool` ({layer: original ids}; None: every loaded
-        expert) reads: the base weights and those experts (`modeling.pinning`).
+        expert) reads: the base weights and those experts (`modeling.io.pinning`).
         Quantized matrices are repacked now (their kernel copies are anonymous memory)."""
-        from .pinning import pin
+        from .io.pinning import pin
 
         w = self.weights
         mats: list = [w.embed, w.final_norm, w.lm_head]

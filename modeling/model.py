@@ -8,7 +8,7 @@ step that looks at sequences one at a time, each against its own cache slot.
 
 Routing runs over the experts a layer has loaded (its *slots*); each sequence
 brings a pool, resolved to a boolean mask over slots per layer, and the router
-logits outside it are dropped before the softmax (`modeling.routing`).
+logits outside it are dropped before the softmax (`modeling.layers.routing`).
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import Attention, LayerOps, attention_modules
-from .cache import KVCache
+from .layers.attention import Attention, LayerOps, attention_modules
+from .layers.cache import KVCache
 from .config import ModelConfig
-from .expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers import rms_norm_offset, rope_tables
+from .layers.expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
+from .layers.blocks import rms_norm_offset, rope_tables
 from .kernels import Kernels
-from .fp8 import Fp8Matrix
-from .mxfp4 import DequantCache
+from .quant.fp8 import Fp8Matrix
+from .quant.mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
-from .routing import Route, route
-from .weights import Expert, LayerWeights, ModelWeights
+from .layers.routing import Route, route
+from .io.weights import Expert, LayerWeights, ModelWeights
 
 # A pool as users write it: {layer: [original expert ids]}; a missing layer or
 # None means every loaded expert of that layer.

@@ -133,7 +133,7 @@ class TensorNames:
         for j in range(num_experts):
             per = self.expert_tensor_names(i, j)
             out.update(per)
-            out.update(n + "_scale_inv" for n in per)  # block-scaled FP8 experts (modeling.fp8)
+            out.update(n + "_scale_inv" for n in per)  # block-scaled FP8 experts (modeling.quant.fp8)
         return out
 
 

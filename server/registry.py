@@ -36,7 +36,7 @@ import torch
 
 import modeling
 from modeling import Model, ProfileManifest, ResolvedPool, load_model
-from modeling.profile import verify_profile
+from modeling.io.profile import verify_profile
 
 from .config import ServerConfig
 from .errors import APIError, bad_request, not_found

@@ -14,12 +14,12 @@ from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
-from modeling.fp8 import FP8_DTYPES, SCALE_SUFFIX
-from modeling.safetensors_io import CheckpointFiles, write_checkpoint
-from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.quant.fp8 import FP8_DTYPES, SCALE_SUFFIX
+from modeling.io.safetensors_io import CheckpointFiles, write_checkpoint
+from modeling.io.profile import file_hashes, verify_profile as check_profile
 from modeling.quant import WeightScheme, preset
 from modeling.quant.quantize import ignore_list, is_quantized_linear, quantize_matrix
-from modeling.weights import PROFILE_FILE
+from modeling.io.weights import PROFILE_FILE
 
 from .errors import SubsetError
 from .fingerprint import Layout
@@ -228,7 +228,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
 
 
 def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
-    """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
+    """`modeling.io.profile.verify_profile` with a progress bar over the bytes hashed:
     the manifest's own hash, every shard's and every other file's sha256.
     Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
     folder = Path(folder)

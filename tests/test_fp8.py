@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from modeling import CheckpointError, ConfigError, load_model
-from modeling.fp8 import Fp8Matrix
+from modeling.quant.fp8 import Fp8Matrix
 from subsetting.cli import main
 from tests.families import IDS, hf_logits, quantize_fp8, stock, write_fp8_checkpoint
 

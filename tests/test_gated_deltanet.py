@@ -1,4 +1,4 @@
-"""The Gated DeltaNet layer (modeling.gated_deltanet) against transformers' own layer modules
+"""The Gated DeltaNet layer (modeling.layers.gated_deltanet) against transformers' own layer modules
 (Qwen3.5-MoE's four projections, Qwen3-Next's two fused ones) on random float32 weights, and
 its per-slot state: a prompt fed in pieces of 1 to 3 tokens then decoded, beside other
 sequences, equals the same tokens in one prefill."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling.gated_deltanet import (DeltaNetShape, DeltaNetState, DeltaNetWeights, chunk_delta_rule,
+from modeling.layers.gated_deltanet import (DeltaNetShape, DeltaNetState, DeltaNetWeights, chunk_delta_rule,
                                      gated_deltanet, step_delta_rule)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, SamplingParams, load_model, mxfp4
+from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, SamplingParams, load_model
+from modeling.quant import mxfp4
 from modeling.layers import RopeConfig, rope_tables
-from modeling.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize, quantize
-from modeling.mxfp4 import gemv as mxfp4_gemv
+from modeling.quant.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize, quantize
+from modeling.quant.mxfp4 import gemv as mxfp4_gemv
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer

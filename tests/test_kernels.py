@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modeling import Batch, SamplingParams, load_model
 from modeling.kernels import extension, native_matrix
-from modeling.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize as mx_dequantize
+from modeling.quant.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize as mx_dequantize
 from modeling.quant import PackedLinear, WeightScheme
 from tests.families import FAMILY_CONFIGS, IDS, write_hf_checkpoint
 
@@ -115,7 +115,7 @@ def test_mxfp4_kernel_equals_dequantize_then_linear(isa, M, N, K):
 def test_decode_attention_equals_torch(isa, dtype, H, KVH, L, D, sinks):
     """One query per head against strided cache views (a slot of a [slots, kv_heads, max_len, D] cache),
     grouped-query heads, gpt-oss sinks: the softmax-weighted sum in float32, as the torch path computes it."""
-    from modeling.attention import decode_attention as _decode_attention
+    from modeling.layers.attention import decode_attention as _decode_attention
 
     g = torch.Generator().manual_seed(H * L + D)
     cache_k = torch.randn(3, KVH, L + 9, D, generator=g).to(dtype)
@@ -151,12 +151,15 @@ def test_one_row_products_agree_streamed_and_tiled(isa, bits):
     mat = EXT.dense(w, "w") if bits == 16 else native_matrix(EXT, w, "w")
     x = torch.randn(1, K, generator=g).bfloat16()
     streamed = EXT.linear(x, mat).float()
-    EXT.set_decode_streams(False)
     try:
+        EXT.set_decode_streams(0)
         tiled = EXT.linear(x, mat).float()
+        EXT.set_decode_streams(2)
+        paired = EXT.linear(x, mat).float()
     finally:
-        EXT.set_decode_streams(True)
+        EXT.set_decode_streams(1)
     torch.testing.assert_close(streamed, tiled, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(paired, tiled, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

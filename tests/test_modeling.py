@@ -177,7 +177,7 @@ def test_profile_experts_served_from_own_shards_and_shared_once(tmp_path):
 
 def _corrupt_expert(folder: Path, layer: int, local: int) -> None:
     """Overwrite one expert's gate matrix in a profile's shard, in place (what a bad disk does)."""
-    from modeling.safetensors_io import MappedSafetensors
+    from modeling.io.safetensors_io import MappedSafetensors
 
     path = folder / "model.safetensors"
     info = MappedSafetensors(path).tensors[f"model.layers.{layer}.mlp.experts.{local}.gate_proj.weight"]

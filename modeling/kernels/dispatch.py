@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import rms_norm
-from ..mxfp4 import Mxfp4Matrix
+from ..layers.blocks import rms_norm
+from ..quant.mxfp4 import Mxfp4Matrix
 from ..quant import Int8Cache, PackedLinear
 from . import native as _native
 from .compiled import linear_decode

@@ -17,9 +17,9 @@ from typing import Iterator
 from torch import Tensor
 
 from ..config import load_config
-from ..profile import ProfileManifest, file_hashes
-from ..safetensors_io import CheckpointFiles, write_checkpoint
-from ..weights import PROFILE_FILE
+from ..io.profile import ProfileManifest, file_hashes
+from ..io.safetensors_io import CheckpointFiles, write_checkpoint
+from ..io.weights import PROFILE_FILE
 from .quantize import check_config, ignore_list, is_quantized_linear, quantize_matrix
 from .scheme import QuantizationError, WeightScheme
 

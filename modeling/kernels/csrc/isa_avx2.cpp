@@ -204,7 +204,10 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 
 #define EMO_DRIVE(TILE)                                                                                  \
     if (nrows == 1 && decode_row_streams) {                                                             \
-        for (int64_t n = n0; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                          \
+        int64_t n = n0;                                                                                  \
+        if (decode_row_streams == 2 && W.fmt != FMT_BF16 && W.fmt != FMT_F32)                           \
+            for (; n + 2 <= n1; n += 2) TILE<1, 2>(W, a, rows, 0, n, y, ldy);                           \
+        for (; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                                        \
     } else                                                                                               \
     for (int64_t n = n0; n < n1;) {                                                                      \
         const bool four = n1 - n >= 4;                                                                   \

@@ -81,8 +81,9 @@ struct AttnArgs {
 };
 enum { ATTN_DMAX = 512 };
 
-// Decode matrix-vector products (one activation row) stream each weight row on its own when set (the
-// default), else in tiles of 4 rows; switchable for A/B measurements (set_decode_streams).
+// Decode matrix-vector products (one activation row): 1 streams each weight row on its own (the default),
+// 2 streams quantized rows in pairs (sharing the activation-side work), 0 uses the tiles of 4 rows;
+// switchable for A/B measurements (set_decode_streams).
 extern int32_t decode_row_streams;
 
 // One ISA's kernels. `gemm` computes y[i * ldy + n] = sum_k x[rows[i], k] * W[n, k] for i < nrows and

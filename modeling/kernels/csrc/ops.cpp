@@ -771,8 +771,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("pool_threads", [] { return pool().size(); });
     m.def("set_threads", [](int n) { g_threads = n < 0 ? 0 : n; pool(); },
           "fix the pool's thread count (0: follow torch.get_num_threads())");
-    m.def("set_decode_streams", [](bool on) { decode_row_streams = on ? 1 : 0; },
-          "one-row products stream each weight row alone (default) or in tiles of 4 rows");
+    m.def("set_decode_streams", [](int mode) { decode_row_streams = mode; },
+          "one-row products: 1 streams each weight row alone (default), 2 quantized rows in pairs, 0 tiles of 4");
     m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
           py::call_guard<py::gil_scoped_release>());
     m.def("attend_decode", &attend_decode, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("sinks") = py::none(),

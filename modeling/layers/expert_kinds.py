@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .mxfp4 import DequantCache, gemv as mxfp4_gemv
+from ..quant.mxfp4 import DequantCache, gemv as mxfp4_gemv
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
-    from .model import Transformer
-    from .weights import Expert
+    from ..config import ModelConfig
+    from ..model import Transformer
+    from ..io.weights import Expert
 
 
 class ExpertKind:

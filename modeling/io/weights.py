@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .attention import AttentionWeights, attention_modules
-from .config import ModelConfig
-from .fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
-from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
-from .names import TensorNames
-from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
+from ..layers.attention import AttentionWeights, attention_modules
+from ..config import ModelConfig
+from ..quant.fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
+from ..quant.mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
+from ..names import TensorNames
+from ..quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 PROFILE_FILE = "profile.json"
@@ -141,7 +141,7 @@ class LayerExperts:
 @dataclass
 class LayerWeights:
     attn_norm: Tensor
-    attn: "AttentionWeights"  # the layer's attention module's tensors (modeling.attention)
+    attn: "AttentionWeights"  # the layer's attention module's tensors (modeling.layers.attention)
     mlp_norm: Tensor
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
@@ -175,7 +175,7 @@ class _Reader:
     def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device,
                  quant: CheckpointQuantization | None = None, fp8_block: tuple[int, int] | None = None):
         self.files, self.dtype, self.device, self.quant = files, dtype, device, quant
-        self.fp8_block = fp8_block  # block-scaled FP8 checkpoints (modeling.fp8): weights kept as stored
+        self.fp8_block = fp8_block  # block-scaled FP8 checkpoints (modeling.quant.fp8): weights kept as stored
         self.mapped = [r for f in files.files.values() if (r := f.address_range()) is not None]
 
     def has(self, name: str) -> bool:

@@ -3,7 +3,7 @@
 Uses the `gguf` package that llama.cpp maintains: its tensor-name map
 (`gguf.get_tensor_name_map`) turns Hugging Face names into llama.cpp's
 (`blk.N.ffn_gate_exps.weight`, ...) and its writer lays the file out. What is
-ours: reading the checkpoint through `modeling.weights` (so either expert
+ours: reading the checkpoint through `modeling.io.weights` (so either expert
 layout works), stacking a layer's experts into the 3-D tensors llama.cpp
 expects, the metadata of each architecture, and the tokenizer read from
 `tokenizer.json` without transformers. Tensors stream to the file one at a
@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import ModelConfig, load_config
-from .fp8 import Fp8Matrix
-from .names import EXPERT_PARTS
+from ..config import ModelConfig, load_config
+from ..quant.fp8 import Fp8Matrix
+from ..names import EXPERT_PARTS
 from .safetensors_io import CheckpointFiles
 from .weights import ModelWeights, read_weights
 
@@ -72,7 +72,7 @@ def _arch(gguf, name: str):
 def _check(cfg: ModelConfig) -> tuple[str, int]:
     fam = cfg.family
     if fam.gguf_arch is None:
-        from .families import FAMILIES
+        from ..families import FAMILIES
 
         ok = ", ".join(m for m, f in FAMILIES.items() if f.gguf_arch)
         raise ExportError(f"{cfg.source}: llama.cpp has no architecture for model_type {cfg.model_type!r}; "

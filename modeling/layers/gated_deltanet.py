@@ -34,12 +34,12 @@ from torch import Tensor
 
 from .attention import Attention, AttentionWeights, GroupedQueryAttention, LayerOps, TensorSpec, attend
 from .cache import LayerState
-from .layers import apply_rope
+from .blocks import apply_rope
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
-    from .model import Batch
-    from .names import TensorNames
+    from ..config import ModelConfig
+    from ..model import Batch
+    from ..names import TensorNames
 
 Linear = Callable[..., Tensor]  # linear(x, w, bias=None), as Transformer.kernels.linear
 
@@ -279,7 +279,7 @@ def _decode(w: DeltaNetWeights, shape: DeltaNetShape, qkv: Tensor, b: Tensor, a:
         core[row] = o.to(core.dtype)
 
 
-# -- the two attention kinds of Qwen3-Next / Qwen3.5 (modeling.attention.ATTENTION_KINDS) ----------------
+# -- the two attention kinds of Qwen3-Next / Qwen3.5 (modeling.layers.attention.ATTENTION_KINDS) ----------------
 
 
 class GatedDeltaNetAttention(Attention):

@@ -3,7 +3,7 @@
 `KVCache` is what the engine, ragged batches and the subset builder hold: `num_slots`
 sequences, `lengths[slot]` positions written per slot, `max_len` positions at most, and
 one `LayerState` per layer made by that layer's attention module
-(`modeling.attention.Attention.new_state`). The model never looks inside a state; the
+(`modeling.layers.attention.Attention.new_state`). The model never looks inside a state; the
 module that made it does. Today's states: `KVState` (keys and values, a ring buffer for
 sliding windows); an MLA module keeps a compressed latent, a linear-attention module a
 recurrent state per slot. Memory is allocated up front with `torch.empty`, whose
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
+    from ..config import ModelConfig
 
 
 class LayerState:

@@ -9,7 +9,7 @@ its one layer:
   them into an `AttentionWeights`; everything that walks a model's tensors
   (`Model.non_expert_bytes`, `Model.pin`, GGUF export) walks
   `AttentionWeights.named_tensors()`, never fixed fields;
-- `new_state` / `state_bytes`: its per-layer cache (`modeling.cache`), which
+- `new_state` / `state_bytes`: its per-layer cache (`modeling.layers.cache`), which
   the engine's slots, ragged batches and the layer-at-a-time builder hold
   without knowing what is inside;
 - `forward`: its output `[T, H]` for normed hidden states of a packed, ragged
@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .cache import KVState, LayerState
-from .layers import apply_rope
+from .blocks import apply_rope
 
 if TYPE_CHECKING:
-    from .config import ModelConfig
-    from .model import Batch
-    from .names import TensorNames
+    from ..config import ModelConfig
+    from ..model import Batch
+    from ..names import TensorNames
 
 
 
@@ -320,7 +320,7 @@ class MultiHeadLatentAttention(Attention):
         return out
 
     def read(self, reader, names: TensorNames) -> AttentionWeights:
-        from .safetensors_io import CheckpointError
+        from ..io.safetensors_io import CheckpointError
 
         try:
             return super().read(reader, names)
