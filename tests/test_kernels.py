@@ -329,3 +329,29 @@ def test_a_stale_build_is_refused_with_a_message(monkeypatch, capsys):
         monkeypatch.undo()
         native.extension.cache_clear()
         assert native.extension() is EXT
+
+
+def test_pool_with_more_threads_than_cpus_gives_the_same_results():
+    """Four pool threads on one CPU: workers are often not running when a call starts, so calls end without
+    them (a closed call is never joined late) and late workers join later calls. Thousands of small calls
+    of every kind must give exactly the single-threaded results."""
+    code = r"""
+import os, torch
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+from modeling.kernels import extension
+ext = extension()
+g = torch.Generator().manual_seed(0)
+mats = [ext.dense((torch.randn(n, 256, generator=g) * 0.05).bfloat16(), "w") for n in (64, 96, 300)]
+xs = [torch.randn(m, 256, generator=g).bfloat16() for m in (1, 3, 17)]
+q, k, v = torch.randn(32, 128, generator=g), torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
+ext.set_threads(1)
+ref = [ext.linear(x, w) for x in xs for w in mats], ext.attend_decode(q, k, v, None, 0.125)
+ext.set_threads(4)
+for i in range(600):
+    got = [ext.linear(x, w) for x in xs for w in mats]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[0])), i
+    assert torch.equal(ext.attend_decode(q, k, v, None, 0.125), ref[1]), i
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

@@ -110,7 +110,10 @@ class Pool {
 
     void set_spin_us(int us) { spin_us_ = us < 0 ? 0 : us; }
 
-    // f(thread index) on every thread, the caller being thread 0; returns when all are done.
+    // f(thread index) on the caller (thread 0) and on every worker that joins before the caller has finished
+    // its own share; returns when those are done. A worker the OS has not scheduled by then (a busy
+    // neighbour) is not waited for: it finds the call closed when it runs and goes back to waiting, so f
+    // must share its work dynamically (parallel_items takes items from an atomic counter).
     void run(const std::function<void(int)>& f) {
         if (n_ == 1) {
             f(0);
@@ -118,17 +121,18 @@ class Pool {
         }
         std::lock_guard<std::mutex> one_caller(run_mu_);  // one parallel call at a time (never nested)
         job_ = &f;
-        pending_.store(n_ - 1, std::memory_order_relaxed);
+        joined_.store(0, std::memory_order_release);  // open, nobody in (a worker that joins sees job_)
         gen_.fetch_add(1, std::memory_order_seq_cst);
         if (sleepers_.load(std::memory_order_seq_cst) > 0) {
             std::lock_guard<std::mutex> lk(mu_);
             cv_.notify_all();
         }
         f(0);
+        joined_.fetch_or(CLOSED, std::memory_order_acq_rel);  // late workers stay out
         int spins = 0;
-        while (pending_.load(std::memory_order_acquire) != 0) {
+        while ((joined_.load(std::memory_order_acquire) & ~CLOSED) != 0) {  // wait for the ones inside
             if (++spins < 20000) EMO_PAUSE();
-            else sched_yield();  // a worker is descheduled: give the core away
+            else sched_yield();  // a worker inside was descheduled: give the core away
         }
         job_ = nullptr;
     }
@@ -151,8 +155,13 @@ class Pool {
             }
             if (stop_) return;
             seen = gen_.load(std::memory_order_acquire);
+            // join the call in flight unless its caller has closed it (then job_ may be gone already)
+            if (joined_.fetch_add(1, std::memory_order_acq_rel) & CLOSED) {
+                joined_.fetch_sub(1, std::memory_order_acq_rel);
+                continue;
+            }
             (*job_)(tid);
-            pending_.fetch_sub(1, std::memory_order_release);
+            joined_.fetch_sub(1, std::memory_order_acq_rel);
         }
     }
 
@@ -160,7 +169,8 @@ class Pool {
     int spin_us_ = 100;
     std::vector<std::thread> workers_;
     std::atomic<uint64_t> gen_{0};
-    std::atomic<int> pending_{0};
+    static constexpr int CLOSED = 1 << 30;
+    std::atomic<int> joined_{0};  // workers inside the current call, | CLOSED once its caller is done
     std::atomic<int> sleepers_{0};
     const std::function<void(int)>* job_ = nullptr;
     std::mutex mu_, run_mu_;
@@ -546,7 +556,7 @@ static torch::Tensor attend_decode(torch::Tensor q, torch::Tensor keys, torch::T
     p.scores = scores.data_ptr<float>();
     p.out = out.data_ptr<float>();
     const IsaKernels* k = isa();
-    if (KVH == 1 || L * D * H < (1 << 14)) {
+    if (KVH == 1 || L * D * H < (1 << 17)) {  // below ~100k multiply-adds a second thread costs more than it saves
         k->attend(p, 0, KVH);
     } else {
         parallel_items(KVH, [&](int64_t h) { k->attend(p, h, h + 1); });
@@ -763,7 +773,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
     // Bumped whenever the Python side needs a function or behaviour an older build lacks: a stale build
     // (sources updated, extension not rebuilt) is then refused instead of failing mid-forward.
-    m.attr("ABI") = 2;
+    m.attr("ABI") = 3;
     m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
     m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
     m.def("current_isa", [] { return std::string(isa()->name); });
