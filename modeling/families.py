@@ -25,7 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .names import DEEPSEEK_V3_NAMES, EMO_NAMES, FLEX_OLMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES, GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_MOE_NAMES, TensorNames
+from .names import (DEEPSEEK_V3_NAMES, EMO_NAMES, FLEX_OLMO_NAMES, GLM4_MOE_LITE_NAMES, GLM4_MOE_NAMES,
+                    GPT_OSS_NAMES, MIXTRAL_NAMES, OLMOE_NAMES, QWEN3_5_MOE_NAMES, QWEN3_MOE_NAMES, QWEN3_NEXT_NAMES,
+                    TensorNames)
 
 
 class FamilyConfigError(ValueError):
@@ -50,6 +52,12 @@ class Family:
     router_logit_bias: bool = False  # the router has a bias on its logits (gpt-oss's mlp.router.bias)
     shared: str = "slots"  # "slots" (num_shared_experts inside the router) | "module" (separate MLP) | "none"
     shared_count_key: str = "n_shared_experts"  # for shared == "module"
+    shared_size_key: str | None = None  # the shared MLP's own size (Qwen's shared_expert_intermediate_size)
+    shared_gate: bool = False  # the shared MLP's output times sigmoid(x . w), w [1, H] (Qwen3-Next, Qwen3.5)
+    # RMSNorm weights stored zero-centred: the model multiplies by 1 + w (Qwen3-Next, Qwen3.5)
+    norm_offset: bool = False
+    # a multimodal config.json keeps the language model's keys under this key (Qwen3.5: "text_config")
+    text_config_key: str | None = None
     # attention
     qk_norm: str | None = None  # "proj": RMSNorm over the whole q/k projection (OLMoE); "head": per head (Qwen3, GLM)
     qk_norm_key: str | None = None  # a config key that switches the q/k norm on (GLM's use_qk_norm)
@@ -87,6 +95,13 @@ class Family:
     def parse_extra(self, d: dict) -> dict[str, Any]:
         """Family-specific settings kept on `ModelConfig.extra` (for later families)."""
         return {}
+
+    def language_config(self, d: dict) -> dict:
+        """The dict holding the language model's keys (the same object, for editing):
+        `d` itself, or its `text_config_key` entry in a multimodal layout."""
+        if self.text_config_key is not None and self.text_config_key in d:
+            return d[self.text_config_key]
+        return d
 
     def expert_count_key(self, d: dict) -> str:
         """The key this config.json holds its expert count under (written back in profiles)."""
@@ -184,6 +199,37 @@ class _GptOss(Family):
                 "mxfp4": q is not None}
 
 
+class _Qwen3Hybrid(_Qwen3Moe):
+    """Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet ("linear_attention") and gated full attention
+    layers (`layer_types`, or every `full_attention_interval`-th layer full), a gated shared
+    expert beside the routed ones; multi-token-prediction tensors (`mtp.*`) are not run."""
+
+    def check(self, d: dict) -> None:
+        super().check(d)
+        from .layers.gated_deltanet import DeltaNetShape
+
+        try:
+            DeltaNetShape.from_config({**d, "rms_norm_eps": d.get("rms_norm_eps", 1e-6)})
+        except KeyError as e:
+            raise FamilyConfigError(f"missing required key {e.args[0]!r} (the linear-attention layers need it)") from None
+        except ValueError as e:
+            raise FamilyConfigError(str(e)) from None
+
+    def layer_types(self, d: dict, num_layers: int, windows: list[int | None]) -> list[str]:
+        types = d.get("layer_types")
+        if types is None:
+            every = int(d.get("full_attention_interval") or 4)
+            types = ["full_attention" if (i + 1) % every == 0 else "linear_attention" for i in range(num_layers)]
+        # transformers' words; our full layers are the gated kind (modeling.layers.gated_deltanet.GatedAttention)
+        return ["gated_attention" if t == "full_attention" else t for t in types]
+
+    def parse_extra(self, d: dict) -> dict[str, Any]:
+        from .layers.gated_deltanet import DeltaNetShape
+
+        return {"deltanet": DeltaNetShape.from_config({**d, "rms_norm_eps": d.get("rms_norm_eps", 1e-6)}),
+                "deltanet_fused": self.model_type == "qwen3_next"}  # in_proj_qkvz / in_proj_ba
+
+
 FAMILIES: dict[str, Family] = {}
 
 
@@ -236,3 +282,13 @@ register(_Glm4MoeLite("glm4_moe_lite", GLM4_MOE_LITE_NAMES, "Glm4MoeLiteForCausa
 register(Family("flex_olmo", FLEX_OLMO_NAMES, "FlexOlmoForCausalLM", shared="none", qk_norm="proj",
                 norm_placement="post", gguf_arch=None,
                 defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": False}))
+_QWEN_HYBRID = dict(expert_size_keys=("moe_intermediate_size",), dense_size_keys=("intermediate_size",),
+                    shared="module", shared_size_key="shared_expert_intermediate_size", shared_gate=True,
+                    qk_norm="head", norm_offset=True)
+register(_Qwen3Hybrid("qwen3_next", QWEN3_NEXT_NAMES, "Qwen3NextForCausalLM", gguf_arch="qwen3next",
+                      defaults={"rms_norm_eps": 1e-6, "norm_topk_prob": True, "partial_rotary_factor": 0.25},
+                      **_QWEN_HYBRID))
+register(_Qwen3Hybrid("qwen3_5_moe", QWEN3_5_MOE_NAMES, "Qwen3_5MoeForConditionalGeneration", gguf_arch="qwen35moe",
+                      always_renormalise=True,
+                      text_config_key="text_config",
+                      defaults={"rms_norm_eps": 1e-6, "partial_rotary_factor": 0.25}, **_QWEN_HYBRID))

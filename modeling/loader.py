@@ -200,6 +200,8 @@ class Model:
                 ts += lw.dense.matrices()
             if lw.shared_mlp is not None:
                 ts += lw.shared_mlp.matrices()
+            if lw.shared_gate is not None:
+                ts.append(lw.shared_gate)
         return sum(weight_bytes(t) for t in ts)
 
     def pin(self, pool: Pool | None = None) -> dict:
@@ -215,6 +217,7 @@ class Model:
             for e in (lw.dense, lw.shared_mlp):
                 if e is not None:
                     mats += e.matrices()
+            mats.append(lw.shared_gate)
         mats += self.experts.pinned_matrices(pool)
         tensors, repacked = [], 0
         native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
@@ -346,7 +349,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
     # The checkpoint's dtype is the one its tensors are stored in (config's
     # torch_dtype is only a hint); keeping it is what makes loading zero-copy.
-    stored = files.info(TensorNames.embed).dtype if TensorNames.embed in files else cfg.dtype
+    stored = files.info(cfg.names.embed).dtype if cfg.names.embed in files else cfg.dtype
     dt = parse_dtype(dtype) or stored or torch.float32
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize='int8' is implemented for the CPU only")

@@ -23,7 +23,7 @@ from .layers.attention import Attention, LayerOps, attention_modules
 from .layers.cache import KVCache
 from .config import ModelConfig
 from .layers.expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers.blocks import rope_tables
+from .layers.blocks import rms_norm_offset, rope_tables
 from .kernels import Kernels
 from .quant.fp8 import Fp8Matrix
 from .quant.mxfp4 import DequantCache
@@ -94,6 +94,7 @@ class Transformer:
         self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
         # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
         self.kernels = Kernels(device, int8, compile_decode)
+        # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
         self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
@@ -109,6 +110,8 @@ class Transformer:
         return self.kernels.linear(x, w, bias)
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.cfg.norm_offset:  # zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5): the torch path
+            return rms_norm_offset(x, weight, self.cfg.rms_norm_eps)
         return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
 
     # -- pools -----------------------------------------------------------------
@@ -261,7 +264,10 @@ class Transformer:
             out = self._moe_one(le, h, r) if r.indices.shape[0] == 1 else self._moe_many(le, h, r)
         out = out.to(h.dtype)
         if lw.shared_mlp is not None:
-            out = out + SWIGLU.forward(self, lw.shared_mlp, h)
+            shared = SWIGLU.forward(self, lw.shared_mlp, h)
+            if lw.shared_gate is not None:  # Qwen: the shared expert weighed by sigmoid(h . w) per token
+                shared = torch.sigmoid(self._linear(h, lw.shared_gate)) * shared
+            out = out + shared
         return out, (r if collect else None)
 
     def _moe_fused(self, le, h: Tensor, r: Route) -> Tensor | None:

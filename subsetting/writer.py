@@ -88,7 +88,8 @@ class _Plan:
                 if i < cfg.num_layers:
                     per_layer[i].append(name)
                 continue  # a layer the config does not have (GLM's MTP layer): left out
-            top.append(name)
+            if n.served(name):  # a vision tower, an MTP head: left out (profile.json says so)
+                top.append(name)
         for name in (x for x in top if x == n.embed):
             yield from self._emit(name, f.get(name), [name], False)
         for i in range(cfg.num_layers):
@@ -198,6 +199,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         calibration=calibration or {},
         coverage={i: round(float(c), 6) for i, c in (coverage or {}).items()},
         repair=repair or {},
+        left_out={p: why for p, why in cfg.names.not_served if any(x.startswith(p) for x in model.files.names())},
         centroid=None if centroid is None else
         [[round(float(v), 7) for v in centroid[i, : layout.num_original[i]]] for i in range(cfg.num_layers)],
     )

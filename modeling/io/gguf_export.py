@@ -77,6 +77,11 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
         ok = ", ".join(m for m, f in FAMILIES.items() if f.gguf_arch)
         raise ExportError(f"{cfg.source}: llama.cpp has no architecture for model_type {cfg.model_type!r}; "
                           f"GGUF export supports {ok}")
+    if "linear_attention" in cfg.layer_types:
+        # llama.cpp's converter rewrites these layers' tensors (A_log -> -exp(A_log), conv squeezed, norms + 1,
+        # ssm_* names); without a llama.cpp build here to check such a file against, we write none
+        raise ExportError(f"{cfg.source}: {cfg.model_type} (llama.cpp architecture {fam.gguf_arch!r}) has Gated "
+                          f"DeltaNet linear-attention layers, which GGUF export does not write yet")
     moe = sorted({e for e in cfg.experts_per_layer if e})
     if len(moe) != 1:
         raise ExportError(f"{cfg.source}: MoE layers keep different expert counts {moe}; llama.cpp holds one count "

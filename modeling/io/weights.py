@@ -95,6 +95,7 @@ class LayerWeights:
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
     shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
+    shared_gate: Tensor | None = None  # Qwen3-Next, Qwen3.5: [1, H], the shared MLP's sigmoid gate
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __getattr__(self, role: str):
@@ -351,5 +352,7 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
                 S = cfg.shared_mlp_size
                 lw.shared_mlp = Expert(r.get(n.shared(i, "gate"), (S, H)), r.get(n.shared(i, "up"), (S, H)),
                                        r.get(n.shared(i, "down"), (H, S)))
+                if cfg.shared_gate:
+                    lw.shared_gate = r.get(n.shared_gate(i), (1, H))
         layers.append(lw)
     return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)

@@ -395,6 +395,11 @@ ATTENTION_KINDS: dict[str, type[Attention]] = {
 }
 
 
+from .gated_deltanet import GatedAttention, GatedDeltaNetAttention  # noqa: E402 (they subclass the above)
+
+ATTENTION_KINDS.update({"gated_attention": GatedAttention, "linear_attention": GatedDeltaNetAttention})
+
+
 def attention_modules(cfg: ModelConfig) -> list[Attention]:
     """The attention module of every layer, as `cfg.layer_types` declares them
     (config.py has refused words not in ATTENTION_KINDS)."""
