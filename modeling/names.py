@@ -47,12 +47,6 @@ class TensorNames:
     def layer(self, i: int) -> str:
         return f"{self.prefix}.layers.{i}"
 
-    def layer_of(self, name: str) -> int | None:
-        """The layer index a tensor name belongs to (None: not a layer tensor)."""
-        head = f"{self.prefix}.layers."
-        parts = name[len(head):].split(".", 1) if name.startswith(head) else []
-        return int(parts[0]) if parts and parts[0].isdigit() else None
-
     def served(self, name: str) -> bool:
         return not any(name.startswith(p) for p, _ in self.not_served)
 
@@ -65,9 +59,12 @@ class TensorNames:
         """The decoder layer a tensor name belongs to (`model.layers.N...`), or None
         for a tensor outside the layers (embeddings, final norm, lm_head). Every
         writer that orders or groups tensors by layer reads the index here."""
-        parts = name.split(".", 3)
-        if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-            return int(parts[2])
+        # both layer heads in use: "model.layers." and Qwen3.5's "model.language_model.layers." (a second,
+        # prefix-bound layer_of shadowed by this one made Qwen3.5 profiles write every layer tensor twice)
+        for head in ("model.layers.", "model.language_model.layers."):
+            if name.startswith(head):
+                i = name[len(head):].split(".", 1)[0]
+                return int(i) if i.isdigit() else None
         return None
 
     def attn_norm(self, i: int) -> str:
