@@ -15,8 +15,14 @@ RoPE, as its converter does), glm4_moe -> `glm4moe`, deepseek_v3 and
 glm4_moe_lite -> `deepseek2` (MLA as llama.cpp's converter writes it:
 `kv_b_proj` split into per-head `attn_k_b` (transposed) and `attn_v_b`, the
 `*_mla` key/value lengths; block-scaled FP8 weights are written dequantized to
-bfloat16, llama.cpp having no such type). llama.cpp keeps one expert count per
-model, so only profiles with the same count in every MoE layer export.
+bfloat16, llama.cpp having no such type), qwen3_next -> `qwen3next` and
+qwen3_5_moe -> `qwen35moe` (Gated DeltaNet layers as llama.cpp's converter
+writes them: `-exp(A_log)`, the conv kernel squeezed to 2-D, zero-centred norms
+stored as 1 + w, Qwen3-Next's fused `in_proj_qkvz` regrouped into `attn_qkv` +
+`attn_gate`, Qwen3.5's value heads reordered from grouped-by-key-head to tiled;
+the vision tower and MTP layers are not in profiles and not written). llama.cpp
+keeps one expert count per model, so only profiles with the same count in every
+MoE layer export.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig, load_config
+from ..layers.gated_deltanet import DeltaNetShape
 from ..quant.fp8 import Fp8Matrix
 from ..names import EXPERT_PARTS
 from .safetensors_io import CheckpointFiles
@@ -44,9 +51,15 @@ class ExportError(ValueError):
 
 # llama.cpp's pre-tokenizer name per architecture, for the families' released tokenizers
 # (llama.cpp identifies it by hashing a tokenization, which needs transformers; ours is a default).
-DEFAULT_PRE = {"qwen3moe": "qwen2", "olmoe": "olmo", "glm4moe": "glm4", "llama": "default", "deepseek2": "default"}
+DEFAULT_PRE = {"qwen3moe": "qwen2", "olmoe": "olmo", "glm4moe": "glm4", "llama": "default", "deepseek2": "default",
+               "qwen3next": "qwen2", "qwen35moe": "qwen35"}
 # architectures whose dense layers lead (first_k_dense_replace) and whose MoE has a shared-expert MLP
 _LEADING_DENSE = ("glm4moe", "deepseek2")
+# Gated DeltaNet + gated attention, a sigmoid-gated shared expert (llama.cpp's qwen3next.cpp / qwen35moe.cpp)
+_HYBRID = ("qwen3next", "qwen35moe")
+# Qwen3.5's interleaved MRoPE sections (llama.cpp requires the key; its converter's default when the
+# config has none). Text positions are equal in every section, so text runs as plain partial RoPE.
+_QWEN35_MROPE_SECTIONS = [11, 11, 10, 0]
 
 
 @dataclass
@@ -77,11 +90,19 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
         ok = ", ".join(m for m, f in FAMILIES.items() if f.gguf_arch)
         raise ExportError(f"{cfg.source}: llama.cpp has no architecture for model_type {cfg.model_type!r}; "
                           f"GGUF export supports {ok}")
-    if "linear_attention" in cfg.layer_types:
-        # llama.cpp's converter rewrites these layers' tensors (A_log -> -exp(A_log), conv squeezed, norms + 1,
-        # ssm_* names); without a llama.cpp build here to check such a file against, we write none
-        raise ExportError(f"{cfg.source}: {cfg.model_type} (llama.cpp architecture {fam.gguf_arch!r}) has Gated "
-                          f"DeltaNet linear-attention layers, which GGUF export does not write yet")
+    if fam.gguf_arch in _HYBRID:
+        s: DeltaNetShape = cfg.extra["deltanet"]
+        if s.head_k_dim != s.head_v_dim:
+            # llama.cpp sizes both from one key (ssm.state_size)
+            raise ExportError(f"{cfg.source}: Gated DeltaNet with key head size {s.head_k_dim} != value head size "
+                              f"{s.head_v_dim} is not exported: llama.cpp's {fam.gguf_arch} holds one head size")
+        if fam.gguf_arch == "qwen35moe" and sum(_mrope_sections(cfg)) > cfg.head_dim:
+            # ggml's multi-section RoPE asserts it (real Qwen3.5: 32 pairs in sections, head_dim 256)
+            raise ExportError(f"{cfg.source}: MRoPE sections {_mrope_sections(cfg)} cover more than head_dim "
+                              f"{cfg.head_dim}; llama.cpp's qwen35moe cannot run such a file")
+        if not cfg.routing.renormalise:
+            raise ExportError(f"{cfg.source}: norm_topk_prob false is not exported: llama.cpp's {fam.gguf_arch} "
+                              f"always renormalises the top-k weights")
     moe = sorted({e for e in cfg.experts_per_layer if e})
     if len(moe) != 1:
         raise ExportError(f"{cfg.source}: MoE layers keep different expert counts {moe}; llama.cpp holds one count "
@@ -124,6 +145,8 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
     tmap = gguf.get_tensor_name_map(_arch(gguf, arch_name), cfg.num_layers)
 
     def gname(hf: str) -> str:
+        if n.prefix != "model" and hf.startswith(f"{n.prefix}."):  # Qwen3.5's model.language_model.*
+            hf = "model." + hf[len(n.prefix) + 1:]
         g = tmap.get_name(hf, try_suffixes=(".weight", ".bias"))
         if g is None:
             raise ExportError(f"llama.cpp's {arch_name} has no tensor for {hf!r}")
@@ -135,40 +158,116 @@ def _items(cfg: ModelConfig, w: ModelWeights, gguf, arch_name: str) -> Iterator[
         dt = torch.float32 if f32 or t.dim() == 1 else t.dtype  # norms, biases and routers stay float32
         return _Item(gname(hf), tuple(t.shape), dt, lambda: (fn(t) if fn else t).to(dt))
 
+    def norm(hf: str, t: Tensor) -> _Item:
+        # zero-centred RMSNorm weights (the model scales by 1 + w): llama.cpp's norm multiplies by the weight
+        return item(hf, t, f32=True, fn=(lambda x: x.float() + 1) if cfg.norm_offset else None)
+
     llama = arch_name == "llama"
     yield item(n.embed, w.embed)
     for i, lw in enumerate(w.layers):
-        yield item(n.attn_norm(i), lw.attn_norm)
+        yield norm(n.attn_norm(i), lw.attn_norm)
         # the attention module's own tensors, by checkpoint name; llama's q/k rows are permuted
         rotated = {n.proj(i, "q"): cfg.num_heads, n.proj(i, "k"): cfg.num_kv_heads,
                    n.proj(i, "q", "bias"): cfg.num_heads, n.proj(i, "k", "bias"): cfg.num_kv_heads}
-        for name, t in lw.attn.named_tensors():
-            if arch_name == "deepseek2" and name == n.mla(i, "kv_b_proj"):
-                yield from _mla_kv_b(cfg, i, t, gname)
-                continue
-            heads = rotated.get(name) if llama else None
-            yield item(name, t, fn=(lambda x, h=heads: _permute_for_llama(x, h)) if heads else None)
-        yield item(n.mlp_norm(i), lw.mlp_norm)
-        if lw.experts is None:
-            for p, t in zip(EXPERT_PARTS, lw.dense.matrices()):
-                yield item(n.dense(i, p), t)
-            continue
-        le = lw.experts
-        yield item(n.router(i), le.router, f32=True)
-        if le.bias is not None:
-            yield item(f"{n.layer(i)}.mlp.gate.e_score_correction.bias", le.bias)
-        for k, (part, hf_part) in enumerate(zip(EXPERT_PARTS, n.expert_parts)):
-            first = le.experts[0].matrices()[k]
-            merged = f"{n.layer(i)}.{n.moe_module}.experts.{hf_part}.weight"
-            dt = torch.bfloat16 if isinstance(first, Fp8Matrix) else first.dtype
-            yield _Item(gname(merged), (len(le.experts), *first.shape), dt,
-                        lambda k=k, le=le: torch.stack([_plain(e.matrices()[k]) for e in le.experts]))
-        if lw.shared_mlp is not None:
-            for p, t in zip(EXPERT_PARTS, lw.shared_mlp.matrices()):
-                yield item(n.shared(i, p), t)
-    yield item(n.final_norm, w.final_norm)
+        if cfg.layer_types[i] == "linear_attention":
+            yield from _deltanet_items(cfg, i, lw.attn, gname, tiled=arch_name == "qwen35moe")
+        else:
+            for name, t in lw.attn.named_tensors():
+                if arch_name == "deepseek2" and name == n.mla(i, "kv_b_proj"):
+                    yield from _mla_kv_b(cfg, i, t, gname)
+                elif name.endswith("norm.weight"):  # q/k norms
+                    yield norm(name, t)
+                else:
+                    heads = rotated.get(name) if llama else None
+                    yield item(name, t, fn=(lambda x, h=heads: _permute_for_llama(x, h)) if heads else None)
+        yield norm(n.mlp_norm(i), lw.mlp_norm)
+        yield from _mlp_items(cfg, i, lw, gname, item)
+    yield norm(n.final_norm, w.final_norm)
     if w.lm_head is not w.embed:
         yield item(n.lm_head, w.lm_head)
+
+
+def _mlp_items(cfg: ModelConfig, i: int, lw, gname, item) -> Iterator[_Item]:
+    """A layer's MLP: a dense one, or router, stacked experts and the shared expert (with its gate)."""
+    n = cfg.names
+    if lw.experts is None:
+        for p, t in zip(EXPERT_PARTS, lw.dense.matrices()):
+            yield item(n.dense(i, p), t)
+        return
+    le = lw.experts
+    yield item(n.router(i), le.router, f32=True)
+    if le.bias is not None:
+        yield item(f"{n.layer(i)}.mlp.gate.e_score_correction.bias", le.bias)
+    for k, (part, hf_part) in enumerate(zip(EXPERT_PARTS, n.expert_parts)):
+        first = le.experts[0].matrices()[k]
+        merged = f"{n.layer(i)}.{n.moe_module}.experts.{hf_part}.weight"
+        dt = torch.bfloat16 if isinstance(first, Fp8Matrix) else first.dtype
+        yield _Item(gname(merged), (len(le.experts), *first.shape), dt,
+                    lambda k=k, le=le: torch.stack([_plain(e.matrices()[k]) for e in le.experts]))
+    if lw.shared_mlp is not None:
+        for p, t in zip(EXPERT_PARTS, lw.shared_mlp.matrices()):
+            yield item(n.shared(i, p), t)
+    if lw.shared_gate is not None:  # [1, H] as stored (llama.cpp reads {n_embd}); float32 like the router
+        yield item(n.shared_gate(i), lw.shared_gate, f32=True)
+
+
+def _deltanet_items(cfg: ModelConfig, i: int, attn, gname, tiled: bool) -> Iterator[_Item]:
+    """One Gated DeltaNet layer as llama.cpp's converter writes it (names by the `model.layers.N.linear_attn.*`
+    form its tensor map knows). Qwen3-Next's fused projections become attn_qkv (q, k, v of all heads, each
+    block contiguous) + attn_gate (z) and ssm_ba as stored; Qwen3.5 (`tiled`) keeps four projections but
+    llama.cpp broadcasts key heads over value heads tiled ([k0, k1, k0, k1]) where the checkpoint groups them
+    ([k0, k0, k1, k1]), so every value-head axis is reordered. A_log -> -exp(A_log) (ssm_a), dt_bias ->
+    ssm_dt.bias, the conv kernel `[C, 1, K]` squeezed to `[C, K]`; small tensors and the conv stay float32."""
+    s: DeltaNetShape = cfg.extra["deltanet"]
+    H, nk, dk, dv = cfg.hidden_size, s.num_k_heads, s.head_k_dim, s.head_v_dim
+    r = s.num_v_heads // nk
+    hf = f"model.layers.{i}.linear_attn"
+
+    def tile(t: Tensor, head: int, dim: int = 0) -> Tensor:
+        """Value heads along `dim` (`head` wide each) from grouped-by-key-head to tiled order."""
+        if not tiled or r == 1:
+            return t
+        t = t.movedim(dim, 0)
+        rest = t.shape[1:]
+        return t.reshape(nk, r, head, *rest).transpose(0, 1).reshape(nk * r * head, *rest).movedim(0, dim)
+
+    def out(name: str, shape: tuple[int, ...], dt: torch.dtype, make: Callable[[], Tensor]) -> _Item:
+        return _Item(gname(f"{hf}.{name}"), shape, dt, lambda: make().to(dt).contiguous())
+
+    def dtype(t) -> torch.dtype:
+        return torch.bfloat16 if isinstance(t, Fp8Matrix) else t.dtype
+
+    if attn.qkvz is not None:  # Qwen3-Next: per key head [q dk, k dk, v r*dv, z r*dv] rows
+        qkvz = attn.qkvz
+
+        def split() -> tuple[Tensor, Tensor]:
+            q, k, v, z = _plain(qkvz).view(nk, 2 * dk + 2 * r * dv, H).split([dk, dk, r * dv, r * dv], dim=1)
+            return torch.cat([q.reshape(-1, H), k.reshape(-1, H), v.reshape(-1, H)]), z.reshape(-1, H)
+
+        yield out("in_proj_qkv.weight", (s.conv_dim, H), dtype(qkvz), lambda: split()[0])
+        yield out("in_proj_z.weight", (s.value_dim, H), dtype(qkvz), lambda: split()[1])
+        yield out("in_proj_ba.weight", (2 * s.num_v_heads, H), dtype(attn.ba), lambda: _plain(attn.ba))
+    else:  # Qwen3.5: q|k|v rows (v's heads reordered), z, b, a
+        qkv = attn.qkv
+
+        def qkv_rows() -> Tensor:
+            q_k, v = _plain(qkv).split([2 * s.key_dim, s.value_dim])
+            return torch.cat([q_k, tile(v, dv)])
+
+        yield out("in_proj_qkv.weight", (s.conv_dim, H), dtype(qkv), qkv_rows)
+        yield out("in_proj_z.weight", (s.value_dim, H), dtype(attn.z), lambda: tile(_plain(attn.z), dv))
+        for part, t in (("in_proj_b.weight", attn.b), ("in_proj_a.weight", attn.a)):
+            yield out(part, (s.num_v_heads, H), dtype(t), lambda t=t: tile(_plain(t), 1))
+
+    def conv() -> Tensor:  # [C, 1, K] -> [C, K]; the channels are q | k | v, v's heads reordered
+        c = attn.conv.squeeze(1)
+        return torch.cat([c[:2 * s.key_dim], tile(c[2 * s.key_dim:], dv)])
+
+    yield out("conv1d.weight", (s.conv_dim, s.conv_kernel), torch.float32, conv)
+    yield out("dt_proj.bias", (s.num_v_heads,), torch.float32, lambda: tile(attn.dt_bias.float(), 1))
+    yield out("A_log", (s.num_v_heads,), torch.float32, lambda: tile(-torch.exp(attn.A_log.float()), 1))
+    yield out("norm.weight", (dv,), torch.float32, lambda: attn.norm)  # the gated norm is not zero-centred
+    yield out("out_proj.weight", (H, s.value_dim), dtype(attn.out), lambda: tile(_plain(attn.out), dv, dim=1))
 
 
 def _plain(t) -> Tensor:
@@ -274,6 +373,8 @@ def _add_metadata(writer, gguf, cfg: ModelConfig, arch_name: str, experts: int, 
     writer.add_expert_count(experts)
     writer.add_expert_used_count(cfg.top_k)
     writer.add_expert_feed_forward_length(cfg.intermediate_size)
+    if arch_name in _HYBRID:
+        _add_hybrid_metadata(writer, cfg, arch_name)
     writer.add_expert_weights_norm(bool(cfg.routing.renormalise))
     writer.add_file_type(file_type)
     if cfg.clip_qkv is not None:
@@ -285,6 +386,31 @@ def _add_metadata(writer, gguf, cfg: ModelConfig, arch_name: str, experts: int, 
         writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
         if arch_name == "glm4moe":
             writer.add_nextn_predict_layers(0)  # profiles leave the multi-token-prediction layer out
+
+
+def _add_hybrid_metadata(writer, cfg: ModelConfig, arch_name: str) -> None:
+    """Qwen3-Next / Qwen3.5: the Gated DeltaNet sizes under llama.cpp's ssm.* keys (state size = the
+    head size of keys and values, group count = key heads, time-step rank = value heads), which layers
+    are recurrent, and the shared expert's width."""
+    s: DeltaNetShape = cfg.extra["deltanet"]
+    writer.add_expert_shared_feed_forward_length(cfg.shared_mlp_size)
+    writer.add_ssm_conv_kernel(s.conv_kernel)
+    writer.add_ssm_state_size(s.head_k_dim)
+    writer.add_ssm_group_count(s.num_k_heads)
+    writer.add_ssm_time_step_rank(s.num_v_heads)
+    writer.add_ssm_inner_size(s.value_dim)
+    recurrent = [t == "linear_attention" for t in cfg.layer_types]
+    # the explicit per-layer list (llama.cpp's `attention.recurrent_layers`, read before the interval)
+    writer.add_array(f"{arch_name}.attention.recurrent_layers", recurrent)
+    full = [i for i, r in enumerate(recurrent) if not r]
+    writer.add_full_attention_interval(full[0] + 1 if full else cfg.num_layers + 1)
+    if arch_name == "qwen35moe":
+        writer.add_rope_dimension_sections(_mrope_sections(cfg))
+
+
+def _mrope_sections(cfg: ModelConfig) -> list[int]:
+    sections = list(cfg.rope.params.get("mrope_section") or _QWEN35_MROPE_SECTIONS)
+    return (sections + [0] * 4)[:4]
 
 
 def export_gguf(folder: str | Path, out: str | Path, *, name: str | None = None, tokenizer_pre: str | None = None,
