@@ -18,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 # family -> (config overrides for llama.cpp's shape of it, kept experts per MoE layer, gguf arch)
 CASES = {
     "olmoe": ({"num_key_value_heads": 4}, {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]}, "olmoe"),
-    "qwen3_moe": ({"mlp_only_layers": []}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]}, "qwen3moe"),
+    "qwen3_moe": ({"mlp_only_layers": [], "attention_bias": False}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]}, "qwen3moe"),
     "mixtral": ({}, {0: [0, 2, 5, 6], 1: [1, 3, 4, 7], 2: [2, 3, 5, 7]}, "llama"),
     "glm4_moe-air": ({}, {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]}, "glm4moe"),
     # MLA -> llama.cpp's deepseek2 (one group: llama.cpp has no group-limited choice; no attention biases)
@@ -136,6 +136,11 @@ def test_what_llama_cpp_cannot_hold_is_refused(exported, tmp_path, capsys):
     write_tokenizer(glm, 300)
     assert run("export-gguf", glm, "--out", tmp_path / "g.gguf", "-q") == 2
     assert "group-limited routing (n_group 2)" in capsys.readouterr().err
+    qb = tmp_path / "qwen3-bias"  # llama.cpp's qwen3moe has no attention output bias
+    write_hf_checkpoint(qb, "qwen3_moe", seed=3, mlp_only_layers=[], attention_bias=True)
+    write_tokenizer(qb, 300)
+    assert run("export-gguf", qb, "--out", tmp_path / "q.gguf", "-q") == 2
+    assert "llama.cpp's qwen3moe has no attention output bias" in capsys.readouterr().err
     gqa = tmp_path / "olmoe-gqa"
     write_hf_checkpoint(gqa, "olmoe", seed=4)  # 2 kv heads for 4 query heads
     write_tokenizer(gqa, 300)

@@ -125,6 +125,11 @@ def _check(cfg: ModelConfig) -> tuple[str, int]:
         raise ExportError(f"{cfg.source}: shared or always-active router slots have no llama.cpp equivalent")
     if cfg.rope.type != "default":
         raise ExportError(f"{cfg.source}: RoPE type {cfg.rope.type!r} is not exported")
+    if cfg.o_bias and fam.gguf_arch in ("qwen3moe", *_HYBRID):
+        # llama.cpp loads q/k/v biases there but no attention output bias: the file would be refused at load
+        # ("wrong number of tensors")
+        raise ExportError(f"{cfg.source}: attention biases (attention_bias true) are not exported: llama.cpp's "
+                          f"{fam.gguf_arch} has no attention output bias")
     if fam.gguf_arch == "deepseek2":
         if not cfg.extra["mla"]["rope_interleave"]:
             raise ExportError(f"{cfg.source}: MLA with rope_interleave false (rotate-half RoPE) is not exported: "
