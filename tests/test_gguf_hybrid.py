@@ -4,13 +4,20 @@ read back with the gguf package's reader: metadata, tensor names and shapes, and
 llama.cpp's converter rewrites (A_log, dt_bias, the conv kernel, zero-centred norms, Qwen3-Next's
 fused projections, Qwen3.5's value-head order), each checked against the checkpoint's own bytes.
 
-head_dim 32: llama.cpp's qwen35moe needs its MRoPE sections (32 pairs) to fit in a head. These
-files also load and run in llama.cpp itself (`llama-bench`, see docs/families.md); that check
-needs a llama.cpp build, which the project's setup does not have."""
+head_dim 32: llama.cpp's qwen35moe needs its MRoPE sections (32 pairs) to fit in a head.
+
+Opt-in (EMO_LLAMA_CPP=/path/to/llama.cpp, a checkout with build/bin/libllama.so; the project's
+setup has none, so it skips by default): llama.cpp itself runs each file, a prompt in one batch
+then two decode steps (tests/llama_cpp_logits.c against libllama), and its logits must equal
+ours. See docs/families.md."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +27,7 @@ from safetensors.torch import load_file
 from modeling import load_model
 from subsetting.cli import main
 from tests.checkpoints import write_tokenizer
+from tests.families import IDS
 from tests.families_hybrid import HYBRID, LINEAR, TEXT, write_hybrid_checkpoint
 
 gguf = pytest.importorskip("gguf")
@@ -200,3 +208,34 @@ def test_what_llama_cpp_cannot_run_is_refused(tmp_path, capsys):
         assert run("export-gguf", base, "--out", tmp_path / "x.gguf", "-q") == 2
         assert msg in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp-*"))
+
+
+LLAMA_CPP = os.environ.get("EMO_LLAMA_CPP")
+
+
+@pytest.fixture(scope="module")
+def llama_logits(tmp_path_factory):
+    """The compiled tests/llama_cpp_logits.c (EMO_LLAMA_CPP's headers and libllama)."""
+    root, cc = Path(LLAMA_CPP), shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path_factory.mktemp("llama") / "logits"
+    lib = root / "build" / "bin"
+    subprocess.run([cc, "-O1", "-o", str(exe), str(Path(__file__).with_name("llama_cpp_logits.c")),
+                    f"-I{root / 'include'}", f"-I{root / 'ggml' / 'include'}", f"-L{lib}", "-lllama",
+                    f"-Wl,-rpath,{lib}"], check=True)
+    return exe
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="set EMO_LLAMA_CPP to a llama.cpp checkout with build/bin/libllama.so")
+@pytest.mark.parametrize("name", HYBRID)
+def test_llama_cpp_runs_the_file_to_our_logits(exported, llama_logits, name):
+    _, prof, path, _, _ = exported[name]
+    prompt = len(IDS) - 2  # then two decode steps through llama.cpp's recurrent state and KV cache
+    out = subprocess.run([str(llama_logits), str(path), str(prompt), *map(str, IDS)], capture_output=True,
+                         text=True, check=True).stdout
+    got = torch.tensor([[float(x) for x in line.split()] for line in out.splitlines()])
+    want = load_model(prof, dtype=torch.float32).logits(IDS)
+    # ggml's CPU arithmetic (its exp / silu / softplus, summation order) differs at ~1e-3 on logits of ~2;
+    # the already exported qwen3moe differs by as much. A wrong transform moves logits by far more.
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
