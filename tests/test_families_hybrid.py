@@ -127,14 +127,6 @@ def test_bad_linear_attention_config_is_named(checkpoints, tmp_path):
         load_model(out)
 
 
-@pytest.mark.parametrize("name,arch", [("qwen3_next", "qwen3next"), ("qwen3_5_moe", "qwen35moe")])
-def test_gguf_export_is_refused_naming_the_architecture(checkpoints, tmp_path, capsys, name, arch):
-    out = tmp_path / "m.gguf"
-    assert main(["export-gguf", str(checkpoints[name][0]), "--out", str(out)]) != 0
-    err = capsys.readouterr().err
-    assert f"llama.cpp architecture {arch!r}" in err and "Gated DeltaNet" in err and not out.exists()
-
-
 def test_quantized_profile_serves_its_dequantized_weights(checkpoints, tmp_path):
     """`build --quantize int8` packs the attention, shared and routed expert matrices (the DeltaNet
     projections stay float, like the router); the profile's logits are those of its dequantized

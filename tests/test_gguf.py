@@ -18,7 +18,8 @@ gguf = pytest.importorskip("gguf")
 # family -> (config overrides for llama.cpp's shape of it, kept experts per MoE layer, gguf arch)
 CASES = {
     "olmoe": ({"num_key_value_heads": 4}, {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]}, "olmoe"),
-    "qwen3_moe": ({"mlp_only_layers": [], "attention_bias": False}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]}, "qwen3moe"),
+    "qwen3_moe": ({"mlp_only_layers": [], "attention_bias": False}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]},
+                  "qwen3moe"),
     "mixtral": ({}, {0: [0, 2, 5, 6], 1: [1, 3, 4, 7], 2: [2, 3, 5, 7]}, "llama"),
     "glm4_moe-air": ({}, {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]}, "glm4moe"),
     # MLA -> llama.cpp's deepseek2 (one group: llama.cpp has no group-limited choice; no attention biases)

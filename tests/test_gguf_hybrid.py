@@ -161,7 +161,8 @@ def test_transformed_tensors_are_the_converters(exported, name):
         np.testing.assert_allclose(got[gname], st[hf] + 1, rtol=0, atol=1e-7)
         assert np.abs(st[hf]).max() > 0.01  # the checkpoint's norms are not the init zeros
     np.testing.assert_array_equal(got["blk.3.attn_q.weight"], st[f"{p}.layers.3.self_attn.q_proj.weight"])
-    np.testing.assert_array_equal(got["blk.2.ffn_gate_inp_shexp.weight"], st[f"{p}.layers.2.mlp.shared_expert_gate.weight"])
+    np.testing.assert_array_equal(got["blk.2.ffn_gate_inp_shexp.weight"],
+                                  st[f"{p}.layers.2.mlp.shared_expert_gate.weight"])
     if name == "qwen3_next":
         # in_proj_qkvz rows per key head [q DK, k DK, v R*DV, z R*DV] -> attn_qkv (all q, all k, all v) + attn_gate
         qkvz = st[f"{la}.in_proj_qkvz.weight"]
