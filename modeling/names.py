@@ -48,7 +48,9 @@ class TensorNames:
         return f"{self.prefix}.layers.{i}"
 
     def layer_of(self, name: str) -> int | None:
-        """The layer index a tensor name belongs to (None: not a layer tensor)."""
+        """The decoder layer a tensor name belongs to (`<prefix>.layers.N...`), or None for a tensor
+        outside the layers (embeddings, final norm, lm_head, a vision tower). Every writer that orders
+        or groups tensors by layer reads the index here."""
         head = f"{self.prefix}.layers."
         parts = name[len(head):].split(".", 1) if name.startswith(head) else []
         return int(parts[0]) if parts and parts[0].isdigit() else None
@@ -59,16 +61,6 @@ class TensorNames:
     def linear_attn(self, i: int, part: str) -> str:
         """A Gated DeltaNet tensor: part in in_proj_qkv.weight, conv1d.weight, A_log, dt_bias, norm.weight, ..."""
         return f"{self.layer(i)}.linear_attn.{part}"
-
-    @staticmethod
-    def layer_of(name: str) -> int | None:
-        """The decoder layer a tensor name belongs to (`model.layers.N...`), or None
-        for a tensor outside the layers (embeddings, final norm, lm_head). Every
-        writer that orders or groups tensors by layer reads the index here."""
-        parts = name.split(".", 3)
-        if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-            return int(parts[2])
-        return None
 
     def attn_norm(self, i: int) -> str:
         return f"{self.layer(i)}.{self.attn_norm_name}.weight"
