@@ -47,25 +47,20 @@ class TensorNames:
     def layer(self, i: int) -> str:
         return f"{self.prefix}.layers.{i}"
 
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer a tensor name belongs to (`<prefix>.layers.N...`), or None for a tensor
+        outside the layers (embeddings, final norm, lm_head, a vision tower). Every writer that orders
+        or groups tensors by layer reads the index here."""
+        head = f"{self.prefix}.layers."
+        parts = name[len(head):].split(".", 1) if name.startswith(head) else []
+        return int(parts[0]) if parts and parts[0].isdigit() else None
+
     def served(self, name: str) -> bool:
         return not any(name.startswith(p) for p, _ in self.not_served)
 
     def linear_attn(self, i: int, part: str) -> str:
         """A Gated DeltaNet tensor: part in in_proj_qkv.weight, conv1d.weight, A_log, dt_bias, norm.weight, ..."""
         return f"{self.layer(i)}.linear_attn.{part}"
-
-    @staticmethod
-    def layer_of(name: str) -> int | None:
-        """The decoder layer a tensor name belongs to (`model.layers.N...`), or None
-        for a tensor outside the layers (embeddings, final norm, lm_head). Every
-        writer that orders or groups tensors by layer reads the index here."""
-        # both layer heads in use: "model.layers." and Qwen3.5's "model.language_model.layers." (a second,
-        # prefix-bound layer_of shadowed by this one made Qwen3.5 profiles write every layer tensor twice)
-        for head in ("model.layers.", "model.language_model.layers."):
-            if name.startswith(head):
-                i = name[len(head):].split(".", 1)[0]
-                return int(i) if i.isdigit() else None
-        return None
 
     def attn_norm(self, i: int) -> str:
         return f"{self.layer(i)}.{self.attn_norm_name}.weight"

@@ -481,9 +481,10 @@ def test_one_layer_parser_and_one_group_formula():
     from modeling.names import TensorNames
     from modeling.layers.routing import RoutingRule, expert_group
 
-    assert TensorNames.layer_of(TensorNames().router(12)) == 12
-    assert TensorNames.layer_of("model.layers.3") == 3
+    names = TensorNames()
+    assert names.layer_of(names.router(12)) == 12
+    assert names.layer_of("model.layers.3") == 3
     for top in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.x.weight", "model.norm.weight"):
-        assert TensorNames.layer_of(top) is None
+        assert names.layer_of(top) is None
     assert [expert_group(e, 8, 4) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert RoutingRule(top_k=2, n_group=1).group_of(7, 8) == 0

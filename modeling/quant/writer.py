@@ -28,8 +28,8 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "kept_experts.json")
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    i = TensorNames.layer_of(name)
+def _layer_order(names: TensorNames, name: str) -> tuple[int, str]:
+    i = names.layer_of(name)
     if i is not None:
         return i, name
     return (-1 if "embed" in name else 1 << 30), name
@@ -53,7 +53,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, scheme: WeightScheme, 
     stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
 
     def stream() -> Iterator[tuple[str, Tensor]]:
-        for name in sorted(files.names(), key=_layer_order):
+        for name in sorted(files.names(), key=lambda x: _layer_order(names, x)):
             t = files.get(name)
             stats["bytes_in"] += t.numel() * t.element_size()
             if is_quantized_linear(name, names, lm_head):
