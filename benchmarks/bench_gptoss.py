@@ -62,7 +62,7 @@ def write_base(folder: Path, layers: int) -> Path:
     """Random weights, generated and written one tensor at a time (never the whole model in RAM)."""
     import torch
 
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
 
     if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config(layers):
         return folder
@@ -105,7 +105,7 @@ def write_base(folder: Path, layers: int) -> Path:
 def child_ours(path: str, threads: int, n_prompt: int, n_decode: int, cache_bytes: int = 0,
                compile: int = 0) -> dict:
     """emo-serve's model core on the profile: prefill, then greedy decode; RSS after them.
-    `cache_bytes` > 0 keeps that many bytes of dequantized experts (modeling.mxfp4.DequantCache);
+    `cache_bytes` > 0 keeps that many bytes of dequantized experts (modeling.quant.mxfp4.DequantCache);
     `compile` decodes through the fused MXFP4 GEMV (`emo-serve --compile`; compiled in the warm-up)."""
     import torch
 

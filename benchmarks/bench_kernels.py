@@ -55,7 +55,7 @@ def cpu_model() -> str:
 def bytes_read_per_token(m) -> int:
     """Weight bytes one decoded token reads: every non-expert matrix (one embedding row), the router, and
     top-k experts of each MoE layer (their average size)."""
-    from modeling.weights import weight_bytes
+    from modeling.io.weights import weight_bytes
 
     cfg = m.config
     total = m.weights.embed.shape[1] * m.weights.embed.element_size() + weight_bytes(m.weights.lm_head)
@@ -69,9 +69,20 @@ def bytes_read_per_token(m) -> int:
     return total
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read a file (or a folder's files) once, so both contenders decode from the page cache: a decoded
+    token's embedding row would otherwise be a major fault (milliseconds) on a machine whose page cache
+    dropped the file."""
+    for f in ([path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())):
+        with open(f, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
 def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     import torch
 
+    warm_page_cache(Path(path))
     torch.set_num_threads(threads)
     from modeling import kernels, load_model
 
@@ -81,6 +92,62 @@ def child_ours(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     pf, dc = time_greedy(m, ids, n_decode)
     return {"prefill_tok_s": pf, "decode_tok_s": dc, "rss": rss_bytes(), "kernels": kernels.describe(),
             "bytes_per_token": bytes_read_per_token(m)}
+
+
+def child_split(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
+    """Where a decoded token's time goes: wall time inside the native calls (products by kind, the fused
+    MoE, attention, norms) and the rest (torch ops and Python), ms per token, with emo-serve's defaults."""
+    import torch
+
+    warm_page_cache(Path(path))
+    torch.set_num_threads(threads)
+    from modeling import Batch, load_model
+
+    m = load_model(path)
+    k = m.transformer.kernels
+    spent = {"lm_head": 0.0, "linear": 0.0, "moe": 0.0, "attention": 0.0, "rms_norm": 0.0}
+    lm_rows = m.config.vocab_size
+
+    class Timed:  # the extension with a clock around the calls a forward pass makes
+        def __init__(self, ext):
+            self._ext = ext
+
+        def __getattr__(self, name):
+            return getattr(self._ext, name)
+
+        def _timed(self, key, fn, *a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            spent[key] += time.perf_counter() - t0
+            return out
+
+        def linear(self, x, mat, bias=None):
+            return self._timed("lm_head" if mat.rows == lm_rows else "linear", self._ext.linear, x, mat, bias)
+
+        def moe(self, *a):
+            return self._timed("moe", self._ext.moe, *a)
+
+        def attend_decode(self, *a):
+            return self._timed("attention", self._ext.attend_decode, *a)
+
+        def rms_norm(self, *a):
+            return self._timed("rms_norm", self._ext.rms_norm, *a)
+
+    k.ext = Timed(k.ext)
+    k._linear, k._dense, k._moe = type(k._linear)(), type(k._dense)(), {}  # kernel objects made anew, timed
+    ids = list(range(1000, 1000 + n_prompt))
+    cache = m.new_cache(1, n_prompt + n_decode + 8)
+    tok = int(m.forward(Batch(torch.tensor(ids), [0], [0], [n_prompt]), cache).logits[0].argmax())
+    for key in spent:
+        spent[key] = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n_decode):
+        out = m.forward(Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1]), cache)
+        tok = int(out.logits[0].argmax())
+    total = (time.perf_counter() - t0) / n_decode * 1e3
+    ms = {key: v / n_decode * 1e3 for key, v in spent.items()}
+    ms["rest (torch ops, Python)"] = total - sum(ms.values())
+    return {"ms_per_token": total, "split_ms": ms}
 
 
 def child_neighbour(threads: int, seconds: int) -> dict:
@@ -95,13 +162,13 @@ def run_child(kind: str, *args, env: dict | None = None) -> dict:
 
 # -- parts ----------------------------------------------------------------------------------------------------
 
-def build(base: Path, out: Path, threads: int, quantize: str | None) -> dict:
+def build(base: Path, out: Path, threads: int, quantize: str | None, lm_head: bool) -> dict:
     if (out / "profile.json").is_file():
         return {"reused": True}
     cmd = [sys.executable, "-m", "subsetting.cli", "build", str(base), "--out", str(out), "--keep", str(KEEP),
            "--method", "random", "--threads", str(threads), "--force", "--json", "-q"]
     if quantize:
-        cmd += ["--quantize", quantize]
+        cmd += ["--quantize", quantize] + (["--quantize-lm-head"] if lm_head else [])
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if p.returncode != 0:
@@ -109,10 +176,11 @@ def build(base: Path, out: Path, threads: int, quantize: str | None) -> dict:
     return {"wall_s": time.perf_counter() - t0}
 
 
-def llama_quantize(binary: str, src: Path, dst: Path, kind: str) -> None:
+def llama_quantize(binary: str, src: Path, dst: Path, kind: str, output_type: str | None = None) -> None:
     if dst.is_file():
         return
-    p = subprocess.run([binary, str(src), str(dst), kind], capture_output=True, text=True)
+    extra = ["--output-tensor-type", output_type] if output_type else []
+    p = subprocess.run([binary, *extra, str(src), str(dst), kind], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"llama-quantize {kind} failed:\n{p.stderr[-2000:]}")
 
@@ -130,6 +198,13 @@ def main() -> None:
     ap.add_argument("--other-isas", default="", help="also rows forced to these paths (EMO_CPU_ISA), e.g. avx2,torch")
     ap.add_argument("--omp-active", action="store_true", help="also rows with spinning OpenMP threads "
                     "(OMP_WAIT_POLICY=ACTIVE), against emo-serve's PASSIVE default")
+    ap.add_argument("--lm-head", choices=("quantized", "bf16"), default="quantized",
+                    help="quantized (default): the int8 / int4 profiles quantize lm_head too (--quantize-lm-head) and "
+                    "llama.cpp's Q8_0 / Q4_0 store their output matrix at the same type (--output-tensor-type), so "
+                    "both read the same bits; bf16: lm_head stays bf16 in our profiles and llama-quantize's default "
+                    "output type (Q8_0: q8_0, Q4_0: q6_K) is kept")
+    ap.add_argument("--split", action="store_true", help="also where a decoded token's time goes (a run per "
+                    "precision with clocks around the native calls)")
     ap.add_argument("--skip-neighbour", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -140,7 +215,7 @@ def main() -> None:
             write_base(Path(rest[0]), int(rest[1]))
             print("{}")
             return
-        fn = {"ours": child_ours, "bandwidth": child_bandwidth, "neighbour": child_neighbour}[kind]
+        fn = {"ours": child_ours, "split": child_split, "bandwidth": child_bandwidth, "neighbour": child_neighbour}[kind]
         conv = {"bandwidth": [int], "neighbour": [int, int]}.get(kind, [str, int, int, int])
         print(json.dumps(fn(*[c(x) for c, x in zip(conv, rest)])))
         return
@@ -152,13 +227,15 @@ def main() -> None:
     base = root / f"qwen3-30b-a3b-shape-{args.layers}l"
     run_child("write", base, args.layers)
     res: dict = {"cpu": cpu_model(), "flags": cpu_flags(), "supported": kernels.supported(), "layers": args.layers,
+                 "lm_head": args.lm_head,
                  "threads": args.threads, "prompt": args.prompt, "decode": args.decode, "rows": {}}
     print(f"CPU: {res['cpu']}; flags: {res['flags']}; kernel paths: {', '.join(res['supported'])}", file=sys.stderr)
     ggufs = {}
     have_llama = Path(args.llama_bench).is_file()
     for prec in args.precisions.split(","):
-        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-{prec}"
-        res.setdefault("build", {})[prec] = build(base, prof, args.threads, None if prec == "bf16" else prec)
+        lmq = prec != "bf16" and args.lm_head == "quantized"
+        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-{prec}{'-lmq' if lmq else ''}"
+        res.setdefault("build", {})[prec] = build(base, prof, args.threads, None if prec == "bf16" else prec, lmq)
         variants: list[tuple[str, dict]] = [("", {})]
         if args.omp_active:
             variants.append((" [OpenMP active]", {"OMP_WAIT_POLICY": "ACTIVE"}))
@@ -169,6 +246,9 @@ def main() -> None:
             key = f"ours {prec}{label}"
             res["rows"][key] = r
             print(f"{key}: {r}", file=sys.stderr)
+        if args.split:
+            res.setdefault("split", {})[prec] = run_child("split", prof, args.threads, args.prompt, args.decode)
+            print(f"split {prec}: {res['split'][prec]}", file=sys.stderr)
         if have_llama:
             if prec == "bf16":
                 gg = root / f"qwen3-{args.layers}l-bf16.gguf"
@@ -177,16 +257,17 @@ def main() -> None:
                 ggufs["bf16"] = gg
             elif Path(args.llama_quantize).is_file() and "bf16" in ggufs:
                 kind = {"int8": "Q8_0", "int4": "Q4_0"}[prec]
-                gg = root / f"qwen3-{args.layers}l-{kind}.gguf"
-                llama_quantize(args.llama_quantize, ggufs["bf16"], gg, kind)
+                gg = root / f"qwen3-{args.layers}l-{kind}{'-out' + kind if lmq else ''}.gguf"
+                llama_quantize(args.llama_quantize, ggufs["bf16"], gg, kind, kind.lower() if lmq else None)
                 ggufs[prec] = gg
             if prec in ggufs:
+                warm_page_cache(ggufs[prec])
                 r = run_llama_bench(args.llama_bench, str(ggufs[prec]), args.threads, args.prompt, args.decode)
                 res["rows"][f"llama.cpp {prec}"] = r
                 print(f"llama.cpp {prec}: {r}", file=sys.stderr)
     res["bandwidth"] = run_child("bandwidth", args.threads)
     if not args.skip_neighbour and "int4" in args.precisions:
-        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-int4"
+        prof = root / f"qwen3-{args.layers}l-keep{KEEP}-int4{'-lmq' if args.lm_head == 'quantized' else ''}"
         alone = res["rows"]["ours int4"]
         nb = subprocess.Popen([sys.executable, __file__, "--child", "neighbour", "2", "600"],
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -201,7 +282,7 @@ def main() -> None:
     # -- the table ----------------------------------------------------------------------------------------
     read_bw = res["bandwidth"]["read_GBps"] * 1e9
     print(f"\nQwen3-30B-A3B shape, {args.layers} layers, {KEEP}-expert profile; {args.threads} threads; prompt "
-          f"{args.prompt}, decode {args.decode}\nCPU: {res['cpu']}\nflags: {res['flags']}\n"
+          f"{args.prompt}, decode {args.decode}; lm_head of the int8 / int4 rows: {args.lm_head}\nCPU: {res['cpu']}\nflags: {res['flags']}\n"
           f"read bandwidth {res['bandwidth']['read_GBps']:.1f} GB/s, copy {res['bandwidth']['copy_GBps']:.1f} GB/s")
     print("| row | kernels | prefill tok/s | decode tok/s | vs llama.cpp (prefill / decode) | decode / memory floor |")
     print("|---|---|---|---|---|---|")
@@ -221,6 +302,9 @@ def main() -> None:
         print(f"int4 next to a busy 2-thread torch neighbour: decode {b['decode_tok_s']:.2f} vs {a['decode_tok_s']:.2f} "
               f"tok/s alone = {a['decode_tok_s'] / b['decode_tok_s']:.2f}x slower; prefill "
               f"{a['prefill_tok_s'] / b['prefill_tok_s']:.2f}x slower")
+    for prec, sp in res.get("split", {}).items():
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in sp["split_ms"].items())
+        print(f"where a decoded {prec} token goes ({sp['ms_per_token']:.1f} ms, with clocks): {parts} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

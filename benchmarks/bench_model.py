@@ -93,7 +93,7 @@ def random_tensors(shape: dict, olmoe_names: bool, seed: int = 0):
 
 
 def write_checkpoints(root: Path) -> tuple[Path, Path]:
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
 
     emo, olmoe = root / "emo-4l", root / "olmoe-4l"
     cfg_emo = {"model_type": "emo", "architectures": ["EmoForCausalLM"], "num_shared_experts": 1,

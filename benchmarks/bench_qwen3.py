@@ -56,7 +56,7 @@ def write_base(folder: Path, layers: int) -> Path:
     """Random bf16 weights, generated and written one tensor at a time (never the whole model in RAM)."""
     import torch
 
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
     from tests.checkpoints import write_tokenizer
 
     if (folder / "config.json").is_file() and json.loads((folder / "config.json").read_text()) == config(layers):

@@ -39,7 +39,7 @@ CONFIG = {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "vocab_s
 def write(folder: Path) -> None:
     from bench_model import random_tensors
 
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
 
     write_checkpoint(folder, CONFIG, random_tensors(CONFIG, olmoe_names=True), max_shard_bytes=2 * 1024**3)
     for f in ("tokenizer.json", "tokenizer_config.json"):

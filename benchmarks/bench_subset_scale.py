@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from modeling import CheckpointFiles, TensorNames, load_config  # noqa: E402
-from modeling.safetensors_io import ShardedWriter  # noqa: E402
+from modeling.io.safetensors_io import ShardedWriter  # noqa: E402
 
 CONFIG = {
     "model_type": "emo", "architectures": ["EmoForCausalLM"], "vocab_size": 100352, "hidden_size": 2048,

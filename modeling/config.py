@@ -18,9 +18,10 @@ from typing import Any
 import torch
 
 from .families import FAMILIES, Family, FamilyConfigError
-from .layers import ROPE_TYPES, RopeConfig
+from .quant.fp8 import Fp8Error, parse_fp8_config
+from .layers.blocks import ROPE_TYPES, RopeConfig
 from .names import TensorNames
-from .routing import RoutingRule
+from .layers.routing import RoutingRule
 
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -76,12 +77,18 @@ class ModelConfig:
     dtype: torch.dtype | None  # None: take it from the tensors
     routing: RoutingRule | None = None  # None: softmax top-k from top_k / norm_topk_prob
     shared_mlp_size: int = 0  # > 0: a separate always-on shared-expert MLP of this size (GLM)
+    shared_gate: bool = False  # the shared MLP's output is gated by sigmoid(x . w) (Qwen3-Next, Qwen3.5)
+    norm_offset: bool = False  # RMSNorm weights are zero-centred: scale by 1 + w (Qwen3-Next, Qwen3.5)
     o_bias: bool = False  # o_proj bias
     rope: RopeConfig = field(default_factory=RopeConfig)
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None: full attention
+    # per layer: the attention kind (modeling.layers.attention.ATTENTION_KINDS), e.g. "full_attention"
+    layer_types: list[str] = field(default_factory=list)
     attention_sinks: bool = False  # self_attn.sinks per layer (gpt-oss)
     router_logit_bias: bool = False  # the router's logits have a bias (gpt-oss)
     expert_mlp: str = "swiglu"  # or "clamped_swiglu" (gpt-oss; swiglu_alpha / swiglu_limit in `extra`)
+    norm_placement: str = "pre"  # "pre": x + f(norm(x)); "post": x + norm(f(x)) (OLMo2-style, FlexOlmo)
+    fp8_block: tuple[int, int] | None = None  # block-scaled FP8 weights (quantization_config quant_method fp8)
     extra: dict[str, Any] = field(default_factory=dict)  # a family's own settings (Family.parse_extra)
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
     source: str = "<dict>"
@@ -91,6 +98,8 @@ class ModelConfig:
             self.routing = RoutingRule(top_k=self.top_k, renormalise=self.norm_topk_prob)
         if not self.sliding_windows:
             self.sliding_windows = [None] * self.num_layers
+        if not self.layer_types:
+            self.layer_types = ["full_attention" if w is None else "sliding_attention" for w in self.sliding_windows]
 
     # -- derived ---------------------------------------------------------------
     @property
@@ -106,8 +115,8 @@ class ModelConfig:
 
     def expert_groups(self, layer: int) -> list[int]:
         """The routing group of each of layer i's experts (local ids; all 0 unless group-limited)."""
-        E, g = self.experts_per_layer[layer], self.routing.n_group
-        return [j // (E // g) for j in range(E)] if g > 1 else [0] * E
+        E = self.experts_per_layer[layer]
+        return [self.routing.group_of(j, E) for j in range(E)]
 
     # -- parsing ---------------------------------------------------------------
     @classmethod
@@ -118,6 +127,10 @@ class ModelConfig:
         if mt not in FAMILIES:
             raise ConfigError(f"{source}: unknown model_type {mt!r}; supported: {', '.join(FAMILIES)}")
         fam = FAMILIES[mt]
+        raw, d = d, fam.language_config(d)  # a multimodal layout keeps the language model's keys in text_config
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: key {fam.text_config_key!r} must be an object")
+        d = {**d, "model_type": mt}
 
         def req(key: str, *alts: str) -> Any:
             for k in (key, *alts):
@@ -194,7 +207,7 @@ class ModelConfig:
         routing = _parse_routing(d, fam, opt, top_k, experts, source)
         shared_mlp = 0
         if fam.shared == "module" and has_moe:
-            shared_mlp = inter * int(opt(fam.shared_count_key, 0))
+            shared_mlp = int(req(fam.shared_size_key)) if fam.shared_size_key else inter * int(opt(fam.shared_count_key, 0))
 
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(x) for x in eos])
@@ -205,8 +218,18 @@ class ModelConfig:
         try:
             extra = fam.parse_extra(d)
             windows = fam.sliding_windows(d, L)
-        except FamilyConfigError as e:
+            layer_types = fam.layer_types(d, L, windows)
+            fp8_block = parse_fp8_config(d.get("quantization_config"))
+        except (FamilyConfigError, Fp8Error) as e:
             raise ConfigError(f"{source}: {e}") from None
+        from .layers.attention import ATTENTION_KINDS
+
+        if len(layer_types) != L:
+            raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {L} layers")
+        bad = sorted({t for t in layer_types if t not in ATTENTION_KINDS})
+        if bad:
+            raise ConfigError(f"{source}: unknown layer type {bad[0]!r} in 'layer_types'; supported: "
+                              f"{', '.join(ATTENTION_KINDS)}")
 
         return cls(
             model_type=mt,
@@ -237,14 +260,19 @@ class ModelConfig:
             dtype=dtype,
             routing=routing,
             shared_mlp_size=shared_mlp,
+            shared_gate=fam.shared_gate,
+            norm_offset=fam.norm_offset,
             o_bias=attention_bias and fam.o_bias,
             rope=rope,
             sliding_windows=windows,
+            layer_types=layer_types,
+            fp8_block=fp8_block,
+            norm_placement=fam.norm_placement,
             attention_sinks=fam.attention_sinks,
             router_logit_bias=fam.router_logit_bias,
             expert_mlp=fam.expert_mlp,
             extra=extra,
-            raw=copy.deepcopy(d),
+            raw=copy.deepcopy(raw),
             source=source,
         )
 
@@ -258,8 +286,9 @@ class ModelConfig:
         the profile unchanged; otherwise (and for EMO) the counts go to our
         extension `num_experts_per_layer` (docs/families.md).
         """
-        d = copy.deepcopy(self.raw)
+        top = copy.deepcopy(self.raw)
         fam = self.family
+        d, base = fam.language_config(top), fam.language_config(self.raw)  # where the expert count lives
         counts, always = [], []
         for i in range(self.num_layers):
             kept = sorted(kept_per_layer.get(i, range(self.experts_per_layer[i])))
@@ -267,18 +296,18 @@ class ModelConfig:
             pos = {orig: new for new, orig in enumerate(kept)}
             always.append([pos[a] for a in self.always_active_per_layer[i] if a in pos])
         moe_counts = {c for c, e in zip(counts, self.experts_per_layer) if e > 0}
-        full_dense = fam.dense_layers(self.raw, self.num_layers) if "num_experts_per_layer" not in self.raw else None
+        full_dense = fam.dense_layers(base, self.num_layers) if "num_experts_per_layer" not in base else None
         uniform = (fam.stock_profile_config and len(moe_counts) == 1 and not any(always)
                    and full_dense == {i for i, e in enumerate(self.experts_per_layer) if e == 0})
         if uniform:
-            key = fam.expert_count_key(self.raw)
+            key = fam.expert_count_key(base)
             d[key] = moe_counts.pop()
             for k in fam.expert_count_keys:
                 if k != key and k in d and d[k] is not None:
                     d[k] = d[key]
             for k in ("num_experts_per_layer", "num_shared_experts_per_layer", "always_active_experts_per_layer"):
                 d.pop(k, None)
-            return d
+            return top
         for key in (*fam.expert_count_keys, "num_experts", "num_local_experts", "always_active_experts"):
             d.pop(key, None)
         d["num_experts_per_layer"] = counts
@@ -289,7 +318,7 @@ class ModelConfig:
             d["always_active_experts_per_layer"] = always
         else:
             d.pop("always_active_experts_per_layer", None)
-        return d
+        return top
 
 
 def _parse_rope(d: dict[str, Any], fam: Family, source: str) -> RopeConfig:

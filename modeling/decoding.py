@@ -1,11 +1,18 @@
-"""One sequence's decoding state after each sampled token, the same for the
-server's engine and `Model.generate`: which ids stop it (end of text unless
-`ignore_eos`, plus `stop_token_ids`, never before `min_tokens`, as vLLM), its
-incremental detokenization, stop strings held back and cut as OpenAI does, and
-`max_tokens`, and the grammar of structured output (`SamplingParams.constraint`,
-accepted token by token, its completion a stop). Sampling itself is
-`modeling.sampling.sample_next` over many rows at once; this is what happens to
-one row's token."""
+"""One sequence's decoding state after each sampled token, in the two halves of
+vLLM v1's split, shared by the server's engine and `Model.generate`:
+
+- `TokenState` (the engine core's half, token ids only): which ids stop the
+  sequence (end of text unless `ignore_eos`, plus `stop_token_ids`, never
+  before `min_tokens`, as vLLM), `max_tokens`, and the grammar of structured
+  output (`SamplingParams.constraint`, accepted token by token, its completion
+  a stop). It never touches text, so the engine thread never detokenizes.
+- `TextState` (the output processor's half): incremental detokenization and
+  stop strings, held back and cut as OpenAI does. The server runs it on the
+  asyncio side per request; a stop string found there ends the sequence (the
+  engine is told to drop it), and the tokens past it are never shown.
+
+Sampling itself is `modeling.sampling.sample_next` over many rows at once; this
+is what happens to one row's token."""
 
 from __future__ import annotations
 
@@ -17,36 +24,41 @@ from .sampling import SamplingParams, StopChecker
 from .tokenizer import IncrementalDetokenizer, Tokenizer
 
 
-class DecodeState:
-    def __init__(self, params: SamplingParams, tokenizer: Tokenizer | None, eos_ids: Iterable[int]):
+class TokenState:
+    def __init__(self, params: SamplingParams, eos_ids: Iterable[int]):
         self.params = params
-        self.output: list[int] = []
+        self.output: list[int] = []  # what sampling's penalties read is what `accept` appends to
         self.generator: torch.Generator | None = params.make_generator()
         self.stop_ids: set[int] = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
-        self.stops = StopChecker(params.stop)
-        self.detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None
-                      else None)
 
-    def accept(self, tok: int) -> tuple[bool, str, str | None]:
-        """Feed one sampled token: (whether it is part of the output, the text
-        it releases, the finish reason when the sequence ends here)."""
+    def accept(self, tok: int) -> tuple[bool, str | None]:
+        """Feed one sampled token: (whether it is part of the output, the finish
+        reason when the sequence ends here)."""
         if tok in self.stop_ids and len(self.output) >= self.params.min_tokens:
-            return False, "", "stop"
+            return False, "stop"
         self.output.append(tok)
         # structured output (modeling.structured.Constraint): the grammar advances over every kept token
         # (which also starts computing its next mask); complete, or refusing the token, it ends the sequence
         grammar = self.params.constraint
-        grammar_done = grammar is not None and (not grammar.accept(tok) or grammar.done)
-        text = ""
-        if self.detok is not None:
-            text, hit = self.stops.feed(self.detok.add([tok]))
-            if hit:
-                return True, text, "stop"
-        if grammar_done:
-            return True, text, "stop"
+        if grammar is not None and (not grammar.accept(tok) or grammar.done):
+            return True, "stop"
         if len(self.output) >= self.params.max_tokens:
-            return True, text, "length"
-        return True, text, None
+            return True, "length"
+        return True, None
+
+
+class TextState:
+    def __init__(self, params: SamplingParams, tokenizer: Tokenizer | None):
+        self.stops = StopChecker(params.stop)
+        self.detok = (IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer is not None
+                      else None)
+
+    def add(self, tok: int) -> tuple[str, bool]:
+        """The text one kept token releases, and whether a stop string completed in
+        it (the sequence ends with this token, finish reason `stop`)."""
+        if self.detok is None:
+            return "", False
+        return self.stops.feed(self.detok.add([tok]))
 
     def finish(self, reason: str) -> tuple[str, str]:
         """The text still held back (a possible stop-string prefix, an incomplete

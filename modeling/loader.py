@@ -13,14 +13,18 @@ from torch import Tensor
 
 from .config import ModelConfig, load_config, parse_dtype
 from .quant import Int8Cache, PackedLinear, read_quantization_config
-from .mxfp4 import DequantCache
-from .model import Batch, ForwardOutput, KVCache, Pool, PoolError, ResolvedPool, Transformer
-from .profile import ProfileManifest, base_identity
-from .safetensors_io import CheckpointFiles
-from .decoding import DecodeState
-from .sampling import SamplingParams, logprobs_of, sample_next
+from .quant.fp8 import Fp8Matrix
+from .quant.mxfp4 import DequantCache
+from .layers.cache import KVCache
+from .model import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
+from .io.profile import ProfileManifest, base_identity
+from .io.safetensors_io import CheckpointFiles
+from .engine_core import EngineCore, Sequence
+from .output_processor import SeqOutput
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
-from .weights import PROFILE_FILE, LayerExperts, TensorNames, _Reader, merge_experts, original_expert_ids, read_layer_experts, read_weights, weight_bytes
+from .expert_store import ExpertStore, LayerExperts
+from .io.weights import PROFILE_FILE, TensorNames, _Reader, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
 # Only what a checkpoint needs: never optimizer states or other formats.
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -65,7 +69,7 @@ class Generation:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" or "length"
-    logprobs: list[float]
+    logprobs: list[float]  # of each token of token_ids
 
 
 class Model:
@@ -76,9 +80,14 @@ class Model:
         self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
         self.name = path.name
         self.quantize = quantize
-        self.weights = read_weights(path, files, config, dtype, device)
-        self.sources: dict[str, CheckpointFiles] = {str(path): files}
-        self._withdrawn: set[str] = set()  # sources whose bytes must no longer serve (Model.withdraw)
+        self.is_profile = (path / PROFILE_FILE).is_file()
+        self.weights = read_weights(path, files, config, dtype, device,
+                                    repaired=self.is_profile and bool(ProfileManifest.read(path).repair))
+        # per source folder: (config, reader, original ids per layer, repaired), read once
+        self._source_info: dict[str, tuple[ModelConfig, _Reader, list[list[int]], bool]] = {}
+        # every expert slot, the mapped sources and what changes them (merge, withdraw, bytes, pinning)
+        self.experts = ExpertStore([lw.experts for lw in self.weights.layers], str(path), files,
+                                   self._layer_experts_of)
         # Set (under `lock`) when the model's own files can no longer be read: every forward refuses
         self.unusable: str | None = None
         # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
@@ -90,13 +99,17 @@ class Model:
         self.transformer = Transformer(config, self.weights, dtype, device, int8, compile_decode=compile)
         self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
                           if (path / "tokenizer.json").is_file() else None)
-        self.is_profile = (path / PROFILE_FILE).is_file()
         self.identity = base_identity(path)
 
     def mark_unusable(self, reason: str) -> None:
         """No forward runs after this returns (it waits for the one in flight)."""
         with self.lock:
             self.unusable = reason
+
+    @property
+    def sources(self) -> dict[str, CheckpointFiles]:
+        """The mapped checkpoint folders (the model's own first), by folder."""
+        return self.experts.sources
 
     def _note_mappings(self, files: CheckpointFiles) -> None:
         self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
@@ -130,22 +143,13 @@ class Model:
         cfg = load_config(folder)
         if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
             raise PoolError(f"{folder}: shape differs from {self.path}")
-        files = self.sources.get(str(folder))
-        if files is None:
+        if str(folder) not in self.sources:
             files = self.sources[str(folder)] = CheckpointFiles(folder)
             self._note_mappings(files)
-        reader = self._reader(folder, files, cfg)
-        orig = original_expert_ids(folder, cfg)
         # Only a full base gives its experts up; a profile loaded as the model
         # keeps serving its own.
         take_over = str(self.path) if take_over_base and not self.is_profile else None
-        added: dict[int, list[int]] = {}
-        for i, lw in enumerate(self.weights.layers):
-            if lw.experts is None or not cfg.experts_per_layer[i]:
-                continue
-            src = read_layer_experts(folder, files, cfg, i, reader, orig[i])
-            added[i] = merge_experts(lw.experts, src, self.device, take_over)
-        return added
+        return self.experts.merge(str(folder), take_over)
 
     def withdraw(self, folder: str | Path) -> dict[int, list[int]]:
         """Stop using the bytes of `folder` (an added profile found corrupt): every
@@ -159,57 +163,35 @@ class Model:
         if key == str(self.path):
             raise PoolError(f"{folder}: the model's own checkpoint cannot be withdrawn")
         with self.lock:  # after the forward pass in flight, before the next
-            return self._withdraw(key)
-
-    def _withdraw(self, key: str) -> dict[int, list[int]]:
-        self._withdrawn.add(key)
-        alternatives = [s for s in self.sources if s not in self._withdrawn]
-        orphans: dict[int, list[int]] = {}
-        for i, lw in enumerate(self.weights.layers):
-            le = lw.experts
-            if le is None or key not in le.sources:
-                continue
-            wanted = {le.ids[k] for k, s in enumerate(le.sources) if s == key}
-            for alt in alternatives:
-                if not wanted:
-                    break
-                src = self._layer_experts_of(alt, i)
-                if src is None:
-                    continue
-                for j, orig in enumerate(src.ids):
-                    if orig in wanted:
-                        le.take_slot(le.ids.index(orig), src, j)
-                        wanted.discard(orig)
-            if wanted:
-                orphans[i] = sorted(wanted)
-            le.rebuild(self.device)
-        return orphans
+            return self.experts.withdraw(key)
 
     def _layer_experts_of(self, source: str, layer: int) -> LayerExperts | None:
         """Views of layer `layer`'s experts in one mapped source (None: it has none there)."""
-        folder = Path(source)
-        cfg = self.config if source == str(self.path) else load_config(folder)
+        if source not in self._source_info:
+            folder = Path(source)
+            cfg = self.config if source == str(self.path) else load_config(folder)
+            repaired = (folder / PROFILE_FILE).is_file() and bool(ProfileManifest.read(folder).repair)
+            self._source_info[source] = (cfg, self._reader(folder, self.sources[source], cfg),
+                                         original_expert_ids(folder, cfg), repaired)
+        cfg, reader, orig, repaired = self._source_info[source]
         if not cfg.experts_per_layer[layer]:
             return None
-        reader = self._reader(folder, self.sources[source], cfg)
-        return read_layer_experts(folder, self.sources[source], cfg, layer, reader,
-                                  original_expert_ids(folder, cfg)[layer])
+        return read_layer_experts(Path(source), self.sources[source], cfg, layer, reader, orig[layer], repaired)
 
     def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
         """Views of a mapped source's tensors, read with that source's own quantization."""
         return _Reader(files, self.dtype, self.device,
-                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                       cfg.fp8_block)
 
     def expert_bytes(self, layer: int, orig_id: int) -> int:
-        le = self.weights.layers[layer].experts
-        return le.experts[le.ids.index(orig_id)].nbytes()
+        return self.experts.expert_bytes(layer, orig_id)
 
     def non_expert_bytes(self) -> int:
         w = self.weights
         ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
         for lw in w.layers:
-            ts += [t for t in (lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                               lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias, lw.sinks) if t is not None]
+            ts += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             if lw.experts is not None:
                 ts.append(lw.experts.router)
                 if lw.experts.logit_bias is not None:
@@ -218,37 +200,32 @@ class Model:
                 ts += lw.dense.matrices()
             if lw.shared_mlp is not None:
                 ts += lw.shared_mlp.matrices()
+            if lw.shared_gate is not None:
+                ts.append(lw.shared_gate)
         return sum(weight_bytes(t) for t in ts)
 
     def pin(self, pool: Pool | None = None) -> dict:
         """Keep in memory what serving `pool` ({layer: original ids}; None: every loaded
-        expert) reads: the base weights and those experts (`modeling.pinning`).
+        expert) reads: the base weights and those experts (`modeling.io.pinning`).
         Quantized matrices are repacked now (their kernel copies are anonymous memory)."""
-        from .pinning import pin
+        from .io.pinning import pin
 
         w = self.weights
         mats: list = [w.embed, w.final_norm, w.lm_head]
         for i, lw in enumerate(w.layers):
-            mats += [lw.attn_norm, lw.q, lw.k, lw.v, lw.o, lw.mlp_norm, lw.q_norm, lw.k_norm,
-                     lw.q_bias, lw.k_bias, lw.v_bias, lw.o_bias]
+            mats += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
             for e in (lw.dense, lw.shared_mlp):
                 if e is not None:
                     mats += e.matrices()
-            le = lw.experts
-            if le is not None:
-                mats.append(le.router)
-                ids = le.ids if pool is None or pool.get(i) is None else pool[i]
-                for e in ids:
-                    ex = le.experts[le.ids.index(e)]
-                    mats += [ex.gate_up] if ex.gate_up is not None else []
-                    mats += ex.matrices()
+            mats.append(lw.shared_gate)
+        mats += self.experts.pinned_matrices(pool)
         tensors, repacked = [], 0
         native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
         for m in mats:
             if isinstance(m, PackedLinear) and not native:
                 m.prepare(self.dtype)
                 repacked += 1
-            elif isinstance(m, PackedLinear):
+            elif isinstance(m, (PackedLinear, Fp8Matrix)):  # as stored: FP8 bytes and scales
                 tensors += m.tensors()
             elif m is not None:
                 tensors.append(m)
@@ -310,32 +287,38 @@ class Model:
     @torch.inference_mode()
     def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
                  pool: Pool | ResolvedPool | None = None) -> Generation:
-        """Generate for one prompt, synchronously. What happens to each sampled token
-        (stop ids, min_tokens, stop strings, detokenization) is the server engine's
-        own `DecodeState`; the engine adds batching across sequences."""
+        """Generate for one prompt, synchronously: a driver of the server's own
+        engine core (`modeling.engine_core`) with one sequence, and of the output
+        processor after each step (as vLLM's `LLM` drives its engine); the server
+        adds batching across sequences, a queue and a thread."""
         params = params or SamplingParams()
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise ValueError("empty prompt")
         self.check_tokens(ids)
         max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
-        cache = self.new_cache(1, max_len)
-        rpool = self.resolve_pool(pool)
-        dec = DecodeState(params, self.tokenizer, self.eos_ids)
+        core = EngineCore(self, max_batch=1, max_model_len=max_len, max_prefill_tokens=len(ids))
+        events: list = []
+        seq = Sequence(ids, params, "", events.append, logprobs=0)
+        seq.pool = self.resolve_pool(pool)
+        out = SeqOutput(params, self.tokenizer)
+        tokens: list[int] = []
         lps: list[float] = []
-        batch = Batch(torch.tensor(ids), [0], [0], [len(ids)], [rpool])
-        finish = "length"
-        while params.max_tokens > 0 and cache.lengths[0] < max_len:
-            logits = self.forward(batch, cache).logits
-            tok = sample_next(logits, [params], [dec.generator], [dec.output], [ids], [dec.stop_ids])[0]
-            lps.append(float(logprobs_of(logits[0])[tok]))
-            _, _, reason = dec.accept(tok)
-            if reason is not None:
-                finish = reason
-                break
-            batch = Batch(torch.tensor([tok]), [0], [cache.lengths[0]], [1], [rpool])
-        _, finish = dec.finish(finish)
-        return Generation(dec.output, dec.text if self.tokenizer is not None else "", finish, lps)
+        finish = None
+        core.add(seq)
+        while finish is None:
+            core.step()
+            if not events:
+                raise RuntimeError("the engine core dropped the sequence")
+            for ev in events:
+                if ev.error is not None:
+                    raise RuntimeError(ev.error[2])
+                out.process(ev)  # a stop string ends it here: nothing past it is kept
+                tokens += [t.token_id for t in ev.tokens]
+                lps += [t.logprob for t in ev.tokens]
+                finish = finish or ev.finish_reason
+            events.clear()
+        return Generation(tokens, out.text.text if self.tokenizer is not None else "", finish, lps)
 
 
 QUANTIZE_CHOICES = (None, "int8")
@@ -366,7 +349,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device:
         raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
     # The checkpoint's dtype is the one its tensors are stored in (config's
     # torch_dtype is only a hint); keeping it is what makes loading zero-copy.
-    stored = files.info(TensorNames.embed).dtype if TensorNames.embed in files else cfg.dtype
+    stored = files.info(cfg.names.embed).dtype if cfg.names.embed in files else cfg.dtype
     dt = parse_dtype(dtype) or stored or torch.float32
     if quantize == "int8" and dev.type != "cpu":
         raise ValueError("quantize='int8' is implemented for the CPU only")

@@ -8,7 +8,7 @@ step that looks at sequences one at a time, each against its own cache slot.
 
 Routing runs over the experts a layer has loaded (its *slots*); each sequence
 brings a pool, resolved to a boolean mask over slots per layer, and the router
-logits outside it are dropped before the softmax (`modeling.routing`).
+logits outside it are dropped before the softmax (`modeling.layers.routing`).
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .layers.attention import Attention, LayerOps, attention_modules
+from .layers.cache import KVCache
 from .config import ModelConfig
-from .layers import apply_rope, rms_norm, rope_tables
+from .layers.expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
+from .layers.blocks import rms_norm_offset, rope_tables
 from .kernels import Kernels
-from .mxfp4 import DequantCache, gemv as mxfp4_gemv
+from .quant.fp8 import Fp8Matrix
+from .quant.mxfp4 import DequantCache
 from .quant import Int8Cache, PackedLinear
-from .routing import Route, route
-from .weights import Expert, LayerWeights, ModelWeights
+from .layers.routing import Route, route
+from .io.weights import Expert, LayerWeights, ModelWeights
 
 # A pool as users write it: {layer: [original expert ids]}; a missing layer or
 # None means every loaded expert of that layer.
@@ -42,78 +46,6 @@ class ResolvedPool:
 
     masks: list[Tensor | None]
     pool: Pool | None = None
-
-
-class KVCache:
-    """Keys and values per layer, `[slots, kv_heads, size, head_dim]`; the cache owns
-    its writes (`write`), in the manner of gpt-fast.
-
-    A sequence owns a slot for its life; `lengths[slot]` is how many positions it
-    has written. A full-attention layer holds `max_len` positions; a
-    sliding-window layer holds only its window (a ring buffer of `window`
-    positions: position p lives at p % window), since no later query can look
-    further back. Memory is allocated up front with `torch.empty`, whose
-    untouched pages the OS does not back, so a large `max_len` costs only what is
-    written. `layers` limits the cache to some layers (the subset builder's
-    layer-at-a-time pass holds one).
-    """
-
-    def __init__(self, cfg: ModelConfig, num_slots: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", layers: list[int] | None = None):
-        self.max_len = max_len
-        self.num_slots = num_slots
-        self.lengths = [0] * num_slots
-        self.windows = list(cfg.sliding_windows)
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-        sizes = self.positions(cfg, max_len)
-        for i in range(cfg.num_layers) if layers is None else layers:
-            shape = (num_slots, cfg.num_kv_heads, sizes[i], cfg.head_dim)
-            self.k[i] = torch.empty(shape, dtype=dtype, device=device)
-            self.v[i] = torch.empty(shape, dtype=dtype, device=device)
-
-    @staticmethod
-    def positions(cfg: ModelConfig, max_len: int) -> list[int]:
-        """Positions each layer holds per slot: `max_len`, or a sliding window's size."""
-        return [max_len if w is None else min(w, max_len) for w in cfg.sliding_windows]
-
-    @classmethod
-    def nbytes_for(cls, cfg: ModelConfig, num_slots: int, max_len: int, itemsize: int) -> int:
-        """Bytes a cache of `num_slots` x `max_len` allocates for keys and values
-        (what deploy/memory_request.py sizes a container by)."""
-        per_position = 2 * cfg.num_kv_heads * cfg.head_dim * itemsize
-        return num_slots * per_position * sum(cls.positions(cfg, max_len))
-
-    def write(self, layer: int, slot: int, start: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int | None]:
-        """Store `k`, `v` `[kv_heads, n, head_dim]` of positions start..start+n-1 and
-        return what these n queries attend to: keys, values `[kv_heads, L, head_dim]`
-        and the position of the first key (the keys are consecutive positions), or
-        None when the keys are a wrapped ring of exactly the window a single query
-        at `start` sees (every key visible, order irrelevant to attention).
-
-        Full layers (and windowed ones not yet wrapped) return views of the cache;
-        a multi-token write into a wrapped window returns the window before
-        `start` followed by the new keys (the ring itself then keeps the last
-        `window` positions).
-        """
-        kc, vc = self.k[layer][slot], self.v[layer][slot]
-        n, size = k.shape[1], kc.shape[1]
-        if start + n <= size:  # no wrap-around: contiguous, views of the cache
-            kc[:, start:start + n] = k
-            vc[:, start:start + n] = v
-            return kc[:, :start + n], vc[:, :start + n], 0
-        if n == 1:  # decode into a full ring: it holds exactly start-size+1 .. start
-            kc[:, start % size] = k[:, 0]
-            vc[:, start % size] = v[:, 0]
-            return kc, vc, None
-        old = min(start, size - 1)  # what the earliest new query still sees of the past
-        idx = torch.arange(start - old, start, device=kc.device) % size
-        keys, vals = torch.cat([kc[:, idx], k], 1), torch.cat([vc[:, idx], v], 1)
-        m = min(n, size)
-        pos = torch.arange(start + n - m, start + n, device=kc.device) % size
-        kc[:, pos] = k[:, n - m:]
-        vc[:, pos] = v[:, n - m:]
-        return keys, vals, start - old
 
 
 @dataclass
@@ -162,9 +94,25 @@ class Transformer:
         self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
         # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
         self.kernels = Kernels(device, int8, compile_decode)
+        # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
+        # each layer's attention module, as the family declares it (cfg.layer_types)
+        self.attention: list[Attention] = attention_modules(cfg)
+        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
+        self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
+        # the RoPE tables embed() computes: one width for the modules that rotate (None: none does)
+        dims = {a.rope_dim for a in self.attention if a.rope_dim is not None}
+        assert len(dims) <= 1, f"attention modules disagree on the RoPE width: {dims}"
+        self.rope_dim = dims.pop() if dims else None
 
-    def _linear(self, x: Tensor, w: Tensor | PackedLinear, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
+        if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
+            return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        if self.cfg.norm_offset:  # zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5): the torch path
+            return rms_norm_offset(x, weight, self.cfg.rms_norm_eps)
+        return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
 
     # -- pools -----------------------------------------------------------------
     def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
@@ -198,13 +146,14 @@ class Transformer:
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             if s + n > cache.max_len:
                 raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        x, cos, sin = self.embed(batch)
-        routes: list[Route | None] = []
-        collect = collect_router_probs or collect_routes
-        for i in range(len(self.w.layers)):
-            x = self.attention_block(i, x, cos, sin, batch, cache)
-            x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
-            routes.append(r)
+        with self.kernels.small_step(T):
+            x, cos, sin = self.embed(batch)
+            routes: list[Route | None] = []
+            collect = collect_router_probs or collect_routes
+            for i in range(len(self.w.layers)):
+                x = self.attention_block(i, x, cos, sin, batch, cache)
+                x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
+                routes.append(r)
         for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
             cache.lengths[slot] = s + n
         if isinstance(logits_at, str):
@@ -230,17 +179,31 @@ class Transformer:
     def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Token embeddings of the packed batch and the RoPE tables of its positions."""
         positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
-        cos, sin = rope_tables(self.cfg.rope, self.cfg.head_dim, positions)
+        if self.rope_dim is None:
+            cos = sin = positions.new_empty(0)
+        else:
+            cos, sin = rope_tables(self.cfg.rope, self.rope_dim, positions)
         return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
 
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
-        """x + attention(RMSNorm(x)) for layer i; writes the batch's keys and values to `cache`."""
-        lw = self.w.layers[i]
-        return x + self._attention(i, lw, rms_norm(x, lw.attn_norm, self.cfg.rms_norm_eps), cos, sin, batch, cache)
+        """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
+        by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
+        lw, attn = self.w.layers[i], self.attention[i]
+        if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
+            return x + self._norm(attn.forward(lw.attn, x, cos, sin, batch, cache[i], self.ops), lw.attn_norm)
+        return x + attn.forward(lw.attn, self._norm(x, lw.attn_norm), cos, sin, batch, cache[i], self.ops)
 
     def mlp_input(self, i: int, x: Tensor) -> Tensor:
-        """RMSNorm(x) before layer i's MoE (or dense MLP): what its router sees."""
-        return rms_norm(x, self.w.layers[i].mlp_norm, self.cfg.rms_norm_eps)
+        """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the
+        family norms the MLP's output instead (norm_placement "post")."""
+        if self.cfg.norm_placement == "post":
+            return x
+        return self._norm(x, self.w.layers[i].mlp_norm)
+
+    def _mlp_output(self, i: int, y: Tensor) -> Tensor:
+        if self.cfg.norm_placement == "post":
+            return self._norm(y, self.w.layers[i].mlp_norm)
+        return y
 
     def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
                   h: Tensor | None = None) -> tuple[Tensor, Route | None]:
@@ -250,13 +213,13 @@ class Transformer:
         lw = self.w.layers[i]
         h = self.mlp_input(i, x) if h is None else h
         if lw.experts is None:
-            return x + self._dense(lw, h), None
+            return x + self._mlp_output(i, self._dense(lw, h)), None
         y, r = self.moe(i, h, allowed, collect)
-        return x + y, r
+        return x + self._mlp_output(i, y), r
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(rms_norm(x, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head).float()
+        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -267,47 +230,9 @@ class Transformer:
         per_seq = torch.stack([full if m is None else m for m in masks])
         return per_seq.repeat_interleave(torch.tensor(batch.counts, device=self.device), dim=0, output_size=T)
 
-    def _attention(self, i: int, lw: LayerWeights, h: Tensor, cos: Tensor, sin: Tensor, batch: Batch,
-                   cache: KVCache) -> Tensor:
-        cfg = self.cfg
-        T = h.shape[0]
-        q, k, v = self._linear(h, lw.q, lw.q_bias), self._linear(h, lw.k, lw.k_bias), self._linear(h, lw.v, lw.v_bias)
-        if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection, before the head split
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        if cfg.clip_qkv is not None:
-            q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
-        q = q.view(T, cfg.num_heads, cfg.head_dim)
-        k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm == "head":  # Qwen3, GLM: RMSNorm over head_dim, after the head split
-            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, T, D]
-        v = v.view(T, cfg.num_kv_heads, cfg.head_dim).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = torch.empty(cfg.num_heads, T, cfg.head_dim, dtype=q.dtype, device=q.device)
-        window = cfg.sliding_windows[i]
-        sinks = lw.sinks
-        off = 0
-        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
-            keys, vals, first = cache.write(i, slot, s, k[:, off:off + n], v[:, off:off + n])
-            qs = q[:, off:off + n]
-            if n == 1:  # every key the cache returns is visible to a single query
-                out[:, off] = _decode_attention(qs[:, 0], keys, vals, sinks)
-            else:
-                out[:, off:off + n] = _prefill_attention(qs, keys, vals, s, first, window, sinks)
-            off += n
-        out = out.transpose(0, 1).reshape(T, cfg.num_heads * cfg.head_dim)
-        return self._linear(out, lw.o, lw.o_bias)
-
     def expert(self, e: Expert, x: Tensor) -> Tensor:
-        """One expert on `x` `[T, H]` (int8 when the model is quantized)."""
-        if e.interleaved:
-            ex = self.cfg.extra
-            linear = F.linear if e.mx_gate_up is not None else self._linear
-            return clamped_swiglu_expert(e, x, ex["swiglu_alpha"], ex["swiglu_limit"], linear, self.mxfp4_cache,
-                                         fused_decode=self.compile_decode)
-        return expert_forward(e, x, self._linear)
+        """One routed expert on `x` `[T, H]`, by the family's expert kind (int8 when the model is quantized)."""
+        return self.expert_kind.forward(self, e, x)
 
     def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
         d = lw.dense
@@ -322,8 +247,8 @@ class Transformer:
         rule, le = self.cfg.routing, self.w.layers[i].experts
         if rule.router_float32:
             logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
-        else:
-            logits = F.linear(h, le.router, le.logit_bias)
+        else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
+            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
         return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
                      bias=le.bias, groups=le.group_ids)
 
@@ -339,7 +264,10 @@ class Transformer:
             out = self._moe_one(le, h, r) if r.indices.shape[0] == 1 else self._moe_many(le, h, r)
         out = out.to(h.dtype)
         if lw.shared_mlp is not None:
-            out = out + self.expert(lw.shared_mlp, h)
+            shared = SWIGLU.forward(self, lw.shared_mlp, h)
+            if lw.shared_gate is not None:  # Qwen: the shared expert weighed by sigmoid(h . w) per token
+                shared = torch.sigmoid(self._linear(h, lw.shared_gate)) * shared
+            out = out + shared
         return out, (r if collect else None)
 
     def _moe_fused(self, le, h: Tensor, r: Route) -> Tensor | None:
@@ -347,9 +275,7 @@ class Transformer:
         these experts, or an MXFP4 dequantization cache was asked for)."""
         if self.mxfp4_cache is not None:
             return None
-        ex = self.cfg.extra
-        act = (ex["swiglu_alpha"], ex["swiglu_limit"]) if le.experts[0].interleaved else None  # gpt-oss
-        return self.kernels.moe(le, h, r.indices, r.weights, r.valid, act)
+        return self.kernels.moe(le, h, r.indices, r.weights, r.valid, self.expert_kind.native_act(self.cfg))
 
     def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
         # Same arithmetic as _moe_many for one row: float32 sum over the chosen
@@ -381,101 +307,3 @@ class Transformer:
             out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
             off += c
         return out
-
-
-
-
-def _decode_attention(q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None = None) -> Tensor:
-    """One query per head against a cache slot: q `[heads, D]`, keys/values
-    `[kv_heads, L, D]` (strided views of the cache, read in place).
-
-    Two small matmuls and a float32 softmax; for a single query this beats
-    scaled_dot_product_attention on CPU, whose fallback copies the cached keys
-    and values every step. Query heads are grouped over their kv head (GQA).
-    `sinks` `[heads]` (gpt-oss): one more logit per head in the softmax, whose
-    probability mass is dropped (it attends to nothing).
-    """
-    kvh, L, D = keys.shape
-    qg = q.reshape(kvh, -1, D)  # [kv_heads, group, D]
-    scores = torch.matmul(qg, keys.transpose(1, 2)).float() * (D ** -0.5)  # [kv_heads, group, L]
-    if sinks is None:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        probs = _softmax_with_sink(scores, sinks.float().view(kvh, -1, 1))
-    return torch.matmul(probs.to(vals.dtype), vals).reshape(-1, D)
-
-
-def _softmax_with_sink(scores: Tensor, sink: Tensor) -> Tensor:
-    """softmax over [scores, sink] along the last dim, the sink's column dropped
-    (as transformers' eager gpt-oss attention computes it)."""
-    combined = torch.cat([scores, sink.expand(*scores.shape[:-1], 1)], dim=-1)
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    return torch.softmax(combined, dim=-1)[..., :-1]
-
-
-# Score elements per block of queries in the eager (sink) path: bounds its
-# float32 [heads, rows, keys] scores at 64 MiB whatever the prompt length.
-_EAGER_BLOCK = 1 << 24
-
-
-def _prefill_attention(q: Tensor, keys: Tensor, vals: Tensor, start: int, first: int, window: int | None,
-                       sinks: Tensor | None) -> Tensor:
-    """Queries `[heads, n, D]` at positions start.. against keys `[kv_heads, L, D]`
-    at positions first..: causal, and within `window` positions when the layer
-    slides (a key at p is seen by queries at p .. p + window - 1, as transformers'
-    sliding mask `kv > q - window`)."""
-    h, n, D = q.shape
-    kvh, L, _ = keys.shape
-    qpos = torch.arange(start, start + n, device=q.device)[:, None]
-    kpos = torch.arange(first, first + L, device=q.device)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    if sinks is None:
-        causal = start == 0 and first == 0 and (window is None or n <= window)  # the mask is plain causal
-        return F.scaled_dot_product_attention(q, keys, vals, attn_mask=None if causal else mask,
-                                              is_causal=causal, enable_gqa=kvh != h)
-    qg = q.reshape(kvh, h // kvh, n, D)
-    sink = sinks.float().view(kvh, h // kvh, 1, 1)
-    out = torch.empty_like(qg)
-    rows = max(1, _EAGER_BLOCK // (h * L))
-    for r in range(0, n, rows):
-        scores = torch.matmul(qg[:, :, r:r + rows], keys[:, None].transpose(-1, -2)).float() * (D ** -0.5)
-        scores = scores.masked_fill(~mask[r:r + rows], float("-inf"))
-        probs = _softmax_with_sink(scores, sink)
-        out[:, :, r:r + rows] = torch.matmul(probs.to(vals.dtype), vals[:, None])
-    return out.reshape(h, n, D)
-
-
-def expert_forward(e: Expert, x: Tensor, linear=F.linear) -> Tensor:
-    """One SwiGLU expert on `x` `[T, H]`: down(silu(gate(x)) * up(x))."""
-    if e.gate_up is not None:  # gate and up stored back to back: one matrix, one pass
-        g, u = linear(x, e.gate_up).chunk(2, dim=-1)
-    else:
-        g, u = linear(x, e.gate), linear(x, e.up)
-    return linear(F.silu(g) * u, e.down)
-
-
-def clamped_swiglu_expert(e: Expert, x: Tensor, alpha: float, limit: float, linear=F.linear,
-                          cache: DequantCache | None = None, fused_decode: bool = False) -> Tensor:
-    """One gpt-oss expert on `x` `[T, H]`, as transformers' GptOssExperts: gate and
-    up interleaved in one product (gate = columns 0::2), gate clamped above at
-    `limit`, up to +-limit, out = down((up + 1) * gate * sigmoid(alpha * gate)) + bias.
-    MXFP4 weights are dequantized here, for this expert only (or taken from `cache`);
-    with `fused_decode` (`--compile`) and no cache, one row multiplies the 4-bit
-    bytes directly (`mxfp4.gemv`), never expanding the expert."""
-    if fused_decode and cache is None and e.mx_gate_up is not None and x.shape[0] == 1:
-        gate_up = mxfp4_gemv(x, e.mx_gate_up, e.gate_up_bias)
-
-        def down(h: Tensor) -> Tensor:
-            return mxfp4_gemv(h, e.mx_down, e.down_bias)
-    else:
-        gu_w, dn_w = e.weights(x.dtype, cache)
-        gate_up = linear(x, gu_w, e.gate_up_bias)
-
-        def down(h: Tensor) -> Tensor:
-            return linear(h, dn_w, e.down_bias)
-    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
-    gate = gate.clamp(min=None, max=limit)
-    up = up.clamp(min=-limit, max=limit)
-    return down((up + 1) * (gate * torch.sigmoid(gate * alpha)))

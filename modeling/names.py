@@ -29,14 +29,38 @@ class TensorNames:
     shared_module: str = "mlp.shared_experts"  # a separate always-on shared-expert MLP (GLM)
     router_name: str = "gate"  # the router module inside the MoE block (gpt-oss: "router")
     stacked_experts: bool = False  # the family's own layout keeps experts stacked [E, ...] (gpt-oss); profiles too
+    # where the language model lives: "model", or "model.language_model" in a multimodal layout (Qwen3.5)
+    prefix: str = "model"
+    # tensors of parts we do not serve (a vision tower, an MTP head): name prefix -> why; profiles leave them out
+    not_served: tuple[tuple[str, str], ...] = ()
 
-    embed = "model.embed_tokens.weight"
-    final_norm = "model.norm.weight"
     lm_head = "lm_head.weight"
 
-    @staticmethod
-    def layer(i: int) -> str:
-        return f"model.layers.{i}"
+    @property
+    def embed(self) -> str:
+        return f"{self.prefix}.embed_tokens.weight"
+
+    @property
+    def final_norm(self) -> str:
+        return f"{self.prefix}.norm.weight"
+
+    def layer(self, i: int) -> str:
+        return f"{self.prefix}.layers.{i}"
+
+    def layer_of(self, name: str) -> int | None:
+        """The decoder layer a tensor name belongs to (`<prefix>.layers.N...`), or None for a tensor
+        outside the layers (embeddings, final norm, lm_head, a vision tower). Every writer that orders
+        or groups tensors by layer reads the index here."""
+        head = f"{self.prefix}.layers."
+        parts = name[len(head):].split(".", 1) if name.startswith(head) else []
+        return int(parts[0]) if parts and parts[0].isdigit() else None
+
+    def served(self, name: str) -> bool:
+        return not any(name.startswith(p) for p, _ in self.not_served)
+
+    def linear_attn(self, i: int, part: str) -> str:
+        """A Gated DeltaNet tensor: part in in_proj_qkv.weight, conv1d.weight, A_log, dt_bias, norm.weight, ..."""
+        return f"{self.layer(i)}.linear_attn.{part}"
 
     def attn_norm(self, i: int) -> str:
         return f"{self.layer(i)}.{self.attn_norm_name}.weight"
@@ -46,6 +70,10 @@ class TensorNames:
 
     def proj(self, i: int, p: str, kind: str = "weight") -> str:  # p in q, k, v, o
         return f"{self.layer(i)}.self_attn.{p}_proj.{kind}"
+
+    def mla(self, i: int, module: str, kind: str = "weight") -> str:
+        """Multi-head latent attention (DeepSeek): q_a_proj, q_a_layernorm, kv_a_proj_with_mqa, kv_b_proj, ..."""
+        return f"{self.layer(i)}.self_attn.{module}.{kind}"
 
     def sinks(self, i: int) -> str:  # gpt-oss: [heads] attention sink logits
         return f"{self.layer(i)}.self_attn.sinks"
@@ -92,6 +120,9 @@ class TensorNames:
     def shared(self, i: int, p: str) -> str:  # p in gate, up, down
         return f"{self.layer(i)}.{self.shared_module}.{p}_proj.weight"
 
+    def shared_gate(self, i: int) -> str:  # Qwen: [1, H], the shared expert's output times sigmoid(x . w)
+        return f"{self.layer(i)}.{self.shared_module}_gate.weight"
+
     def dense(self, i: int, p: str, kind: str = "weight") -> str:
         return f"{self.layer(i)}.mlp.{p}_proj.{kind}"
 
@@ -102,7 +133,9 @@ class TensorNames:
                self.fused_gate_up(i), self.fused_down(i), self.router_logit_bias(i)}
         out.update(self.stacked(i, p, k) for p in ("gate_up", "down") for k in ("bias", "blocks", "scales"))
         for j in range(num_experts):
-            out.update(self.expert_tensor_names(i, j))
+            per = self.expert_tensor_names(i, j)
+            out.update(per)
+            out.update(n + "_scale_inv" for n in per)  # block-scaled FP8 experts (modeling.quant.fp8)
         return out
 
 
@@ -112,3 +145,11 @@ QWEN3_MOE_NAMES = TensorNames("qwen3_moe")
 GLM4_MOE_NAMES = TensorNames("glm4_moe")
 GPT_OSS_NAMES = TensorNames("gpt_oss", router_name="router", stacked_experts=True)
 MIXTRAL_NAMES = TensorNames("mixtral", moe_module="block_sparse_moe", expert_parts=("w1", "w3", "w2"))
+# FlexOlmo (OLMo2 blocks): the layer's norms sit after attention and after the MLP
+FLEX_OLMO_NAMES = TensorNames("flex_olmo", "post_attention_layernorm", "post_feedforward_layernorm")
+DEEPSEEK_V3_NAMES = TensorNames("deepseek_v3")
+GLM4_MOE_LITE_NAMES = TensorNames("glm4_moe_lite")
+_MTP = ("mtp.", "multi-token-prediction head: not run")
+QWEN3_NEXT_NAMES = TensorNames("qwen3_next", shared_module="mlp.shared_expert", not_served=(_MTP,))
+QWEN3_5_MOE_NAMES = TensorNames("qwen3_5_moe", shared_module="mlp.shared_expert", prefix="model.language_model",
+                                not_served=(("model.visual.", "vision tower: not served (text only)"), _MTP))

@@ -26,7 +26,7 @@ from .entrypoints.openai import openapi
 from .entrypoints.openai.chat.api_router import router as chat_router
 from .entrypoints.openai.completions.api_router import router as completions_router
 from .entrypoints.openai.models.api_router import router as models_router
-from .entrypoints.openai.serving_engine import ClientDisconnected
+from .entrypoints.openai.request_run import ClientDisconnected
 from .entrypoints.openai.tokenize.api_router import router as tokenize_router
 from .entrypoints.openai.responses.api_router import router as responses_router
 from .entrypoints.openai.routing.api_router import router as routing_router

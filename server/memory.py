@@ -15,7 +15,7 @@ import os
 import numpy as np
 import torch
 
-from modeling.pinning import page_ranges
+from modeling.io.pinning import page_ranges
 
 _PAGE = mmap.PAGESIZE
 try:

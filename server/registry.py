@@ -36,7 +36,7 @@ import torch
 
 import modeling
 from modeling import Model, ProfileManifest, ResolvedPool, load_model
-from modeling.profile import verify_profile
+from modeling.io.profile import verify_profile
 
 from .config import ServerConfig
 from .errors import APIError, bad_request, not_found
@@ -393,17 +393,29 @@ class Registry:
         engine thread calls it. `router_probs`: the full model's routing of the
         prompt, when the caller has it already (saves that forward)."""
         rule = rule or self.auto_rule
-        sound = {p.name for p in self.profiles.values() if p.state != "failed"}
         probs = router_probs
         if probs is None and self.profiles:
             probs = self.full_router_probs(token_ids)  # one forward for every rule
         fits = self.fits(probs) if probs is not None else {}
-        ranked = sorted((v for n, v in fits.items() if n in sound), reverse=True)
+        ranked = self._sound_fits(fits)
         margin = ranked[0] - ranked[1] if len(ranked) > 1 else (ranked[0] if ranked else 0.0)
-        fallback = not ranked or ranked[0] < self.auto_min_fit
+        fallback = self._falls_back(ranked)
         choice = FULL if fallback else self._choose(token_ids, rule, fits, probs)
         return {"rule": rule, "profile": choice, "fits": {n: round(v, 6) for n, v in fits.items()},
                 "margin": round(margin, 6), "threshold": self.auto_min_fit, "fallback": fallback}
+
+    def _sound_fits(self, fits: dict[str, float]) -> list[float]:
+        """The fits of the profiles in service, best first."""
+        sound = {p.name for p in self.profiles.values() if p.state != "failed"}
+        return sorted((v for n, v in fits.items() if n in sound), reverse=True)
+
+    def _falls_back(self, ranked: list[float]) -> bool:
+        return not ranked or ranked[0] < self.auto_min_fit
+
+    def auto_falls_back(self, router_probs: list[torch.Tensor | None]) -> bool:
+        """Whether `auto` serves `full` for a prompt of this full-model routing: no
+        profile in service fits it as well as `--auto-min-fit` asks (every rule)."""
+        return self._falls_back(self._sound_fits(self.fits(router_probs)))
 
     def choose_auto(self, token_ids: list[int], rule: str | None = None,
                     router_probs: list[torch.Tensor | None] | None = None) -> str:

@@ -13,10 +13,10 @@ import numpy as np
 from tqdm import tqdm
 
 from modeling import CheckpointError, ConfigError, ModelNotFound, PoolError, ProfileError, ProfileManifest, load_model
-from modeling.gguf_export import ExportError
+from modeling.io.gguf_export import ExportError
 from modeling.quant import PRESETS, WeightScheme, preset
 from modeling.quant.quantize import check_config
-from modeling.safetensors_io import CheckpointFiles
+from modeling.io.safetensors_io import CheckpointFiles
 from modeling.tokenizer import TokenizerError
 
 from .corpus import read_corpus, sample, small_calibration, tokenize
@@ -25,7 +25,7 @@ from .errors import SubsetError
 from .fingerprint import Fingerprinter, Fingerprints, Layout
 from .select import SELECTORS, Calibration, coverage, parse_keep, read_experts_file
 from .stability import resample_stability
-from .writer import verify_profile, write_profile
+from .writer import verification_report, write_profile
 
 PROG = "emo-subset"
 
@@ -497,7 +497,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    results = [verify_profile(p, progress=not args.quiet) for p in args.profiles]
+    results = [verification_report(p, progress=not args.quiet) for p in args.profiles]
     ok = all(r["ok"] for r in results)
     lines = []
     for r in results:
@@ -515,7 +515,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export_gguf(args) -> int:
-    from modeling.gguf_export import export_gguf  # imports the gguf package only when asked
+    from modeling.io.gguf_export import export_gguf  # imports the gguf package only when asked
 
     _say(args, f"exporting {args.profile} to {args.out}")
     summ = export_gguf(args.profile, args.out, name=args.name, tokenizer_pre=args.tokenizer_pre, force=args.force)

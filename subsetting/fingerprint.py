@@ -1,5 +1,5 @@
 """Routing fingerprints: the router's softmax per token and layer, averaged per document
-(for sigmoid routers, the choice scores normalised to sum 1: `modeling.routing.Route.probs`).
+(for sigmoid routers, the choice scores normalised to sum 1: `modeling.layers.routing.Route.probs`).
 
 The model runs *layer by layer* over the whole calibration set: the hidden
 states of every document stay in memory, each layer's weights are touched
@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from modeling import Batch, KVCache, Model, ProfileManifest
-from modeling.safetensors_io import make_parents, remove_created
+from modeling.io.safetensors_io import make_parents, remove_created
+from modeling.layers.routing import expert_group
 
 from .errors import SubsetError
 
@@ -48,7 +49,7 @@ class Layout:
         return max(self.num_original, default=0)
 
     def group_of(self, layer: int, expert: int) -> int:
-        return expert // (self.num_original[layer] // self.n_group) if self.n_group > 1 else 0
+        return expert_group(expert, self.num_original[layer], self.n_group)
 
     @classmethod
     def of(cls, model: Model) -> "Layout":

@@ -14,11 +14,12 @@ from tqdm import tqdm
 
 from modeling import Model, ProfileManifest, load_config
 from modeling.config import parse_dtype
-from modeling.safetensors_io import CheckpointFiles, write_checkpoint
-from modeling.profile import file_hashes, verify_profile as check_profile
+from modeling.quant.fp8 import FP8_DTYPES, SCALE_SUFFIX
+from modeling.io.safetensors_io import CheckpointFiles, write_checkpoint
+from modeling.io.profile import file_hashes, verify_profile
 from modeling.quant import WeightScheme, preset
 from modeling.quant.quantize import ignore_list, is_quantized_linear, quantize_matrix
-from modeling.weights import PROFILE_FILE
+from modeling.io.weights import PROFILE_FILE
 
 from .errors import SubsetError
 from .fingerprint import Layout
@@ -58,7 +59,7 @@ class _Plan:
 
     def _emit(self, out: str, t: torch.Tensor, src: list[str], expert: bool):
         if self.save_dtype is not None and t.is_floating_point() and t.dtype != self.save_dtype \
-                and out not in self.keep_dtype:
+                and out not in self.keep_dtype and t.dtype not in FP8_DTYPES and not out.endswith(SCALE_SUFFIX):
             # One tensor at a time, as the writer streams: peak memory is one shard's
             # worth of converted tensors, never a converted copy of the base.
             t = t.to(self.save_dtype)
@@ -82,13 +83,13 @@ class _Plan:
         per_layer: dict[int, list[str]] = {i: [] for i in range(cfg.num_layers)}
         top: list[str] = []
         for name in f.names():
-            parts = name.split(".")
-            if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-                i = int(parts[2])
+            i = n.layer_of(name)
+            if i is not None:
                 if i < cfg.num_layers:
                     per_layer[i].append(name)
                 continue  # a layer the config does not have (GLM's MTP layer): left out
-            top.append(name)
+            if n.served(name):  # a vision tower, an MTP head: left out (profile.json says so)
+                top.append(name)
         for name in (x for x in top if x == n.embed):
             yield from self._emit(name, f.get(name), [name], False)
         for i in range(cfg.num_layers):
@@ -121,6 +122,8 @@ class _Plan:
             if per[0] in f:
                 for o, src in zip(outs, per):
                     yield from self._emit(o, self._own(o, f.get(src)), [src], True)
+                    if src + SCALE_SUFFIX in f:  # an FP8 expert: its block scales, as stored
+                        yield from self._emit(o + SCALE_SUFFIX, f.get(src + SCALE_SUFFIX), [src + SCALE_SUFFIX], True)
             else:  # fused source layout: written out per expert
                 gu_name, d_name = n.fused_gate_up(i), n.fused_down(i)
                 if gu_name not in f or d_name not in f:
@@ -196,6 +199,7 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
         calibration=calibration or {},
         coverage={i: round(float(c), 6) for i, c in (coverage or {}).items()},
         repair=repair or {},
+        left_out={p: why for p, why in cfg.names.not_served if any(x.startswith(p) for x in model.files.names())},
         centroid=None if centroid is None else
         [[round(float(v), 7) for v in centroid[i, : layout.num_original[i]]] for i in range(cfg.num_layers)],
     )
@@ -223,8 +227,8 @@ def write_profile(model: Model, out: str | Path, name: str, kept: dict[int, list
     return manifest
 
 
-def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]:
-    """`modeling.profile.verify_profile` with a progress bar over the bytes hashed:
+def verification_report(folder: str | Path, progress: bool = False) -> dict[str, Any]:
+    """`modeling.io.profile.verify_profile` with a progress bar over the bytes hashed:
     the manifest's own hash, every shard's and every other file's sha256.
     Returns {profile, ok, shards: {file: ok}, files: {file: ok}, problems}."""
     folder = Path(folder)
@@ -233,4 +237,4 @@ def verify_profile(folder: str | Path, progress: bool = False) -> dict[str, Any]
     total = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != PROFILE_FILE)
     with tqdm(total=total, desc=f"verify {folder.name}", unit="B", unit_scale=True, disable=not progress,
               leave=False) as bar:
-        return check_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()
+        return verify_profile(folder, on_file=lambda _, n: bar.update(n)).to_dict()

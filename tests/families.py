@@ -57,6 +57,38 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
                                         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                          "beta_fast": 8.0, "beta_slow": 1.0, "truncate": False,
                                                          "original_max_position_embeddings": 32})),
+    # DeepSeek-V3 (Kimi-K2, V3.1): MLA with low-rank q, interleaved decoupled RoPE, q_a/kv_a/o biases;
+    # GLM-style MoE: sigmoid + correction bias, 2 groups, scaling, a shared-expert MLP, one dense layer.
+    "deepseek_v3": ("DeepseekV3Config", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+                                                n_shared_experts=1, num_experts_per_tok=3, n_group=2, topk_group=1,
+                                                first_k_dense_replace=1, norm_topk_prob=True,
+                                                routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=12,
+                                                qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                                                attention_bias=True, rope_interleave=True,
+                                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # DeepSeek-V2-Lite-like attention: one q_proj (no q rank), rotate-half RoPE, YaRN with mscale_all_dim
+    # (the softmax scale changes too), no renormalisation.
+    "deepseek_v3-yarn": ("DeepseekV3Config", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
+                                                     n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
+                                                     n_group=1, topk_group=1, first_k_dense_replace=0,
+                                                     norm_topk_prob=False, routed_scaling_factor=1.5,
+                                                     q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=6,
+                                                     qk_rope_head_dim=4, v_head_dim=8, rope_interleave=False,
+                                                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0,
+                                                                      "factor": 4.0, "mscale": 1.0,
+                                                                      "mscale_all_dim": 1.0,
+                                                                      "original_max_position_embeddings": 32})),
+    # GLM-4.7-Flash: DeepSeek's MLA and MoE, dense layers from mlp_layer_types.
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", _common(num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
+                                                   n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                                   mlp_layer_types=["dense", "sparse", "sparse"],
+                                                   norm_topk_prob=True, routed_scaling_factor=1.8, q_lora_rank=16,
+                                                   kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                                   v_head_dim=6, attention_bias=True, rope_interleave=True,
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # FlexOlmo: OLMo2 post-norm blocks (norms after attention and after the MoE), q/k norm over the projection.
+    "flex_olmo": ("FlexOlmoConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=3,
+                                            norm_topk_prob=False, attention_bias=True)),
     "olmoe": ("OlmoeConfig", _common(intermediate_size=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                                      clip_qkv=None)),
 }
@@ -110,3 +142,58 @@ def stock(folder):
                                                                     output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
+
+
+def quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-scaled FP8 as DeepSeek publishes it: float8_e4m3fn values and float32 `weight_scale_inv`
+    (block max-abs / 448) over a ceil-divided grid of `block` tiles."""
+    N, K = w.shape
+    bn, bk = block
+    gn, gk = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(gn * bn, gk * bk, dtype=torch.float32)
+    padded[:N, :K] = w.float()
+    tiles = padded.reshape(gn, bn, gk, bk)
+    scale = (tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0).float()
+    q = (tiles / scale[:, None, :, None]).clamp(-448, 448).reshape(gn * bn, gk * bk)[:N, :K]
+    return q.contiguous().to(torch.float8_e4m3fn), scale
+
+
+def write_fp8_checkpoint(folder: Path, name: str, block: tuple[int, int] = (8, 8), seed: int = 0, **over):
+    """A family checkpoint written by transformers, then every linear weight inside the layers but the
+    router stored as block-scaled FP8 (`quant_method: fp8`), as DeepSeek-V3 / Kimi-K2 ship. Only weights
+    the block divides are quantized (transformers' own rule), so stock transformers loads it too."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model = write_hf_checkpoint(folder, name, seed=seed, **over)
+    t = load_file(str(folder / "model.safetensors"))
+    out = {}
+    for k, v in t.items():
+        if (v.dim() == 2 and k.startswith("model.layers.") and not k.endswith("mlp.gate.weight")
+                and v.shape[0] % block[0] == 0 and v.shape[1] % block[1] == 0):
+            out[k], out[k + "_scale_inv"] = quantize_fp8(v, block)
+        else:
+            out[k] = v
+    save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": list(block),
+                                  "activation_scheme": "dynamic"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def check_chunks_beside_another(m, cache, seq: list[int], slot: int, pos: int, steps: list[int],
+                                other: list[int], other_slot: int) -> None:
+    """Feed `seq[pos:]` into `slot` in chunks of `steps` tokens while `other` (already in `other_slot`)
+    decodes one token per step in the same batch: every step's logits equal recomputing the prefix."""
+    from modeling import Batch
+
+    for n in steps:
+        out = m.forward(Batch(torch.tensor(seq[pos:pos + n] + [31]), [slot, other_slot], [pos, len(other)], [n, 1],
+                              []), cache, "last").logits
+        other.append(31)
+        pos += n
+        torch.testing.assert_close(out[0], m.logits(seq[:pos])[-1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[1], m.logits(other)[-1], atol=1e-5, rtol=0)
+    assert pos == len(seq) and cache.lengths[slot] == len(seq)

@@ -61,8 +61,8 @@ def test_grammar_wins_over_a_ban_that_leaves_nothing():
     assert tok == eos
 
 
-def test_generate_follows_the_grammar_through_the_decode_state():
-    """`Model.generate` and the engine share `DecodeState`, which accepts every
+def test_generate_follows_the_grammar_through_the_token_state():
+    """`Model.generate` and the engine share `TokenState`, which accepts every
     kept token into the grammar and stops the sequence once it is complete."""
     model, comp = _compiler()
     g = comp.check(comp.regex("(ab|cd){2,3}"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from modeling import ProfileManifest
-from modeling.safetensors_io import AtomicFolder, recover
+from modeling.io.safetensors_io import AtomicFolder, recover
 from tests.checkpoints import emo_config, write_checkpoint_dir, write_domain_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def test_a_temp_folder_being_written_is_left_alone(env, tmp_path):
     """A folder whose writer is alive (it holds the lock) is not stale, whatever its age."""
     with AtomicFolder(tmp_path / "live") as tmp:
         (tmp / "config.json").write_text("{}")
-        p = subprocess.run([sys.executable, "-c", "import sys; from modeling.safetensors_io import recover; "
+        p = subprocess.run([sys.executable, "-c", "import sys; from modeling.io.safetensors_io import recover; "
                             "print(recover(sys.argv[1]))", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert p.stdout.strip() == "[]" and tmp.is_dir(), p.stderr

@@ -715,7 +715,7 @@ def test_memory_request_kv_cache_is_the_one_the_server_allocates(tmp_path, famil
     write_profile(model, prof, "p", kept)
     state = build_state(ServerConfig(model=str(base), profiles=[str(prof)], max_model_len=asked, dtype=dtype))
     cache = state.engine.cache
-    want = sum(t.numel() * t.element_size() for t in [*cache.k.values(), *cache.v.values()])
+    want = cache.nbytes()
     r = memory_request.estimate([prof], model_dir=base, max_model_len=asked, dtype=dtype)
     assert (r["max_batch"], r["max_model_len"]) == (state.config.max_batch, state.engine.max_model_len)
     assert r["kv_cache_bytes"] == want

@@ -31,12 +31,7 @@ def _profiles(base: Path, root: Path, layers: int, *extra: str) -> dict[str, Pat
 
 
 def _slot_tensors(le, slot: int) -> list[torch.Tensor]:
-    ts = [t for t in le.experts[slot].tensors() if isinstance(t, torch.Tensor)]
-    ts.append(le.router_rows[slot])
-    for rows in (le.bias_rows, le.logit_bias_rows):
-        if rows:
-            ts.append(rows[slot])
-    return ts
+    return le.slots[slot].sourced()  # the slot's record: expert matrices, router row, bias entries
 
 
 def _points_into(model, folder: Path, t: torch.Tensor) -> bool:
@@ -79,3 +74,34 @@ def test_withdrawal_onto_an_int4_profile_reads_it_as_int4(tmp_path):
     base = write_checkpoint_dir(tmp_path / "base", emo_config(hidden_size=64, intermediate_size=32, head_dim=16),
                                 seed=5)
     _withdraw_and_check(_profiles(base, tmp_path, 3, "--quantize", "int4", "--group-size", "32"))
+
+
+def test_expert_store_replaces_records_and_counts_bytes_per_source(tmp_path):
+    """The store holds one record per slot: withdrawing a source REPLACES the
+    records it served (new Expert objects, whose tensors read the other source),
+    never mutates the old ones (the kernels key prepared weights on the Expert
+    object), and its bytes move to the sources that serve the slots now."""
+    base = write_checkpoint_dir(tmp_path / "base", emo_config(hidden_size=64, intermediate_size=32, head_dim=16),
+                                seed=5)
+    profs = _profiles(base, tmp_path, 3)
+    m = load_model(profs["a"])
+    for name in ("b", "c"):
+        m.add_experts_from(profs[name])
+    store = m.experts
+    assert all(m.weights.layers[i].experts is le for i, le in enumerate(store.layers))
+    by_source = store.bytes_by_source()
+    total = sum(m.expert_bytes(i, e) for i, le in enumerate(store.layers) if le is not None for e in le.ids)
+    assert sum(by_source.values()) == total and by_source[str(profs["b"])] > 0
+    before = {(i, rec.orig_id): rec for i, le in enumerate(store.layers) if le is not None for rec in le.slots
+              if rec.source == str(profs["b"])}
+    ptrs = {k: [t.data_ptr() for t in rec.sourced()] for k, rec in before.items()}
+    assert before and m.withdraw(profs["b"]) == {}
+    assert store.bytes_by_source()[str(profs["b"])] == 0
+    assert sum(store.bytes_by_source().values()) == total
+    for (i, e), old in before.items():
+        le = store.layers[i]
+        new = le.slots[le.slot_of(e)]
+        assert new is not old and new.expert is not old.expert and new.source != str(profs["b"])
+        assert le.experts[le.slot_of(e)] is new.expert and le.router.data_ptr() != 0
+        assert [t.data_ptr() for t in old.sourced()] == ptrs[(i, e)]  # the old record is untouched
+        assert all(_points_into(m, profs["b"], t) for t in old.sourced())

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling import Batch, CheckpointError, ConfigError, load_model
-from tests.families import FAMILY_CONFIGS, IDS, hf_logits, write_hf_checkpoint
+from tests.families import FAMILY_CONFIGS, IDS, check_chunks_beside_another, hf_logits, write_hf_checkpoint
 
 FAMILIES = list(FAMILY_CONFIGS)
 
@@ -62,7 +62,8 @@ def test_fused_expert_layout_reads_the_same(checkpoints, tmp_path, name):
     torch.testing.assert_close(load_model(tmp_path).logits(IDS), load_model(folder).logits(IDS), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "glm4_moe", "olmoe", "gpt_oss", "deepseek_v3",
+                                  "deepseek_v3-yarn", "glm4_moe_lite", "flex_olmo"])
 def test_ragged_batch_and_kv_cache_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
     seqs = [IDS[:9], IDS[2:5], IDS]
@@ -98,9 +99,9 @@ def _with_config(tmp_path, checkpoints, name, **change):
 
 
 def test_unknown_model_type_names_the_supported_ones(checkpoints, tmp_path):
-    with pytest.raises(ConfigError, match="unknown model_type 'deepseek_v3'") as e:
-        load_model(_with_config(tmp_path, checkpoints, "glm4_moe", model_type="deepseek_v3"))
-    for mt in ("emo", "olmoe", "qwen3_moe", "mixtral", "glm4_moe"):
+    with pytest.raises(ConfigError, match="unknown model_type 'made_up_moe'") as e:
+        load_model(_with_config(tmp_path, checkpoints, "glm4_moe", model_type="made_up_moe"))
+    for mt in ("emo", "olmoe", "qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "glm4_moe_lite"):
         assert mt in str(e.value)
 
 
@@ -132,3 +133,53 @@ def test_missing_correction_bias_is_named(checkpoints, tmp_path):
 def test_sliding_window_is_refused(checkpoints, tmp_path):
     with pytest.raises(ConfigError, match="sliding_window 16"):
         load_model(_with_config(tmp_path, checkpoints, "mixtral", sliding_window=16))
+
+
+# -- multi-head latent attention (deepseek_v3, glm4_moe_lite) -----------------------
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v3-yarn", "glm4_moe_lite"])
+def test_latent_cache_in_chunks_of_one_to_three_beside_another_sequence(checkpoints, name):
+    """Prompt chunks of 1-3 tokens through the latent cache, in slot 2 while another sequence
+    decodes in slot 0: every step equals recomputing the prefix."""
+    m = load_model(checkpoints[name][0])
+    cache = m.new_cache(3, 32)
+    other = [21, 22]
+    m.forward(Batch(torch.tensor(other), [0], [0], [2], []), cache)
+    check_chunks_beside_another(m, cache, IDS + [9, 8, 7], 2, 0, [1, 3, 2, 1, 3, 1, 2, 1, 1], other, 0)
+
+
+def test_latent_cache_holds_the_latent_not_the_keys(checkpoints):
+    """Per position and layer the MLA state keeps kv_lora_rank + qk_rope_head_dim values (not
+    heads x (qk + v)), and deploy's sizing (nbytes_for) is what the cache allocates."""
+    from modeling import KVCache
+
+    m = load_model(checkpoints["deepseek_v3"][0])
+    cache = m.new_cache(2, 16)
+    mla = m.config.extra["mla"]
+    assert [tuple(t.shape) for t in cache[0].tensors()] == [(2, 1, 16, mla["kv_lora_rank"]),
+                                                           (2, 1, 16, mla["qk_rope_head_dim"])]
+    assert cache.nbytes() == KVCache.nbytes_for(m.config, 2, 16, 4) == 3 * 2 * 16 * (12 + 4) * 4
+
+
+def test_kv_rank_that_disagrees_with_the_tensors_is_named(checkpoints, tmp_path):
+    with pytest.raises(CheckpointError, match=r"kv_a_proj_with_mqa.*shape.*kv_lora_rank 10"):
+        load_model(_with_config(tmp_path, checkpoints, "deepseek_v3", kv_lora_rank=10))
+
+
+def test_unknown_layer_type_is_named(checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="'mamba'"):
+        load_model(_with_config(tmp_path, checkpoints, "gpt_oss", layer_types=["mamba", "full_attention",
+                                                                                "sliding_attention"]))
+
+
+def test_partial_rope_with_mla_is_refused(checkpoints, tmp_path):
+    with pytest.raises(ConfigError, match="partial_rotary_factor 0.5"):
+        load_model(_with_config(tmp_path, checkpoints, "deepseek_v3", partial_rotary_factor=0.5))
+
+
+def test_kimi_k2_is_deepseek_v3_under_its_own_model_type(checkpoints, tmp_path):
+    """Kimi-K2's config.json says model_type kimi_k2 over DeepSeek-V3's layout and keys."""
+    m = load_model(_with_config(tmp_path, checkpoints, "deepseek_v3", model_type="kimi_k2"))
+    assert m.config.layer_types == ["mla"] * 3 and m.config.routing.n_group == 2
+    torch.testing.assert_close(m.logits(IDS), load_model(checkpoints["deepseek_v3"][0]).logits(IDS), atol=0, rtol=0)

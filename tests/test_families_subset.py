@@ -25,10 +25,14 @@ KEPT = {
     "mixtral": {0: [0, 2, 5, 6], 1: [1, 3, 4, 7], 2: [2, 3, 5, 7]},
     "glm4_moe": {1: [0, 1, 3, 4, 5, 6], 2: [1, 2, 3, 4, 6, 7]},
     "olmoe": {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]},
+    "deepseek_v3": {1: [0, 2, 3, 4, 5, 7], 2: [0, 1, 2, 4, 6, 7]},  # top-3 from one of 2 groups, like GLM
+    "glm4_moe_lite": {1: [1, 2, 5, 6], 2: [0, 3, 4, 7]},
+    "flex_olmo": {0: [0, 1, 4, 6], 1: [2, 3, 5, 7], 2: [0, 3, 5, 6]},
 }
 COUNT_KEY = {"qwen3_moe": "num_local_experts",  # the key transformers 5 writes (hub configs: num_experts)
              "mixtral": "num_local_experts", "glm4_moe": "n_routed_experts",
-             "olmoe": "num_experts"}
+             "olmoe": "num_experts", "deepseek_v3": "n_routed_experts", "glm4_moe_lite": "n_routed_experts",
+             "flex_olmo": "num_experts"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

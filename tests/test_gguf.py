@@ -18,9 +18,14 @@ gguf = pytest.importorskip("gguf")
 # family -> (config overrides for llama.cpp's shape of it, kept experts per MoE layer, gguf arch)
 CASES = {
     "olmoe": ({"num_key_value_heads": 4}, {0: [1, 2, 3, 4], 1: [0, 5, 6, 7], 2: [2, 3, 6, 7]}, "olmoe"),
-    "qwen3_moe": ({"mlp_only_layers": []}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]}, "qwen3moe"),
+    "qwen3_moe": ({"mlp_only_layers": [], "attention_bias": False}, {0: [1, 2, 5, 7], 1: [0, 1, 2, 3], 2: [0, 3, 4, 6]},
+                  "qwen3moe"),
     "mixtral": ({}, {0: [0, 2, 5, 6], 1: [1, 3, 4, 7], 2: [2, 3, 5, 7]}, "llama"),
     "glm4_moe-air": ({}, {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]}, "glm4moe"),
+    # MLA -> llama.cpp's deepseek2 (one group: llama.cpp has no group-limited choice; no attention biases)
+    "deepseek_v3": ({"n_group": 1, "topk_group": 1, "attention_bias": False}, {1: [0, 2, 4, 6], 2: [1, 3, 5, 7]},
+                    "deepseek2"),
+    "glm4_moe_lite": ({"attention_bias": False}, {1: [1, 2, 5, 6], 2: [0, 3, 4, 7]}, "deepseek2"),
 }
 
 
@@ -62,8 +67,9 @@ def test_metadata_names_and_shapes_read_back(exported, name):
     assert field(r, f"{arch}.expert_count") == 4 and field(r, f"{arch}.expert_used_count") == cfg.top_k
     assert field(r, f"{arch}.block_count") == cfg.num_layers
     assert field(r, f"{arch}.embedding_length") == cfg.hidden_size
-    assert field(r, f"{arch}.attention.head_count_kv") == cfg.num_kv_heads
-    assert field(r, f"{arch}.rope.dimension_count") == int(cfg.head_dim * cfg.rope.partial_rotary_factor)
+    if arch != "deepseek2":
+        assert field(r, f"{arch}.attention.head_count_kv") == cfg.num_kv_heads
+        assert field(r, f"{arch}.rope.dimension_count") == int(cfg.head_dim * cfg.rope.partial_rotary_factor)
     assert len(field(r, "tokenizer.ggml.tokens")) == cfg.vocab_size
     assert field(r, "tokenizer.ggml.model") == "gpt2" and len(field(r, "tokenizer.ggml.merges")) > 0
     tensors = {t.name: t for t in r.tensors}
@@ -75,7 +81,7 @@ def test_metadata_names_and_shapes_read_back(exported, name):
         assert list(tensors[f"blk.{i}.ffn_up_exps.weight"].shape) == [H, I, 4]
         assert list(tensors[f"blk.{i}.ffn_down_exps.weight"].shape) == [I, H, 4]
         assert list(tensors[f"blk.{i}.ffn_gate_inp.weight"].shape) == [H, 4]
-    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.0.attn_q.weight"} <= set(tensors)
+    assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.0.attn_output.weight"} <= set(tensors)
     # the bytes are the profile's: expert 2 of the last MoE layer, down projection
     m = load_model(prof)
     want = m.layer_experts(moe[-1]).experts[2].down.float().numpy()
@@ -88,6 +94,29 @@ def test_metadata_names_and_shapes_read_back(exported, name):
         np.testing.assert_array_equal(np.asarray(tensors["blk.2.exp_probs_b.bias"].data),
                                       m.layer_experts(2).bias.numpy())
         assert "blk.1.ffn_gate_shexp.weight" in tensors and "blk.0.ffn_gate.weight" in tensors
+    if arch == "deepseek2":
+        mla = cfg.extra["mla"]
+        nope, rope, v, r_kv, H_ = (mla["qk_nope_head_dim"], mla["qk_rope_head_dim"], mla["v_head_dim"],
+                                   mla["kv_lora_rank"], cfg.num_heads)
+        assert field(r, "deepseek2.attention.head_count_kv") == 1
+        assert field(r, "deepseek2.attention.key_length") == r_kv + rope
+        assert field(r, "deepseek2.attention.value_length") == r_kv
+        assert field(r, "deepseek2.attention.key_length_mla") == nope + rope
+        assert field(r, "deepseek2.attention.value_length_mla") == v
+        assert field(r, "deepseek2.attention.q_lora_rank") == mla["q_lora_rank"]
+        assert field(r, "deepseek2.attention.kv_lora_rank") == r_kv
+        assert field(r, "deepseek2.rope.dimension_count") == rope
+        assert field(r, "deepseek2.leading_dense_block_count") == 1
+        assert field(r, "deepseek2.expert_gating_func") == int(gguf.ExpertGatingFuncType.SIGMOID)
+        # kv_b_proj [heads * (nope + v), r] split as llama.cpp's converter does: k_b transposed, v_b as is
+        kv_b = m.weights.layers[1].attn.kv_b.view(H_, nope + v, r_kv)
+        np.testing.assert_array_equal(np.asarray(tensors["blk.1.attn_k_b.weight"].data),
+                                      kv_b[:, :nope].transpose(1, 2).numpy())
+        np.testing.assert_array_equal(np.asarray(tensors["blk.1.attn_v_b.weight"].data), kv_b[:, nope:].numpy())
+        assert "blk.1.attn_kv_b.weight" not in tensors
+        assert {"blk.1.attn_q_a.weight", "blk.1.attn_q_a_norm.weight", "blk.1.attn_q_b.weight",
+                "blk.1.attn_kv_a_mqa.weight", "blk.1.attn_kv_a_norm.weight", "blk.2.exp_probs_b.bias",
+                "blk.1.ffn_gate_shexp.weight"} <= set(tensors)
     if arch == "qwen3moe":
         assert list(tensors["blk.0.attn_q_norm.weight"].shape) == [cfg.head_dim]
     if arch == "llama":  # q rows permuted to llama.cpp's interleaved RoPE pairs, v untouched
@@ -108,6 +137,11 @@ def test_what_llama_cpp_cannot_hold_is_refused(exported, tmp_path, capsys):
     write_tokenizer(glm, 300)
     assert run("export-gguf", glm, "--out", tmp_path / "g.gguf", "-q") == 2
     assert "group-limited routing (n_group 2)" in capsys.readouterr().err
+    qb = tmp_path / "qwen3-bias"  # llama.cpp's qwen3moe has no attention output bias
+    write_hf_checkpoint(qb, "qwen3_moe", seed=3, mlp_only_layers=[], attention_bias=True)
+    write_tokenizer(qb, 300)
+    assert run("export-gguf", qb, "--out", tmp_path / "q.gguf", "-q") == 2
+    assert "llama.cpp's qwen3moe has no attention output bias" in capsys.readouterr().err
     gqa = tmp_path / "olmoe-gqa"
     write_hf_checkpoint(gqa, "olmoe", seed=4)  # 2 kv heads for 4 query heads
     write_tokenizer(gqa, 300)
@@ -122,3 +156,29 @@ def test_what_llama_cpp_cannot_hold_is_refused(exported, tmp_path, capsys):
     path = exported["olmoe"][1]
     assert run("export-gguf", exported["olmoe"][0], "--out", path, "-q") == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_deepseek2_export_refusals_and_fp8(tmp_path, capsys):
+    import torch
+
+    from tests.families import write_fp8_checkpoint
+
+    for name, over, msg in (("deepseek_v3", {"n_group": 1, "topk_group": 1, "rope_interleave": False,
+                                             "attention_bias": False}, "rope_interleave false"),
+                            ("deepseek_v3", {"n_group": 1, "topk_group": 1}, "MLA with attention biases")):
+        base = tmp_path / f"ds-{len(msg)}"
+        write_hf_checkpoint(base, name, seed=5, **over)
+        write_tokenizer(base, 300)
+        assert run("export-gguf", base, "--out", tmp_path / "x.gguf", "-q") == 2
+        assert msg in capsys.readouterr().err
+    # block-scaled FP8 weights are written dequantized to bfloat16 (llama.cpp has no such type)
+    base = tmp_path / "fp8"
+    write_fp8_checkpoint(base, "deepseek_v3", n_group=1, topk_group=1, attention_bias=False)
+    write_tokenizer(base, 300)
+    assert run("export-gguf", base, "--out", tmp_path / "f.gguf", "-q") == 0
+    r = gguf.GGUFReader(tmp_path / "f.gguf")
+    tensors = {t.name: t for t in r.tensors}
+    e = load_model(base).layer_experts(2).experts[3]
+    got = np.ascontiguousarray(np.asarray(tensors["blk.2.ffn_down_exps.weight"].data)[3]).view(np.int16)
+    assert tensors["blk.2.ffn_down_exps.weight"].tensor_type == gguf.GGMLQuantizationType.BF16
+    np.testing.assert_array_equal(got, e.down.dequantize(torch.bfloat16).view(torch.int16).numpy())

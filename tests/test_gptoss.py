@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, SamplingParams, load_model, mxfp4
+from modeling import Batch, CheckpointError, ConfigError, ProfileManifest, SamplingParams, load_model
+from modeling.quant import mxfp4
 from modeling.layers import RopeConfig, rope_tables
-from modeling.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize, quantize
-from modeling.mxfp4 import gemv as mxfp4_gemv
+from modeling.quant.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize, quantize
+from modeling.quant.mxfp4 import gemv as mxfp4_gemv
 from subsetting.cli import main
 from subsetting.fingerprint import Fingerprints
 from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import IDS, hf_logits, stock, write_hf_checkpoint
+from tests.families import IDS, check_chunks_beside_another, hf_logits, stock, write_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,12 +78,12 @@ def test_sinks_and_clamp_matter(ckpt, tmp_path):
     """The test checkpoint exercises what it claims: zero sinks or no clamp change the logits."""
     m = load_model(ckpt["float"])
     base = m.logits(LONG)
-    sinks = [lw.sinks for lw in m.weights.layers]
+    sinks = [lw.attn.sinks for lw in m.weights.layers]
     for lw in m.weights.layers:
-        lw.sinks = torch.full_like(lw.sinks, -1e4)
+        lw.attn.sinks = torch.full_like(lw.attn.sinks, -1e4)
     assert not torch.allclose(m.logits(LONG), base, atol=1e-3)
     for lw, s in zip(m.weights.layers, sinks):
-        lw.sinks = s
+        lw.attn.sinks = s
     m.config.extra["swiglu_limit"] = 1e9
     assert not torch.allclose(m.logits(LONG), base, atol=1e-3)
 
@@ -90,22 +91,13 @@ def test_sinks_and_clamp_matter(ckpt, tmp_path):
 def test_windowed_cache_holds_only_the_window_and_decode_equals_recompute(ckpt):
     m = load_model(ckpt["float"])
     cache = m.new_cache(2, 40)
-    assert [cache.k[i].shape[2] for i in range(3)] == [4, 40, 4]
+    assert [cache[i].k.shape[2] for i in range(3)] == [4, 40, 4]
     # prefill 6 (past the window), then chunks of 3 and single tokens, in slot 1 beside another sequence
     seq = LONG
     m.forward(Batch(torch.tensor(seq[:6]), [1], [0], [6], []), cache)
-    pos = 6
-    steps = [3, 1, 1, 3, 1, 2, 1, 1, 1, 2]
     other = [5, 17]
     m.forward(Batch(torch.tensor(other), [0], [0], [2], []), cache)
-    for n in steps:
-        out = m.forward(Batch(torch.tensor(seq[pos:pos + n] + [31]), [1, 0], [pos, len(other)], [n, 1], []),
-                        cache, "last").logits
-        other.append(31)
-        pos += n
-        torch.testing.assert_close(out[0], m.logits(seq[:pos])[-1], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[1], m.logits(other)[-1], atol=1e-5, rtol=0)
-    assert pos == len(seq) and cache.lengths[1] == len(seq)
+    check_chunks_beside_another(m, cache, seq, 1, 6, [3, 1, 1, 3, 1, 2, 1, 1, 1, 2], other, 0)
 
 
 def test_cache_write_returns_the_window(ckpt):
@@ -122,7 +114,7 @@ def test_cache_write_returns_the_window(ckpt):
     assert first is None and sorted(k[0, :, 0].tolist()) == [6, 7, 8, 9]
     k, _, first = cache.write(0, 0, 10, kv(10, 12), kv(10, 12))
     assert first == 7 and k[0, :, 0].tolist() == [7, 8, 9, 10, 11]
-    assert 2 not in cache.k and cache.k[1].shape[2] == 32
+    assert 2 not in cache.states and cache[1].k.shape[2] == 32
 
 
 @pytest.mark.parametrize("params", [

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from modeling import Batch, SamplingParams, load_model
 from modeling.kernels import extension, native_matrix
-from modeling.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize as mx_dequantize
+from modeling.quant.mxfp4 import FP4_VALUES, Mxfp4Matrix, dequantize as mx_dequantize
 from modeling.quant import PackedLinear, WeightScheme
 from tests.families import FAMILY_CONFIGS, IDS, write_hf_checkpoint
 
@@ -107,6 +107,99 @@ def test_mxfp4_kernel_equals_dequantize_then_linear(isa, M, N, K):
     assert rel(EXT.linear(x, mat), ref) < 1e-2
     torch.testing.assert_close(EXT.linear(x.float(), mat), ref, rtol=1e-4, atol=1e-3)
     assert FP4_VALUES[15] == -6.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,KVH,L,D,sinks", [(8, 2, 37, 64, False), (4, 4, 1, 32, False), (16, 2, 300, 128, True),
+                                              (6, 1, 5, 72, True)])
+def test_decode_attention_equals_torch(isa, dtype, H, KVH, L, D, sinks):
+    """One query per head against strided cache views (a slot of a [slots, kv_heads, max_len, D] cache),
+    grouped-query heads, gpt-oss sinks: the softmax-weighted sum in float32, as the torch path computes it."""
+    from modeling.layers.attention import decode_attention as _decode_attention
+
+    g = torch.Generator().manual_seed(H * L + D)
+    cache_k = torch.randn(3, KVH, L + 9, D, generator=g).to(dtype)
+    cache_v = torch.randn(3, KVH, L + 9, D, generator=g).to(dtype)
+    keys, vals = cache_k[1][:, :L], cache_v[1][:, :L]  # views: head stride (L + 9) * D, position stride D
+    q = torch.randn(H, D, generator=g).to(dtype) * 2
+    s = torch.randn(H, generator=g) if sinks else None
+    got = EXT.attend_decode(q, keys, vals, s, D ** -0.5)
+    ref = _decode_attention(q.float(), keys.float(), vals.float(), s)
+    assert got.dtype == torch.float32 and got.shape == (H, D)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_refuses_what_disagrees():
+    q, k = torch.randn(8, 64), torch.randn(2, 5, 64)
+    with pytest.raises(ValueError, match="head_dim of the keys"):
+        EXT.attend_decode(q, torch.randn(2, 5, 32), torch.randn(2, 5, 32), None, 0.1)
+    with pytest.raises(ValueError, match="do not group"):
+        EXT.attend_decode(torch.randn(7, 64), k, k, None, 0.1)
+    with pytest.raises(ValueError, match="both be bfloat16 or float32"):
+        EXT.attend_decode(q, k, k.bfloat16(), None, 0.1)
+    with pytest.raises(ValueError, match="sinks"):
+        EXT.attend_decode(q, k, k, torch.zeros(3), 0.1)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4])
+def test_one_row_products_agree_streamed_and_tiled(isa, bits):
+    """Decode (one activation row) streams each weight row alone by default; the 4-row tiles it replaced
+    give the same sums (to float rounding): both orders of the same dot products."""
+    N, K = 37, 512
+    g = torch.Generator().manual_seed(bits)
+    w = (torch.randn(N, K, generator=g) * 0.05).bfloat16() if bits == 16 else int_linear(bits, N, K, 128 if bits == 4 else None, False)
+    mat = EXT.dense(w, "w") if bits == 16 else native_matrix(EXT, w, "w")
+    x = torch.randn(1, K, generator=g).bfloat16()
+    streamed = EXT.linear(x, mat).float()
+    try:
+        EXT.set_decode_streams(0)
+        tiled = EXT.linear(x, mat).float()
+        EXT.set_decode_streams(2)
+        paired = EXT.linear(x, mat).float()
+    finally:
+        EXT.set_decode_streams(1)
+    torch.testing.assert_close(streamed, tiled, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(paired, tiled, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2048), (5, 3, 128), (300, 64), (64, 2048)])
+def test_native_rms_norm_equals_torch(dtype, shape):
+    from modeling.layers import rms_norm
+
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dtype)
+    got, ref = EXT.rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    else:  # the float32 mean differs from torch's in its last bits: at most one bf16 rounding step apart
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=1e-6)
+        assert (got == ref).float().mean() > 0.99
+    with pytest.raises(ValueError, match="share a dtype"):
+        EXT.rms_norm(x, w.float() if dtype == torch.bfloat16 else w.bfloat16(), 1e-6)
+
+
+def test_small_steps_run_torch_ops_on_one_thread_and_restore_the_count():
+    """A decode step's torch ops run on one thread while the kernels' pool keeps torch's count; the count
+    is restored afterwards, also when the step raises."""
+    from modeling.kernels import Kernels
+
+    k = Kernels("cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with k.small_step(1):
+            assert torch.get_num_threads() == 1 and EXT.pool_threads() == 2
+        assert torch.get_num_threads() == 2
+        with k.small_step(512):  # a prefill keeps torch's threads
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), k.small_step(1):
+            raise RuntimeError("a failing step")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_mismatched_shapes_and_missing_scales_name_the_tensor():
@@ -220,3 +313,45 @@ def test_quantized_profile_through_the_native_path(tmp_path, monkeypatch):
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
         e = fused.weights.layers[0].experts.experts[0]
         assert e.gate._held == []  # never repacked: the kernels read the mapped bytes
+
+
+def test_a_stale_build_is_refused_with_a_message(monkeypatch, capsys):
+    """An extension built from older sources (editable install, sources pulled, not rebuilt) lacks what the
+    Python side calls: it is refused with a message naming the rebuild, and the torch path runs."""
+    from modeling.kernels import native
+
+    monkeypatch.setattr(EXT, "ABI", native.ABI - 1)
+    native.extension.cache_clear()
+    try:
+        assert native.extension() is None
+        assert "older sources" in capsys.readouterr().err
+    finally:
+        monkeypatch.undo()
+        native.extension.cache_clear()
+        assert native.extension() is EXT
+
+
+def test_pool_with_more_threads_than_cpus_gives_the_same_results():
+    """Four pool threads on one CPU: workers are often not running when a call starts, so calls end without
+    them (a closed call is never joined late) and late workers join later calls. Thousands of small calls
+    of every kind must give exactly the single-threaded results."""
+    code = r"""
+import os, torch
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+from modeling.kernels import extension
+ext = extension()
+g = torch.Generator().manual_seed(0)
+mats = [ext.dense((torch.randn(n, 256, generator=g) * 0.05).bfloat16(), "w") for n in (64, 96, 300)]
+xs = [torch.randn(m, 256, generator=g).bfloat16() for m in (1, 3, 17)]
+q, k, v = torch.randn(32, 128, generator=g), torch.randn(4, 64, 128, generator=g), torch.randn(4, 64, 128, generator=g)
+ext.set_threads(1)
+ref = [ext.linear(x, w) for x in xs for w in mats], ext.attend_decode(q, k, v, None, 0.125)
+ext.set_threads(4)
+for i in range(600):
+    got = [ext.linear(x, w) for x in xs for w in mats]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref[0])), i
+    assert torch.equal(ext.attend_decode(q, k, v, None, 0.125), ref[1]), i
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

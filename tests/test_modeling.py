@@ -177,7 +177,7 @@ def test_profile_experts_served_from_own_shards_and_shared_once(tmp_path):
 
 def _corrupt_expert(folder: Path, layer: int, local: int) -> None:
     """Overwrite one expert's gate matrix in a profile's shard, in place (what a bad disk does)."""
-    from modeling.safetensors_io import MappedSafetensors
+    from modeling.io.safetensors_io import MappedSafetensors
 
     path = folder / "model.safetensors"
     info = MappedSafetensors(path).tensors[f"model.layers.{layer}.mlp.experts.{local}.gate_proj.weight"]
@@ -472,3 +472,19 @@ def test_generate_greedy_stops_and_chat_template(tmp_path):
     assert text == "<|user|>\nhi\n<|assistant|>\n"
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m.logits([1, 100000])
+
+
+def test_one_layer_parser_and_one_group_formula():
+    """Issue 17: the writers read a tensor's layer through `TensorNames.layer_of`
+    (they parsed "model.layers.N" by string, three times), and the config and the
+    fingerprint layout share `routing.expert_group` (the formula was written twice)."""
+    from modeling.names import TensorNames
+    from modeling.layers.routing import RoutingRule, expert_group
+
+    names = TensorNames()
+    assert names.layer_of(names.router(12)) == 12
+    assert names.layer_of("model.layers.3") == 3
+    for top in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.x.weight", "model.norm.weight"):
+        assert names.layer_of(top) is None
+    assert [expert_group(e, 8, 4) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert RoutingRule(top_k=2, n_group=1).group_of(7, 8) == 0

@@ -23,7 +23,7 @@ import torch
 from modeling import CheckpointError, load_model
 from modeling.quant import PackedLinear
 from modeling.quant.packed import unpack
-from modeling.safetensors_io import write_safetensors_file
+from modeling.io.safetensors_io import write_safetensors_file
 from subsetting.cli import main
 from tests.checkpoints import emo_config, write_checkpoint_dir, write_tokenizer
 

@@ -16,22 +16,33 @@ from tests.test_server import Server, emo_subset
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-qwen3")
-    base = root / "tiny-qwen3"
-    write_hf_checkpoint(base, "qwen3_moe", seed=21)
-    write_tokenizer(base, 300)
+def serve_domain_profiles(root, base, served_name: str, keep: int, domains=("code", "prose")):
+    """A real emo-serve on `base` hosting one profile per corpus domain, each built by emo-subset with
+    `--keep keep`; yields {"root", "base", "server"} and stops the server after (a fixture body)."""
     corpus = write_domain_corpus(root / "corpus.jsonl")
-    for name in ("code", "prose"):
+    for name in domains:
         emo_subset("build", base, "--out", root / name, "--name", name, "-q", "--corpus", corpus, "--domain", name,
-                   "--keep", "4", timeout=120)
-    server = Server(["--model", str(base), "--profile", str(root / "code"), "--profile", str(root / "prose"),
-                     "--served-model-name", "tiny-qwen3"], root / "server.log").wait()
+                   "--keep", str(keep), timeout=120)
+    server = Server(["--model", str(base), *[a for name in domains for a in ("--profile", str(root / name))],
+                     "--served-model-name", served_name], root / "server.log").wait()
     try:
         yield {"root": root, "base": base, "server": server}
     finally:
         server.stop()
+
+
+def serve_family(tmp_path_factory, family: str, served_name: str, keep: int, seed: int):
+    """`serve_domain_profiles` over a transformers-written checkpoint of `family` with a test tokenizer."""
+    root = tmp_path_factory.mktemp(f"serve-{family}")
+    base = root / served_name
+    write_hf_checkpoint(base, family, seed=seed)
+    write_tokenizer(base, 300)
+    yield from serve_domain_profiles(root, base, served_name, keep)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    yield from serve_family(tmp_path_factory, "qwen3_moe", "tiny-qwen3", 4, seed=21)
 
 
 def test_profiles_listed_with_routed_experts_of_moe_layers_only(qwen):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from modeling import ProfileManifest, SamplingParams, load_model
-from tests.checkpoints import write_domain_corpus
 from tests.families import write_hf_checkpoint
 from tests.test_gptoss import to_mxfp4
-from tests.test_server import ROOT, Server, _env, emo_subset
+from tests.test_server import ROOT, Server, _env
+from tests.test_server_families import serve_domain_profiles
 
 pytest.importorskip("transformers")
 
@@ -32,15 +32,7 @@ def gptoss(tmp_path_factory):
     base = root / "tiny-gptoss"
     to_mxfp4(root / "float", base)
     (base / "chat_template.jinja").write_text(HARMONY)
-    corpus = write_domain_corpus(root / "corpus.jsonl")
-    emo_subset("build", base, "--out", root / "code", "--name", "code", "-q", "--corpus", corpus, "--domain", "code",
-               "--keep", "4", timeout=120)
-    server = Server(["--model", str(base), "--profile", str(root / "code"), "--served-model-name", "tiny-gptoss"],
-                    root / "server.log").wait()
-    try:
-        yield {"root": root, "base": base, "server": server}
-    finally:
-        server.stop()
+    yield from serve_domain_profiles(root, base, "tiny-gptoss", 4, domains=("code",))
 
 
 @pytest.mark.parametrize("profile", ["code", "full"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from modeling import ProfileManifest, load_model
-from modeling.safetensors_io import MappedSafetensors
+from modeling.io.safetensors_io import MappedSafetensors
 from tests.checkpoints import emo_config, write_checkpoint_dir, write_domain_corpus
 from tests.test_server import ROOT, Server, _emo_subset, _env, _free_port
 

@@ -469,7 +469,7 @@ def test_eval_shows_progress_over_tokens(env, capsys, tmp_path):
 def test_write_progress_counts_bytes_as_tensors_are_written(tmp_path):
     """The write bar moves tensor by tensor (it used to move only when a shard was finished, so a
     one-shard profile showed 0 B for its whole write)."""
-    from modeling.safetensors_io import write_checkpoint
+    from modeling.io.safetensors_io import write_checkpoint
 
     tensors = {f"t{i}": torch.full((64, 32), float(i)) for i in range(5)}
     seen: list[int] = []

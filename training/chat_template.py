@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from modeling.profile import PROFILE_FILE, ProfileManifest, file_hashes, shard_files
+from modeling.io.profile import PROFILE_FILE, ProfileManifest, file_hashes, shard_files
 
 TEMPLATE = """{%- if tools %}
 <|system|>

@@ -1,7 +1,7 @@
 """The trainable twin of `modeling`'s EMO model (same semantics, with gradients).
 
 Building blocks come from `modeling.layers` (RMSNorm, RoPE, SwiGLU) and
-routing from `modeling.routing.route`, so training and inference route the
+routing from `modeling.layers.routing.route`, so training and inference route the
 same way. What is training-only lives here:
 
 - experts stored stacked (`[E, I, H]`) for speed, exported one tensor per
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from modeling.layers import RMSNorm, apply_rope, rope_cos_sin, swiglu
-from modeling.routing import route
+from modeling.layers.routing import route
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from modeling import Model
 from modeling.layers import apply_rope, rms_norm, rope_tables
 from modeling.quant import PackedLinear
-from modeling.routing import route
+from modeling.layers.routing import route
 
 
 class RepairError(ValueError):

@@ -131,7 +131,7 @@ def export_bundle(model: EmoTrainModel, out_dir: Path, tokenizer_dir: Path) -> N
     extra = {"tokenizer.json": tokenizer_dir / "tokenizer.json",
              "tokenizer_config.json": tokenizer_dir / "tokenizer_config.json"}
     try:
-        from modeling.safetensors_io import write_checkpoint
+        from modeling.io.safetensors_io import write_checkpoint
     except ImportError:  # pragma: no cover - fallback before modeling exports a writer
         write_checkpoint = None
     if write_checkpoint is not None:

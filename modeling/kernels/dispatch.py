@@ -15,6 +15,7 @@ its per-expert path.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..mxfp4 import Mxfp4Matrix
+from ..layers.blocks import rms_norm
+from ..quant.mxfp4 import Mxfp4Matrix
 from ..quant import Int8Cache, PackedLinear
 from . import native as _native
 from .compiled import linear_decode
@@ -30,6 +32,9 @@ from .compiled import linear_decode
 # bf16 / float32 products of at least this many rows go to oneDNN (through F.linear) on the `amx` path,
 # where its AMX tiles beat dot products; elsewhere our kernels take every row count.
 AMX_MIN_ROWS = 16
+
+# Forward passes of at most this many tokens run their (small) torch ops on one thread (Kernels.small_step).
+SMALL_STEP_TOKENS = 16
 
 
 class _TorchLinear:
@@ -112,11 +117,30 @@ class Kernels:
         self.int8 = int8
         self.compile_decode = compile_decode
         self._linear = _IdentityCache()
+        self._dense = _IdentityCache()
         self._moe: dict[int, _LayerMoE] = {}
 
     @property
     def native(self) -> bool:
         return self.ext is not None
+
+    @contextlib.contextmanager
+    def small_step(self, tokens: int):
+        """A forward pass of at most SMALL_STEP_TOKENS tokens (decode) runs its torch ops on one thread:
+        the products, attention and norms are native and use the kernels' pool (sized to torch's thread
+        count), and the torch ops left are too small to gain from threads; with threads, each parallel
+        one wakes sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE), which costs more than the op."""
+        n = torch.get_num_threads()
+        if self.ext is None or tokens > SMALL_STEP_TOKENS or n == 1:
+            yield
+            return
+        self.ext.set_threads(n)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+            self.ext.set_threads(0)
 
     # -- one matrix -----------------------------------------------------------------------------------
     def kernel(self, w) -> Callable[[Tensor, Tensor | None], Tensor]:
@@ -128,6 +152,17 @@ class Kernels:
 
     def linear(self, x: Tensor, w, bias: Tensor | None = None) -> Tensor:
         return self.kernel(w)(x, bias)
+
+    def unquantized(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        """x @ w.T + bias for a weight that stays in its own dtype whatever the model's quantization (a
+        router): the native dense kernels where they take it, else F.linear."""
+        k = self._dense.get(w)
+        if k is None:
+            mat = native_matrix(self.ext, w) if self.ext is not None and w.dtype in (torch.bfloat16, torch.float32) else None
+            k = _NativeLinear(self.ext, mat, None, None) if mat is not None else _TorchLinear(
+                lambda x, b, t=w: F.linear(x, t, b))
+            self._dense.put(w, k)
+        return k(x, bias)
 
     def _make(self, w):
         if self.ext is not None:
@@ -146,6 +181,25 @@ class Kernels:
             return _TorchLinear(lambda x, b, t=w: linear_decode(x, t, b))
         return _TorchLinear(lambda x, b, t=w: F.linear(x, t, b))
 
+    # -- RMSNorm ---------------------------------------------------------------------------------------------
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """modeling.layers.rms_norm in one native call where it applies (CPU, x and weight of one dtype,
+        bf16 or float32), else the torch ops."""
+        if (self.ext is None or x.device.type != "cpu" or x.dtype != weight.dtype
+                or x.dtype not in (torch.bfloat16, torch.float32) or x.requires_grad):
+            return rms_norm(x, weight, eps)
+        return self.ext.rms_norm(x, weight, eps)
+
+    # -- decode attention --------------------------------------------------------------------------------
+    def attend_decode(self, q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None, scale: float) -> Tensor | None:
+        """float32 `[heads, D]`: one query per head `q` `[heads, D]` against a cache slot's keys and values
+        `[kv_heads, L, D]` (views, read in place), or None where the native kernel does not apply (another
+        device or dtype, head_dim above its limit); the caller then runs its torch path."""
+        if (self.ext is None or q.device.type != "cpu" or keys.dtype not in (torch.bfloat16, torch.float32)
+                or keys.shape[-1] > 512 or keys.stride(-1) != 1 or vals.stride(-1) != 1):
+            return None
+        return self.ext.attend_decode(q, keys, vals, sinks, scale)
+
     # -- a mixture of experts ---------------------------------------------------------------------------
     def moe(self, le, h: Tensor, indices: Tensor, weights: Tensor, valid: Tensor,
             activation: tuple[float, float] | None = None) -> Tensor | None:
@@ -158,7 +212,7 @@ class Kernels:
         if lm is None or lm.le is not le or lm.slots != len(le.experts):
             lm = self._moe[id(le)] = _LayerMoE(self, le, activation)
         slots = indices.masked_fill(~valid, -1)
-        if not lm.ensure(torch.unique(slots).tolist()):
+        if not lm.ensure(set(slots.flatten().tolist())):  # a set of ints: cheaper than torch.unique
             return None
         return self.ext.moe(h, lm.set, slots, weights)
 
@@ -177,7 +231,7 @@ class _LayerMoE:
         self.src: list[object | None] = [None] * self.slots  # the Expert each slot was last filled from
         self.ok: list[bool] = [False] * self.slots  # whether the native kernels took it
 
-    def ensure(self, slots: list[int]) -> bool:
+    def ensure(self, slots) -> bool:
         """Fill the chosen slots; False when one of them holds an expert the native path does not take."""
         experts = self.le.experts
         for s in slots:

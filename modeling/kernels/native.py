@@ -18,6 +18,7 @@ from functools import lru_cache
 from types import ModuleType
 
 ENV = "EMO_CPU_ISA"
+ABI = 3  # what csrc/ops.cpp exports as ABI: the functions this Python code calls
 ISAS = ("avx512", "amx", "avx2", "portable", "torch")
 
 
@@ -34,6 +35,11 @@ def extension() -> ModuleType | None:
         if os.environ.get(ENV, "").strip() != "torch":
             print(f"emo-serve: native CPU kernels are not built ({e}); using the pure-torch path "
                   f"(reinstall with a C++ compiler: pip install --no-build-isolation -e .)", file=sys.stderr)
+        return None
+    if getattr(_native, "ABI", 0) != ABI:
+        print(f"emo-serve: the native CPU kernels were built from older sources (ABI {getattr(_native, 'ABI', 0)}, "
+              f"this code needs {ABI}); using the pure-torch path (rebuild: pip install --no-build-isolation -e .)",
+              file=sys.stderr)
         return None
     return _native
 

@@ -27,7 +27,7 @@ def is_quantized_linear(name: str, names: TensorNames, lm_head: bool = False) ->
     """Whether `name` is a linear weight the quantized checkpoint stores packed."""
     if name == names.lm_head:
         return lm_head
-    if not name.endswith(".weight") or not name.startswith("model.layers."):
+    if not name.endswith(".weight") or names.layer_of(name) is None:
         return False
     module = name[: -len(".weight")].rsplit(".", 1)[-1]
     return module in _LINEAR_PROJ or module in names.expert_parts

@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..safetensors_io import CheckpointError
+from ..io.safetensors_io import CheckpointError
 
 QUANT_METHOD = "compressed-tensors"
 PACKED_FORMAT = "pack-quantized"
-# gpt-oss's MXFP4 experts are read by the weight reader itself (modeling/mxfp4.py)
-HANDLED_ELSEWHERE = {"mxfp4"}
+# gpt-oss's MXFP4 experts and block-scaled FP8 are read by the weight reader itself (modeling/quant/mxfp4.py, fp8.py)
+HANDLED_ELSEWHERE = {"mxfp4", "fp8"}
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")
 
 

@@ -17,9 +17,10 @@ from typing import Iterator
 from torch import Tensor
 
 from ..config import load_config
-from ..profile import ProfileManifest, file_hashes
-from ..safetensors_io import CheckpointFiles, write_checkpoint
-from ..weights import PROFILE_FILE
+from ..io.profile import ProfileManifest, file_hashes
+from ..io.safetensors_io import CheckpointFiles, write_checkpoint
+from ..io.weights import PROFILE_FILE
+from ..names import TensorNames
 from .quantize import check_config, ignore_list, is_quantized_linear, quantize_matrix
 from .scheme import QuantizationError, WeightScheme
 
@@ -27,10 +28,10 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "kept_experts.json")
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    parts = name.split(".")
-    if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit():
-        return int(parts[2]), name
+def _layer_order(names: TensorNames, name: str) -> tuple[int, str]:
+    i = names.layer_of(name)
+    if i is not None:
+        return i, name
     return (-1 if "embed" in name else 1 << 30), name
 
 
@@ -52,7 +53,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, scheme: WeightScheme, 
     stats = {"quantized": 0, "kept": 0, "bytes_in": 0, "bytes_out": 0}
 
     def stream() -> Iterator[tuple[str, Tensor]]:
-        for name in sorted(files.names(), key=_layer_order):
+        for name in sorted(files.names(), key=lambda x: _layer_order(names, x)):
             t = files.get(name)
             stats["bytes_in"] += t.numel() * t.element_size()
             if is_quantized_linear(name, names, lm_head):

@@ -14,6 +14,7 @@
 #pragma GCC target("avx2,fma,f16c,bmi2")
 #endif
 #include <immintrin.h>
+#include <string.h>
 
 #include "kern.h"
 
@@ -136,6 +137,9 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+    // the weight group of chunk c, counted (a division per chunk costs more than the chunk's other work)
+    const int64_t chunks_per_group = MX ? 1 : W.group / 64;
+    int64_t g = 0, in_group = 0;
     for (int64_t c = 0; c < Kb; c += 32) {
         const bool full = Kb - c >= 32;  // else 16 bytes (K is a multiple of 32)
         const int64_t len = full ? 32 : 16;
@@ -152,7 +156,6 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 const uint8_t* e = W.e8 + (n + j) * W.eld + c / 16;
                 ws[j] = _mm256_setr_m128(_mm_set1_ps(e8_half_table[e[0]]), _mm_set1_ps(full ? e8_half_table[e[1]] : 0.f));
             } else {
-                const int64_t g = (2 * c) / W.group;
                 ws[j] = _mm256_set1_ps(W.scale[(n + j) * W.sld + g]);
                 zf[j] = _mm256_set1_epi32(-(8 + (W.zp ? W.zp[(n + j) * W.sld + g] : 0)));
             }
@@ -184,6 +187,10 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }
         }
+        if (!MX && ++in_group == chunks_per_group) {
+            in_group = 0;
+            g++;
+        }
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) y[(i0 + i) * ldy + n + j] = hsum(acc[i][j]);
@@ -196,6 +203,12 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 }
 
 #define EMO_DRIVE(TILE)                                                                                  \
+    if (nrows == 1 && decode_row_streams) {                                                             \
+        int64_t n = n0;                                                                                  \
+        if (decode_row_streams == 2 && W.fmt != FMT_BF16 && W.fmt != FMT_F32)                           \
+            for (; n + 2 <= n1; n += 2) TILE<1, 2>(W, a, rows, 0, n, y, ldy);                           \
+        for (; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                                        \
+    } else                                                                                               \
     for (int64_t n = n0; n < n1;) {                                                                      \
         const bool four = n1 - n >= 4;                                                                   \
         for (int64_t i = 0; i < nrows;) {                                                                \
@@ -219,7 +232,9 @@ void gemm(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_
 }
 #undef EMO_DRIVE
 
-const IsaKernels kernels = {"avx2", 32, 0, 1, gemm};
+#include "attn.h"
+
+const IsaKernels kernels = {"avx2", 32, 0, 1, gemm, attend};
 
 }  // namespace
 

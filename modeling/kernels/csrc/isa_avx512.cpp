@@ -17,6 +17,7 @@
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,fma,f16c,bmi2")
 #endif
 #include <immintrin.h>
+#include <string.h>
 
 #include "kern.h"
 
@@ -152,6 +153,9 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    // the weight group of chunk c, counted (a division per chunk costs more than the chunk's other work)
+    const int64_t chunks_per_group = MX ? 1 : W.group / 128;
+    int64_t g = 0, in_group = 0;
     for (int64_t c = 0; c < Kb; c += 64) {
         const int64_t len = Kb - c < 64 ? Kb - c : 64;  // a multiple of 16
         const __mmask64 bm = bytes_mask(len);
@@ -172,7 +176,6 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                                         nb > 2 ? e8_half_table[e[2]] : 0.f, nb > 3 ? e8_half_table[e[3]] : 0.f);
                 ws[j] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(s4));
             } else {
-                const int64_t g = (2 * c) / W.group;
                 ws[j] = _mm512_set1_ps(W.scale[(n + j) * W.sld + g]);
                 zf[j] = _mm512_set1_epi32(-(8 + (W.zp ? W.zp[(n + j) * W.sld + g] : 0)));
             }
@@ -195,6 +198,10 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }
         }
+        if (!MX && ++in_group == chunks_per_group) {
+            in_group = 0;
+            g++;
+        }
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) y[(i0 + i) * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]);
@@ -210,6 +217,12 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 // Weight tiles of 4 rows (then single rows), each against activation tiles of up to MRMAX rows: a weight
 // tile is read from memory once and reused from cache by every activation tile.
 #define EMO_DRIVE(TILE, MRMAX)                                                                           \
+    if (nrows == 1 && decode_row_streams) {                                                             \
+        int64_t n = n0;                                                                                  \
+        if (decode_row_streams == 2 && W.fmt != FMT_BF16 && W.fmt != FMT_F32)                           \
+            for (; n + 2 <= n1; n += 2) TILE<1, 2>(W, a, rows, 0, n, y, ldy);                           \
+        for (; n < n1; n++) TILE<1, 1>(W, a, rows, 0, n, y, ldy);                                        \
+    } else                                                                                               \
     for (int64_t n = n0; n < n1;) {                                                                      \
         const bool four = n1 - n >= 4;                                                                   \
         for (int64_t i = 0; i < nrows;) {                                                                \
@@ -235,7 +248,9 @@ void gemm(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_
 }
 #undef EMO_DRIVE
 
-const IsaKernels kernels = {"avx512", 64, 1, 1, gemm};
+#include "attn.h"
+
+const IsaKernels kernels = {"avx512", 64, 1, 1, gemm, attend};
 
 }  // namespace
 

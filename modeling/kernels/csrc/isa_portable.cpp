@@ -11,6 +11,7 @@
 namespace emo {
 
 float e8_half_table[256];
+int32_t decode_row_streams = 1;
 namespace {
 struct TableInit {
     TableInit() {
@@ -85,7 +86,9 @@ void gemm(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_
         }
 }
 
-const IsaKernels kernels = {"portable", 16, 0, 0, gemm};
+#include "attn.h"
+
+const IsaKernels kernels = {"portable", 16, 0, 0, gemm, attend};
 
 }  // namespace
 

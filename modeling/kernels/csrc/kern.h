@@ -63,6 +63,29 @@ enum Need : int32_t { NEED_BF16 = 1, NEED_Q8 = 2, NEED_Q4 = 4 };
 // E8M0 scale byte s -> 2^(s - 127) / 2 (the MXFP4 kernels multiply doubled E2M1 values).
 extern float e8_half_table[256];
 
+// Decode attention: one query per head against a cache slot's keys and values.
+//   element (h, l, d) of the keys lives at k + (h * k_hs + l * k_ls + d) * (bf16 ? 2 : 4); likewise values.
+//   Query head j reads kv head j / (H / KVH) (grouped-query attention). `sinks` (gpt-oss): one more logit per
+//   head whose probability mass is dropped. Scores and softmax in float32; `scores` is scratch [H, L].
+struct AttnArgs {
+    const float* q;  // [H, D]
+    const uint8_t* k;
+    const uint8_t* v;
+    int32_t bf16;  // keys and values are bfloat16 (else float32)
+    int64_t H, KVH, L, D;
+    int64_t k_hs, k_ls, v_hs, v_ls;
+    const float* sinks;  // [H] or null
+    float scale;
+    float* scores;  // [H, L]
+    float* out;     // [H, D]
+};
+enum { ATTN_DMAX = 512 };
+
+// Decode matrix-vector products (one activation row): 1 streams each weight row on its own (the default),
+// 2 streams quantized rows in pairs (sharing the activation-side work), 0 uses the tiles of 4 rows;
+// switchable for A/B measurements (set_decode_streams).
+extern int32_t decode_row_streams;
+
 // One ISA's kernels. `gemm` computes y[i * ldy + n] = sum_k x[rows[i], k] * W[n, k] for i < nrows and
 // n0 <= n < n1 (rows: indices into the prepared activations; null means 0..nrows-1).
 // `vb` is the chunk width (bytes) the ISA wants the nibble layout in.
@@ -73,6 +96,8 @@ struct IsaKernels {
     int32_t quantized;    // reads the quantized activations (else Act.f with on-the-fly dequantization)
     void (*gemm)(const Mat& W, const Act& a, const int32_t* rows, int64_t nrows, int64_t n0, int64_t n1, float* y,
                  int64_t ldy);
+    // attention of the query heads of kv heads kv0 .. kv1 - 1 (see AttnArgs)
+    void (*attend)(const AttnArgs& p, int64_t kv0, int64_t kv1);
 };
 
 // Defined in isa_portable.cpp / isa_avx2.cpp / isa_avx512.cpp; the x86 ones are null elsewhere.

@@ -110,7 +110,10 @@ class Pool {
 
     void set_spin_us(int us) { spin_us_ = us < 0 ? 0 : us; }
 
-    // f(thread index) on every thread, the caller being thread 0; returns when all are done.
+    // f(thread index) on the caller (thread 0) and on every worker that joins before the caller has finished
+    // its own share; returns when those are done. A worker the OS has not scheduled by then (a busy
+    // neighbour) is not waited for: it finds the call closed when it runs and goes back to waiting, so f
+    // must share its work dynamically (parallel_items takes items from an atomic counter).
     void run(const std::function<void(int)>& f) {
         if (n_ == 1) {
             f(0);
@@ -118,17 +121,18 @@ class Pool {
         }
         std::lock_guard<std::mutex> one_caller(run_mu_);  // one parallel call at a time (never nested)
         job_ = &f;
-        pending_.store(n_ - 1, std::memory_order_relaxed);
+        joined_.store(0, std::memory_order_release);  // open, nobody in (a worker that joins sees job_)
         gen_.fetch_add(1, std::memory_order_seq_cst);
         if (sleepers_.load(std::memory_order_seq_cst) > 0) {
             std::lock_guard<std::mutex> lk(mu_);
             cv_.notify_all();
         }
         f(0);
+        joined_.fetch_or(CLOSED, std::memory_order_acq_rel);  // late workers stay out
         int spins = 0;
-        while (pending_.load(std::memory_order_acquire) != 0) {
+        while ((joined_.load(std::memory_order_acquire) & ~CLOSED) != 0) {  // wait for the ones inside
             if (++spins < 20000) EMO_PAUSE();
-            else sched_yield();  // a worker is descheduled: give the core away
+            else sched_yield();  // a worker inside was descheduled: give the core away
         }
         job_ = nullptr;
     }
@@ -151,8 +155,13 @@ class Pool {
             }
             if (stop_) return;
             seen = gen_.load(std::memory_order_acquire);
+            // join the call in flight unless its caller has closed it (then job_ may be gone already)
+            if (joined_.fetch_add(1, std::memory_order_acq_rel) & CLOSED) {
+                joined_.fetch_sub(1, std::memory_order_acq_rel);
+                continue;
+            }
             (*job_)(tid);
-            pending_.fetch_sub(1, std::memory_order_release);
+            joined_.fetch_sub(1, std::memory_order_acq_rel);
         }
     }
 
@@ -160,13 +169,18 @@ class Pool {
     int spin_us_ = 100;
     std::vector<std::thread> workers_;
     std::atomic<uint64_t> gen_{0};
-    std::atomic<int> pending_{0};
+    static constexpr int CLOSED = 1 << 30;
+    std::atomic<int> joined_{0};  // workers inside the current call, | CLOSED once its caller is done
     std::atomic<int> sleepers_{0};
     const std::function<void(int)>* job_ = nullptr;
     std::mutex mu_, run_mu_;
     std::condition_variable cv_;
     bool stop_ = false;
 };
+
+// Threads of the pool: set_threads(n) fixes them (the model's own count, so that torch's intra-op threads can
+// differ: a decode step runs its small torch ops on one thread); 0 follows torch's count.
+static int g_threads = 0;
 
 static Pool& pool() {
     static Pool* p = [] {
@@ -175,7 +189,7 @@ static Pool& pool() {
         if (s) q->set_spin_us(std::atoi(s));
         return q;
     }();
-    int want = at::get_num_threads();
+    const int want = g_threads > 0 ? g_threads : at::get_num_threads();
     if (p->size() != want) p->resize(want);
     return *p;
 }
@@ -321,6 +335,13 @@ static int need_of(const IsaKernels* k, const Mat& m) {
     return 0;
 }
 
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as torch does
     uint32_t u;
     std::memcpy(&u, &f, 4);
@@ -439,6 +460,110 @@ static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<t
     return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
+// ---- RMSNorm ----------------------------------------------------------------------------------------------
+// y = weight * (x / sqrt(mean(x^2) + eps)) over the last dimension, as modeling.layers.rms_norm: in float32,
+// the normalised value rounded to x's dtype before the product (which is rounded again). One call instead
+// of seven small torch ops per norm.
+static torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+    const int64_t D = x.size(-1);
+    TORCH_CHECK_VALUE(weight.numel() == D, "rms_norm: weight has ", weight.numel(), " values for rows of ", D);
+    TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() &&
+                          (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32),
+                      "rms_norm: x and weight must share a dtype, bfloat16 or float32 (", x.scalar_type(), ", ",
+                      weight.scalar_type(), ")");
+    auto xc = x.contiguous();
+    auto wc = weight.contiguous();
+    auto out = torch::empty_like(xc);
+    const int64_t rows = D ? xc.numel() / D : 0;
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    const float e = (float)eps;
+    auto row = [&](int64_t r) {
+        if (bf) {
+            const uint16_t* xr = (const uint16_t*)xc.data_ptr() + r * D;
+            const uint16_t* w = (const uint16_t*)wc.data_ptr();
+            uint16_t* y = (uint16_t*)out.data_ptr() + r * D;
+            double ss = 0.;  // double: the float32 mean torch computes pairwise, to its rounding
+            for (int64_t d = 0; d < D; d++) {
+                const float v = bf16_to_f32(xr[d]);
+                ss += v * v;
+            }
+            const float inv = 1.f / sqrtf((float)(ss / (double)D) + e);
+            for (int64_t d = 0; d < D; d++) {
+                const float hb = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[d]) * inv));
+                y[d] = f32_to_bf16(bf16_to_f32(w[d]) * hb);
+            }
+        } else {
+            const float* xr = xc.data_ptr<float>() + r * D;
+            const float* w = wc.data_ptr<float>();
+            float* y = out.data_ptr<float>() + r * D;
+            double ss = 0.;
+            for (int64_t d = 0; d < D; d++) ss += xr[d] * xr[d];
+            const float inv = 1.f / sqrtf((float)(ss / (double)D) + e);
+            for (int64_t d = 0; d < D; d++) y[d] = w[d] * (xr[d] * inv);
+        }
+    };
+    if (rows * D < (1 << 16)) {
+        for (int64_t r = 0; r < rows; r++) row(r);
+    } else {
+        parallel_items(rows, row);
+    }
+    return out;
+}
+
+// ---- decode attention ---------------------------------------------------------------------------------
+// One query per head (q [H, D]) against keys and values [KVH, L, D] (strided views of a cache slot, read in
+// place), grouped-query heads, optional sinks [H]: float32 [H, D]. One work item per kv head.
+static torch::Tensor attend_decode(torch::Tensor q, torch::Tensor keys, torch::Tensor vals,
+                                   c10::optional<torch::Tensor> sinks, double scale) {
+    TORCH_CHECK_VALUE(q.dim() == 2, "attention: queries must be [heads, head_dim], are ", q.sizes());
+    TORCH_CHECK_VALUE(keys.dim() == 3 && vals.sizes() == keys.sizes(), "attention: keys ", keys.sizes(), " and values ",
+                      vals.sizes(), " must both be [kv_heads, positions, head_dim]");
+    const int64_t H = q.size(0), D = q.size(1), KVH = keys.size(0), L = keys.size(1);
+    TORCH_CHECK_VALUE(keys.size(2) == D, "attention: head_dim of the keys (", keys.size(2), ") is not the queries' (", D, ")");
+    TORCH_CHECK_VALUE(KVH > 0 && H % KVH == 0, "attention: ", H, " query heads do not group over ", KVH, " kv heads");
+    TORCH_CHECK_VALUE(D <= ATTN_DMAX, "attention: head_dim ", D, " is above the native kernel's ", (int)ATTN_DMAX);
+    TORCH_CHECK_VALUE(L > 0, "attention: no positions to attend to");
+    TORCH_CHECK_VALUE(keys.scalar_type() == vals.scalar_type() &&
+                          (keys.scalar_type() == torch::kBFloat16 || keys.scalar_type() == torch::kFloat32),
+                      "attention: keys and values must both be bfloat16 or float32, are ", keys.scalar_type(), " and ",
+                      vals.scalar_type());
+    TORCH_CHECK_VALUE(keys.stride(2) == 1 && vals.stride(2) == 1, "attention: head_dim must be contiguous");
+    TORCH_CHECK_VALUE(keys.device().is_cpu() && vals.device().is_cpu() && q.device().is_cpu(),
+                      "attention: the native kernels run on the CPU");
+    auto qf = q.to(torch::kFloat32).contiguous();
+    torch::Tensor sk;
+    if (sinks.has_value()) {
+        TORCH_CHECK_VALUE(sinks->numel() == H, "attention: ", sinks->numel(), " sinks for ", H, " heads");
+        sk = sinks->to(torch::kFloat32).contiguous();
+    }
+    auto scores = torch::empty({H, L}, torch::kFloat32);
+    auto out = torch::empty({H, D}, torch::kFloat32);
+    AttnArgs p{};
+    p.q = qf.data_ptr<float>();
+    p.k = (const uint8_t*)keys.data_ptr();
+    p.v = (const uint8_t*)vals.data_ptr();
+    p.bf16 = keys.scalar_type() == torch::kBFloat16;
+    p.H = H;
+    p.KVH = KVH;
+    p.L = L;
+    p.D = D;
+    p.k_hs = keys.stride(0);
+    p.k_ls = keys.stride(1);
+    p.v_hs = vals.stride(0);
+    p.v_ls = vals.stride(1);
+    p.sinks = sk.defined() ? sk.data_ptr<float>() : nullptr;
+    p.scale = (float)scale;
+    p.scores = scores.data_ptr<float>();
+    p.out = out.data_ptr<float>();
+    const IsaKernels* k = isa();
+    if (KVH == 1 || L * D * H < (1 << 17)) {  // below ~100k multiply-adds a second thread costs more than it saves
+        k->attend(p, 0, KVH);
+    } else {
+        parallel_items(KVH, [&](int64_t h) { k->attend(p, h, h + 1); });
+    }
+    return out;
+}
+
 // ---- mixture of experts -----------------------------------------------------------------------------------
 enum Activation : int32_t { ACT_SWIGLU = 0, ACT_CLAMPED_SWIGLU = 1 };
 
@@ -491,12 +616,6 @@ struct ExpertSet {
 
 static inline float silu(float g) { return g / (1.f + expf(-g)); }
 
-static inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
 // With bf16 activations the per-expert torch path rounds to bf16 after every product and elementwise
 // step; the fused call rounds at the same points, so both paths agree but for accumulation order.
 static inline float round_as(bool bf, float v) { return bf ? bf16_to_f32(f32_to_bf16(v)) : v; }
@@ -652,11 +771,22 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using namespace emo;
     m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
+    // Bumped whenever the Python side needs a function or behaviour an older build lacks: a stale build
+    // (sources updated, extension not rebuilt) is then refused instead of failing mid-forward.
+    m.attr("ABI") = 3;
     m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
     m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
     m.def("current_isa", [] { return std::string(isa()->name); });
     m.def("set_spin_us", [](int us) { pool(); /* created */ pool().set_spin_us(us); });
     m.def("pool_threads", [] { return pool().size(); });
+    m.def("set_threads", [](int n) { g_threads = n < 0 ? 0 : n; pool(); },
+          "fix the pool's thread count (0: follow torch.get_num_threads())");
+    m.def("set_decode_streams", [](int mode) { decode_row_streams = mode; },
+          "one-row products: 1 streams each weight row alone (default), 2 quantized rows in pairs, 0 tiles of 4");
+    m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"),
+          py::call_guard<py::gil_scoped_release>());
+    m.def("attend_decode", &attend_decode, py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("sinks") = py::none(),
+          py::arg("scale"), py::call_guard<py::gil_scoped_release>());
     py::class_<Matrix, MatrixPtr>(m, "Matrix")
         .def_property_readonly("rows", &Matrix::rows)
         .def_property_readonly("cols", &Matrix::cols)

@@ -1,6 +1,6 @@
 """The OpenAPI schema (GET /openapi.json) describes the request bodies too.
 
-The endpoints parse their bodies themselves (`serving_engine.parse_body`: one
+The endpoints parse their bodies themselves (`input_processor.parse_body`: one
 place for the 400s on malformed JSON, lone surrogates, huge integers, deep
 nesting), so FastAPI cannot see the schemas; `body_of` declares them and
 `install` adds their definitions to the document's components. Schema fuzzing

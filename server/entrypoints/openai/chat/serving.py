@@ -27,7 +27,8 @@ from ....state import AppState
 from ....structured_outputs import checked, constraints, structured_grammar
 from ....tool_parsers import HarmonyFormat, HarmonySplitter, ToolCall, ToolCallExtractor, ToolFormat, format_for
 from ..completions.protocol import dump
-from ..serving_engine import Run, check_prompts, check_text_fits, parse_body, sampling_params, sse, stop_list
+from ..input_processor import check_prompts, check_text_fits, parse_body, sampling_params, stop_list
+from ..request_run import Run, sse
 from .protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, DeltaFunctionCall, DeltaMessage, DeltaToolCall,
                        FunctionCallOut, TokenLogprob, ToolCallOut, TopLogprob)

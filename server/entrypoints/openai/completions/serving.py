@@ -13,7 +13,8 @@ from ....engine import TokenInfo
 from ....errors import bad_request
 from ....state import AppState
 from ....structured_outputs import constraints, structured_grammar
-from ..serving_engine import Run, check_prompts, check_text_fits, parse_body, sampling_params, sse, stop_list
+from ..input_processor import check_prompts, check_text_fits, parse_body, sampling_params, stop_list
+from ..request_run import Run, sse
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 
 

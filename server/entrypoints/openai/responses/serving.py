@@ -22,7 +22,8 @@ from ....tool_parsers import ToolCall
 from ..chat.protocol import ChatCompletionRequest
 from ..chat.serving import OutputSplitter, start_chat
 from ..completions.protocol import dump
-from ..serving_engine import Run, parse_body, validation_error
+from ..input_processor import parse_body, validation_error
+from ..request_run import Run
 from .protocol import (FunctionCallItem, FunctionCallOutputItem, IncompleteDetails, MessageItem, OutputFunctionCall,
                        OutputMessage, OutputReasoning, OutputText, ReasoningText, ResponseObject, ResponsesRequest,
                        ResponseUsage)

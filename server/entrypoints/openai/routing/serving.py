@@ -17,7 +17,7 @@ from .... import metrics as M
 from ....engine import EngineStopped, QueueFull
 from ....errors import APIError, bad_request
 from ....registry import FULL, AUTO
-from ..serving_engine import check_prompts, check_text_fits, parse_body
+from ..input_processor import check_prompts, check_text_fits, parse_body
 from .protocol import RoutingRequest
 
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from ....errors import APIError, bad_request
 from ....state import AppState
 from ..chat.serving import render_prompt
-from ..serving_engine import parse_body, parse_json, validation_error
+from ..input_processor import parse_body, parse_json, validation_error
 from .protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeChatRequest, TokenizeCompletionRequest,
                        TokenizeResponse, TokenizerInfoResponse)
 

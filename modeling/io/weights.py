@@ -9,16 +9,19 @@ here except when a dtype or device conversion is asked for.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .config import ModelConfig
-from .mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
-from .names import TensorNames
-from .quant import CheckpointQuantization, PackedLinear, read_quantization_config
+from ..layers.attention import AttentionWeights, attention_modules
+from ..config import ModelConfig
+from ..quant.fp8 import FP8_DTYPES, SCALE_SUFFIX, Fp8Error, Fp8Matrix, fp8_matrix
+from ..quant.mxfp4 import DequantCache, Mxfp4Error, Mxfp4Matrix, check_pair
+from ..expert_store import ExpertSlot, LayerExperts
+from ..names import TensorNames
+from ..quant import CheckpointQuantization, PackedLinear, read_quantization_config
 from .safetensors_io import CheckpointError, CheckpointFiles
 
 PROFILE_FILE = "profile.json"
@@ -62,7 +65,7 @@ class Expert:
     def tensors(self) -> list[Tensor]:
         """Every stored tensor of the expert (MXFP4 blocks and scales as stored; a
         compressed-tensors matrix's views, or its repacked copy once used)."""
-        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, PackedLinear) else [m])]
+        ts = [x for m in self.matrices() for x in (m.tensors() if isinstance(m, (PackedLinear, Fp8Matrix)) else [m])]
         return ts + self._extra_tensors()
 
     def nbytes(self) -> int:
@@ -79,82 +82,27 @@ class Expert:
         return gu, dn
 
 
-def weight_bytes(t: Tensor | PackedLinear) -> int:
+def weight_bytes(t: Tensor | PackedLinear | Fp8Matrix) -> int:
     """Bytes a weight takes in its checkpoint (a quantized one: packed values, scales, zero points)."""
-    return t.nbytes() if isinstance(t, PackedLinear) else t.numel() * t.element_size()
-
-
-@dataclass
-class LayerExperts:
-    """The experts one layer has loaded, in slots sorted by original id."""
-
-    ids: list[int] = field(default_factory=list)  # original expert id per slot
-    experts: list[Expert] = field(default_factory=list)
-    router_rows: list[Tensor] = field(default_factory=list)  # [H] each
-    shared: list[bool] = field(default_factory=list)
-    always_active: list[bool] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)  # which checkpoint folder provided the slot
-    bias_rows: list[Tensor] = field(default_factory=list)  # e_score_correction_bias entries (sigmoid routers)
-    groups: list[int] = field(default_factory=list)  # routing group per slot (group-limited routers)
-    router: Tensor | None = None  # [S, H], rebuilt when slots change
-    shared_mask: Tensor | None = None
-    always_mask: Tensor | None = None
-    bias: Tensor | None = None  # [S] float32 correction bias, or None
-    logit_bias_rows: list[Tensor] = field(default_factory=list)  # gpt-oss router bias entries
-    logit_bias: Tensor | None = None  # [S] bias on the router logits, or None
-    group_ids: Tensor | None = None  # [S] int64
-
-    def rebuild(self, device: torch.device) -> None:
-        """The per-slot tensors routing reads, from the per-slot lists."""
-        self.router = torch.stack(self.router_rows)
-        self.shared_mask = torch.tensor(self.shared, dtype=torch.bool, device=device)
-        self.always_mask = torch.tensor(self.always_active, dtype=torch.bool, device=device)
-        self.bias = torch.stack(self.bias_rows).float() if self.bias_rows else None
-        self.logit_bias = torch.stack(self.logit_bias_rows) if self.logit_bias_rows else None
-        self.group_ids = torch.tensor(self.groups, dtype=torch.int64, device=device)
-
-    # Everything a slot reads from its source's bytes. Withdrawing a source re-points all of
-    # them at once (`take_slot`): a field left out keeps reading the withdrawn file.
-    SOURCED = ("experts", "router_rows", "bias_rows", "logit_bias_rows")
-
-    def take_slot(self, slot: int, src: "LayerExperts", j: int) -> None:
-        """Serve `slot` from slot `j` of `src` (the same original expert in another
-        mapped source): every sourced record is replaced by `src`'s objects, never
-        mutated (kernels key prepared weights on the Expert object). Call
-        `rebuild` after the last one."""
-        assert src.ids[j] == self.ids[slot]
-        for attr in self.SOURCED:
-            mine, theirs = getattr(self, attr), getattr(src, attr)
-            if mine and theirs:
-                mine[slot] = theirs[j]
-        self.sources[slot] = src.sources[j]
-
-    def slot_of(self, orig_id: int) -> int | None:
-        try:
-            return self.ids.index(orig_id)
-        except ValueError:
-            return None
+    return t.nbytes() if isinstance(t, (PackedLinear, Fp8Matrix)) else t.numel() * t.element_size()
 
 
 @dataclass
 class LayerWeights:
     attn_norm: Tensor
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    o: Tensor
+    attn: "AttentionWeights"  # the layer's attention module's tensors (modeling.layers.attention)
     mlp_norm: Tensor
-    q_norm: Tensor | None = None
-    k_norm: Tensor | None = None
-    q_bias: Tensor | None = None
-    k_bias: Tensor | None = None
-    v_bias: Tensor | None = None
-    o_bias: Tensor | None = None
     experts: LayerExperts | None = None  # None for a dense layer
     dense: Expert | None = None
     shared_mlp: Expert | None = None  # GLM: an always-on MLP beside the routed experts
+    shared_gate: Tensor | None = None  # Qwen3-Next, Qwen3.5: [1, H], the shared MLP's sigmoid gate
     dense_bias: tuple[Tensor, Tensor, Tensor] | None = None
-    sinks: Tensor | None = None  # [heads] attention sink logits (gpt-oss)
+
+    def __getattr__(self, role: str):
+        # lw.q, lw.sinks, ...: the attention tensors by role, for readers written before the modules
+        if role.startswith("__") or role == "attn":
+            raise AttributeError(role)
+        return getattr(self.attn, role)
 
 
 @dataclass
@@ -174,8 +122,9 @@ class _Reader:
     `PackedLinear` over views of those tensors."""
 
     def __init__(self, files: CheckpointFiles, dtype: torch.dtype, device: torch.device,
-                 quant: CheckpointQuantization | None = None):
+                 quant: CheckpointQuantization | None = None, fp8_block: tuple[int, int] | None = None):
         self.files, self.dtype, self.device, self.quant = files, dtype, device, quant
+        self.fp8_block = fp8_block  # block-scaled FP8 checkpoints (modeling.quant.fp8): weights kept as stored
         self.mapped = [r for f in files.files.values() if (r := f.address_range()) is not None]
 
     def has(self, name: str) -> bool:
@@ -188,7 +137,24 @@ class _Reader:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(
                 f"{self.files.file_of(name)}: tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if t.dtype in FP8_DTYPES:
+            return self.fp8(name, t)
         return self.convert(t)
+
+    def fp8(self, name: str, t: Tensor) -> Fp8Matrix:
+        """An FP8 weight and its block scales as stored (dequantized per use, `Fp8Matrix.dequantize`)."""
+        where = self.files.file_of(name)
+        if self.fp8_block is None:
+            raise CheckpointError(f"{where}: tensor {name!r} is {t.dtype}, but config.json has no "
+                                  f"quantization_config with quant_method 'fp8'")
+        scale = self.files.get(name + SCALE_SUFFIX) if name + SCALE_SUFFIX in self.files else None
+        try:
+            m = fp8_matrix(name, t, scale, self.fp8_block)
+        except Fp8Error as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        if self.device.type != "cpu":
+            m = Fp8Matrix(m.weight.to(self.device), m.scale_inv.to(self.device), m.block)
+        return m
 
     def convert(self, t: Tensor) -> Tensor:
         if t.dtype != self.dtype:
@@ -330,8 +296,9 @@ def _stacked_experts(files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _
 
 
 def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i: int, reader: _Reader,
-                       ids: list[int]) -> LayerExperts:
-    """The experts of layer i; `ids` are their original ids (see original_expert_ids)."""
+                       ids: list[int], repaired: bool = False) -> LayerExperts:
+    """The experts of layer i; `ids` are their original ids (see original_expert_ids);
+    `repaired`: the folder's experts are a repair (profile.json "repair")."""
     names = cfg.names
     E, s = cfg.experts_per_layer[i], cfg.shared_per_layer[i]
     rname = names.router(i) if names.router(i) in files or names.fused_router(i) not in files else names.fused_router(i)
@@ -346,57 +313,32 @@ def read_layer_experts(folder: Path, files: CheckpointFiles, cfg: ModelConfig, i
     logit_bias = reader.get(names.router_logit_bias(i), (E,)) if cfg.router_logit_bias else None
     stacked = _stacked_experts(files, cfg, i, reader) if cfg.expert_mlp == "clamped_swiglu" else None
     groups = cfg.expert_groups(i)
-    le = LayerExperts()
-    for j in range(E):
-        le.ids.append(ids[j])
-        le.experts.append(stacked[j] if stacked is not None else _expert_views(files, names, cfg, i, j, reader))
-        if logit_bias is not None:
-            le.logit_bias_rows.append(logit_bias[j])
-        le.router_rows.append(router[j])
-        le.shared.append(j >= E - s)
-        le.always_active.append(j in cfg.always_active_per_layer[i])
-        le.sources.append(str(folder))
-        le.groups.append(groups[j])
-        if bias is not None:
-            le.bias_rows.append(bias[j])
-    le.rebuild(reader.device)
-    le.router = router  # the checkpoint's own view, no copy
-    return le
+    slots = [ExpertSlot(ids[j], str(folder), stacked[j] if stacked is not None else
+                        _expert_views(files, names, cfg, i, j, reader), router[j], shared=j >= E - s,
+                        always_active=j in cfg.always_active_per_layer[i], group=groups[j],
+                        bias=None if bias is None else bias[j],
+                        logit_bias=None if logit_bias is None else logit_bias[j], repaired=repaired)
+             for j in range(E)]
+    # the checkpoint's own router view, no copy, when its rows are already in original-id order
+    in_order = all(ids[j] < ids[j + 1] for j in range(E - 1))
+    return LayerExperts(slots, reader.device, router if in_order else None)
 
 
 def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: torch.dtype,
-                 device: torch.device) -> ModelWeights:
-    """Views of every tensor the config calls for, shapes checked against it."""
-    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")))
+                 device: torch.device, repaired: bool = False) -> ModelWeights:
+    """Views of every tensor the config calls for, shapes checked against it
+    (`repaired`: the folder's experts are a repair, profile.json "repair")."""
+    r = _Reader(files, dtype, device, read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                cfg.fp8_block)
     n = cfg.names
     H, V = cfg.hidden_size, cfg.vocab_size
-    qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     embed = r.get(n.embed, (V, H))
     lm_head = embed if cfg.tie_word_embeddings and n.lm_head not in files else r.get(n.lm_head, (V, H))
     orig_ids = original_expert_ids(folder, cfg)
     layers = []
-    for i in range(cfg.num_layers):
-        lw = LayerWeights(
-            attn_norm=r.get(n.attn_norm(i), (H,)),
-            q=r.get(n.proj(i, "q"), (qd, H)),
-            k=r.get(n.proj(i, "k"), (kvd, H)),
-            v=r.get(n.proj(i, "v"), (kvd, H)),
-            o=r.get(n.proj(i, "o"), (H, qd)),
-            mlp_norm=r.get(n.mlp_norm(i), (H,)),
-        )
-        if cfg.qk_norm == "proj":  # OLMoE: over the whole projection
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (qd,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (kvd,))
-        elif cfg.qk_norm == "head":  # Qwen3, GLM: one [head_dim] weight shared by every head
-            lw.q_norm = r.get(n.qk_norm(i, "q"), (cfg.head_dim,))
-            lw.k_norm = r.get(n.qk_norm(i, "k"), (cfg.head_dim,))
-        if cfg.attention_bias:
-            lw.q_bias, lw.k_bias = r.get(n.proj(i, "q", "bias"), (qd,)), r.get(n.proj(i, "k", "bias"), (kvd,))
-            lw.v_bias = r.get(n.proj(i, "v", "bias"), (kvd,))
-        if cfg.o_bias:
-            lw.o_bias = r.get(n.proj(i, "o", "bias"), (H,))
-        if cfg.attention_sinks:
-            lw.sinks = r.get(n.sinks(i), (cfg.num_heads,))
+    for i, module in enumerate(attention_modules(cfg)):
+        lw = LayerWeights(attn_norm=r.get(n.attn_norm(i), (H,)), attn=module.read(r, n),
+                          mlp_norm=r.get(n.mlp_norm(i), (H,)))
         if cfg.is_dense(i):
             D = cfg.dense_intermediate_size
             lw.dense = Expert(r.get(n.dense(i, "gate"), (D, H)), r.get(n.dense(i, "up"), (D, H)),
@@ -405,54 +347,12 @@ def read_weights(folder: Path, files: CheckpointFiles, cfg: ModelConfig, dtype: 
                 lw.dense_bias = (r.get(n.dense(i, "gate", "bias"), (D,)), r.get(n.dense(i, "up", "bias"), (D,)),
                                  r.get(n.dense(i, "down", "bias"), (H,)))
         else:
-            lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i])
+            lw.experts = read_layer_experts(folder, files, cfg, i, r, orig_ids[i], repaired)
             if cfg.shared_mlp_size:
                 S = cfg.shared_mlp_size
                 lw.shared_mlp = Expert(r.get(n.shared(i, "gate"), (S, H)), r.get(n.shared(i, "up"), (S, H)),
                                        r.get(n.shared(i, "down"), (H, S)))
+                if cfg.shared_gate:
+                    lw.shared_gate = r.get(n.shared_gate(i), (1, H))
         layers.append(lw)
     return ModelWeights(embed=embed, final_norm=r.get(n.final_norm, (H,)), lm_head=lm_head, layers=layers)
-
-
-def merge_experts(target: LayerExperts, source: LayerExperts, device: torch.device,
-                  take_over_from: str | None = None) -> list[int]:
-    """Add to `target` the experts of `source` it lacks (by original id).
-
-    An expert already present is kept as is: two checkpoints of the same base
-    hold the same bytes for the same original id (the caller checks the base
-    identity), so it exists once in memory. The exception is a slot provided by
-    `take_over_from` (the base checkpoint's folder): a profile's own shards then
-    serve that expert, and the base's copy is never touched. Returns the ids
-    added or taken over.
-    """
-    added = []
-    for j, orig in enumerate(source.ids):
-        if orig in target.ids:
-            slot = target.ids.index(orig)
-            if take_over_from is not None and target.sources[slot] == take_over_from:
-                target.experts[slot] = source.experts[j]
-                target.sources[slot] = source.sources[j]
-                added.append(orig)
-            continue
-        target.ids.append(orig)
-        target.experts.append(source.experts[j])
-        target.router_rows.append(source.router_rows[j])
-        target.shared.append(source.shared[j])
-        target.always_active.append(source.always_active[j])
-        target.sources.append(source.sources[j])
-        target.groups.append(source.groups[j])
-        if source.logit_bias_rows:
-            target.logit_bias_rows.append(source.logit_bias_rows[j])
-        if source.bias_rows:
-            target.bias_rows.append(source.bias_rows[j])
-        added.append(orig)
-    if added:
-        order = sorted(range(len(target.ids)), key=target.ids.__getitem__)
-        for attr in ("ids", "experts", "router_rows", "shared", "always_active", "sources", "groups", "bias_rows",
-                     "logit_bias_rows"):
-            lst = getattr(target, attr)
-            if lst:
-                setattr(target, attr, [lst[k] for k in order])
-        # The router over the union is small (S x H) and is the one copy made.
-        target.rebuild(device)
-    return added

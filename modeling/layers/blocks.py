@@ -24,6 +24,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(dtype)
 
 
+def rms_norm_offset(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm whose weight is stored zero-centred (Qwen3-Next, Qwen3.5): scaled by
+    1 + w, all in float32, then cast back (as transformers' Qwen3NextRMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

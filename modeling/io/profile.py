@@ -86,6 +86,9 @@ class ProfileManifest:
     # repaired experts (merge / distill / finetune: new bytes, never the base's): {"steps": [...], "data": ...};
     # absent for a plain subset
     repair: dict[str, Any] = field(default_factory=dict)
+    # tensors of the base that the profile leaves out, by name prefix -> why (a vision tower that is not served,
+    # a multi-token-prediction head that is not run); absent when nothing is left out
+    left_out: dict[str, str] = field(default_factory=dict)
     format: str = FORMAT
     manifest_sha256: str = ""  # over every other field (manifest_hash); set by write()
 
@@ -100,6 +103,8 @@ class ProfileManifest:
             del d["quantization"]  # manifests of float profiles stay as they were (and their hashes)
         if not d["repair"]:
             del d["repair"]
+        if not d["left_out"]:
+            del d["left_out"]
         return d
 
     def write(self, folder: str | Path) -> Path:
@@ -134,6 +139,7 @@ class ProfileManifest:
                 created=str(d.get("created", "")),
                 quantization=dict(d.get("quantization") or {}),
                 repair=dict(d.get("repair") or {}),
+                left_out=dict(d.get("left_out") or {}),
                 manifest_sha256=str(d.get(HASH_FIELD) or ""),
             )
         except ProfileError:

@@ -53,6 +53,16 @@ class RoutingRule:
     def group_limited(self) -> bool:
         return self.n_group > 1
 
+    def group_of(self, expert: int, num_experts: int) -> int:
+        return expert_group(expert, num_experts, self.n_group)
+
+
+def expert_group(expert: int, num_experts: int, n_group: int) -> int:
+    """The routing group of expert `expert` of `num_experts` (ids counted as the
+    router that groups them counts them): `n_group` consecutive equal blocks, 0
+    unless group-limited. The one place the formula is written."""
+    return expert // (num_experts // n_group) if n_group > 1 else 0
+
 
 @dataclass
 class Route:

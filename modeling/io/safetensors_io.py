@@ -40,6 +40,7 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,  # block-scaled FP8 weights (modeling.quant.fp8)
     "F16": torch.float16,
     "F32": torch.float32,
     "F64": torch.float64,
