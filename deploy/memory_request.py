@@ -59,7 +59,7 @@ from typing import Any, Iterable
 if importlib.util.find_spec("server") is None:  # run as a file from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling.config import load_config  # noqa: E402  (emo-serve's own config parser and cache layout)
-from modeling.model import KVCache  # noqa: E402
+from modeling.layers.cache import KVCache  # noqa: E402
 from server.config import ServerConfig, context_length  # noqa: E402
 
 SERVER = ServerConfig()  # emo-serve's defaults: one source for both

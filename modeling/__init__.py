@@ -2,9 +2,9 @@
 DeepSeek-V3 / Kimi-K2, GLM-4.7-Flash, FlexOlmo (modeling.families)."""
 
 from .config import ConfigError, ModelConfig, load_config
-from .loader import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
+from .model import Generation, Model, ModelNotFound, load_model, resolve_checkpoint
 from .layers.cache import KVCache
-from .model import Batch, ChosenExperts, ForwardOutput, Pool, PoolError, ResolvedPool
+from .transformer import Batch, ChosenExperts, ForwardOutput, Pool, PoolError, ResolvedPool
 from .io.profile import ProfileError, ProfileManifest, base_identity
 from .io.safetensors_io import CheckpointError, CheckpointFiles, write_checkpoint
 from .sampling import SamplingParams, StopChecker

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from .decoding import TokenState
-from .model import Batch, ResolvedPool
+from .transformer import Batch, ResolvedPool
 from .sampling import SamplingParams, sample_next
 
 if TYPE_CHECKING:
-    from .loader import Model
+    from .model import Model
 
 log = logging.getLogger("emo_serve.engine")
 

@@ -1,309 +1,359 @@
-"""The forward pass of every family (modeling.families), in the spirit of gpt-fast: one readable file,
-an explicit KV cache, no framework magic.
-
-A batch is *packed*: the new tokens of every sequence are concatenated into
-one `[T]` vector (as vLLM does), so prefill, decode and a mix of both run in the
-same call and dense layers never compute on padding. Attention is the only
-step that looks at sequences one at a time, each against its own cache slot.
-
-Routing runs over the experts a layer has loaded (its *slots*); each sequence
-brings a pool, resolved to a boolean mask over slots per layer, and the router
-logits outside it are dropped before the softmax (`modeling.layers.routing`).
-"""
+"""`load_model`: a checkpoint folder (or Hugging Face repo id) to a runnable `Model`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .layers.attention import Attention, LayerOps, attention_modules
-from .layers.cache import KVCache
-from .config import ModelConfig
-from .layers.expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers.blocks import rms_norm_offset, rope_tables
-from .kernels import Kernels
+from .config import ModelConfig, load_config, parse_dtype
+from .quant import Int8Cache, PackedLinear, read_quantization_config
 from .quant.fp8 import Fp8Matrix
 from .quant.mxfp4 import DequantCache
-from .quant import Int8Cache, PackedLinear
-from .layers.routing import Route, route
-from .io.weights import Expert, LayerWeights, ModelWeights
+from .layers.cache import KVCache
+from .transformer import Batch, ForwardOutput, Pool, PoolError, ResolvedPool, Transformer
+from .io.profile import ProfileManifest, base_identity
+from .io.safetensors_io import CheckpointFiles
+from .engine_core import EngineCore, Sequence
+from .output_processor import SeqOutput
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+from .expert_store import ExpertStore, LayerExperts
+from .io.weights import PROFILE_FILE, TensorNames, _Reader, original_expert_ids, read_layer_experts, read_weights, weight_bytes
 
-# A pool as users write it: {layer: [original expert ids]}; a missing layer or
-# None means every loaded expert of that layer.
-Pool = dict[int, list[int] | None]
+# Only what a checkpoint needs: never optimizer states or other formats.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "profile.json",
+                "chat_template.jinja",
+                "kept_experts.json"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class PoolError(ValueError):
-    """A pool that names experts the model has not loaded."""
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+class ModelUnusable(RuntimeError):
+    """The files every forward reads are gone or changing (`Model.unusable`)."""
+
+
+def resolve_checkpoint(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face repo id fetched (or found in
+    the local hub cache; HF_HUB_OFFLINE=1 never touches the network)."""
+    p = Path(path_or_repo).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_repo)
+    if p.exists() or not _REPO_ID.match(s):
+        raise ModelNotFound(f"{s}: not a checkpoint folder (and not a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    # huggingface_hub reads its environment once, at import; read it per call so
+    # HF_HUB_CACHE / HF_HUB_OFFLINE set later (by a CLI flag or a test) count.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo_id=s, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      cache_dir=os.environ.get("HF_HUB_CACHE") or None, local_files_only=offline))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelNotFound(f"{s}: cannot get it from the Hugging Face hub ({type(e).__name__}: {e})") from None
 
 
 @dataclass
-class ResolvedPool:
-    """A pool as slot masks per layer (None: no restriction in that layer)."""
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float]  # of each token of token_ids
 
-    masks: list[Tensor | None]
-    pool: Pool | None = None
 
+class Model:
+    """A loaded checkpoint: config, weight views, the forward pass, the tokenizer."""
 
-@dataclass
-class Batch:
-    """New tokens of several sequences, packed.
+    def __init__(self, path: Path, config: ModelConfig, files: CheckpointFiles, dtype: torch.dtype,
+                 device: torch.device, quantize: str | None = None, compile: bool = False):
+        self.path, self.config, self.files, self.dtype, self.device = path, config, files, dtype, device
+        self.name = path.name
+        self.quantize = quantize
+        self.is_profile = (path / PROFILE_FILE).is_file()
+        self.weights = read_weights(path, files, config, dtype, device,
+                                    repaired=self.is_profile and bool(ProfileManifest.read(path).repair))
+        # per source folder: (config, reader, original ids per layer, repaired), read once
+        self._source_info: dict[str, tuple[ModelConfig, _Reader, list[list[int]], bool]] = {}
+        # every expert slot, the mapped sources and what changes them (merge, withdraw, bytes, pinning)
+        self.experts = ExpertStore([lw.experts for lw in self.weights.layers], str(path), files,
+                                   self._layer_experts_of)
+        # Set (under `lock`) when the model's own files can no longer be read: every forward refuses
+        self.unusable: str | None = None
+        # A forward pass and a re-pointing of expert slots (withdraw: a server's verifier
+        # thread) never interleave: a pass sees the slots all before or all after.
+        self.lock = threading.RLock()
+        self._mapped: list[tuple[int, int]] = []
+        self._note_mappings(files)
+        int8 = Int8Cache(dtype, self._mapped) if quantize == "int8" else None
+        self.transformer = Transformer(config, self.weights, dtype, device, int8, compile_decode=compile)
+        self.tokenizer = (Tokenizer(path, config.eos_token_ids, config.pad_token_id)
+                          if (path / "tokenizer.json").is_file() else None)
+        self.identity = base_identity(path)
 
-    tokens: `[T]` int64, the new tokens of sequence 0, then 1, ...
-    slots: cache slot per sequence; starts: position of each sequence's first
-    new token (= tokens already in its cache); counts: new tokens per sequence;
-    pools: a ResolvedPool per sequence (None: every loaded expert).
-    """
-
-    tokens: Tensor
-    slots: list[int]
-    starts: list[int]
-    counts: list[int]
-    pools: list[ResolvedPool | None] = field(default_factory=list)
+    def mark_unusable(self, reason: str) -> None:
+        """No forward runs after this returns (it waits for the one in flight)."""
+        with self.lock:
+            self.unusable = reason
 
     @property
-    def num_seqs(self) -> int:
-        return len(self.slots)
+    def sources(self) -> dict[str, CheckpointFiles]:
+        """The mapped checkpoint folders (the model's own first), by folder."""
+        return self.experts.sources
 
+    def _note_mappings(self, files: CheckpointFiles) -> None:
+        self._mapped.extend(r for f in files.files.values() if (r := f.address_range()) is not None)
 
-@dataclass
-class ChosenExperts:
-    """What one MoE layer of a forward pass chose, per packed token (`collect_routes`)."""
+    # -- experts ---------------------------------------------------------------
+    def expert_ids(self, layer: int) -> list[int]:
+        le = self.weights.layers[layer].experts
+        return [] if le is None else list(le.ids)
 
-    experts: Tensor  # [T, k] int64 original expert ids; -1 where the pool had fewer than k experts
-    weights: Tensor  # [T, k] float32 routing weights the expert outputs were summed with (0 where -1)
-    probs: Tensor  # [T, S] float32 routing softmax over the layer's loaded slots (`Route.probs`)
+    def layer_experts(self, layer: int) -> LayerExperts | None:
+        return self.weights.layers[layer].experts
 
+    def add_experts_from(self, folder: str | Path, take_over_base: bool = True) -> dict[int, list[int]]:
+        """Map another checkpoint of the same base (a profile folder) and add the
+        experts this model lacks. An expert that an earlier profile already
+        provides is shared, not mapped twice; one that only the base checkpoint
+        provides is taken over by this profile's shards when `take_over_base`
+        (the base's copy then stays untouched on disk). Returns {layer: ids}."""
+        folder = Path(folder)
+        ident = base_identity(folder)
+        if ident.get("id") != self.identity.get("id"):
+            raise PoolError(f"{folder}: cut from base {ident.get('name')!r} ({ident.get('id')}), "
+                            f"but this model is {self.identity.get('name')!r} ({self.identity.get('id')})")
+        for f in (folder, self.path):
+            if (f / PROFILE_FILE).is_file() and ProfileManifest.read(f).repair:
+                # repaired experts are new bytes under the base's expert ids: sharing them by id would
+                # serve one profile's repaired expert to another (or to "full")
+                raise PoolError(f"{f}: its experts were repaired (profile.json \"repair\"): they are its own, "
+                                "not the base's; serve it on its own (emo-serve --profile DIR), not beside the "
+                                "base or other profiles")
+        cfg = load_config(folder)
+        if cfg.num_layers != self.config.num_layers or cfg.hidden_size != self.config.hidden_size:
+            raise PoolError(f"{folder}: shape differs from {self.path}")
+        if str(folder) not in self.sources:
+            files = self.sources[str(folder)] = CheckpointFiles(folder)
+            self._note_mappings(files)
+        # Only a full base gives its experts up; a profile loaded as the model
+        # keeps serving its own.
+        take_over = str(self.path) if take_over_base and not self.is_profile else None
+        return self.experts.merge(str(folder), take_over)
 
-@dataclass
-class ForwardOutput:
-    logits: Tensor  # float32, rows as asked by `logits_at`
-    router_probs: list[Tensor | None] | None = None  # per layer [T, S] float32 (None for dense layers)
-    routes: list[ChosenExperts | None] | None = None  # per layer, with `collect_routes` (None for dense layers)
+    def withdraw(self, folder: str | Path) -> dict[int, list[int]]:
+        """Stop using the bytes of `folder` (an added profile found corrupt): every
+        expert slot it provides is re-pointed, with its router row, to the same
+        expert of another mapped source (the base first, then profiles in the order
+        they were added) that has not been withdrawn. Returns {layer: original ids}
+        that no sound source holds (they keep the withdrawn bytes; callers must not
+        route to them). The model's own checkpoint cannot be withdrawn: its
+        non-expert weights are the ones every forward runs on."""
+        key = str(Path(folder))
+        if key == str(self.path):
+            raise PoolError(f"{folder}: the model's own checkpoint cannot be withdrawn")
+        with self.lock:  # after the forward pass in flight, before the next
+            return self.experts.withdraw(key)
 
+    def _layer_experts_of(self, source: str, layer: int) -> LayerExperts | None:
+        """Views of layer `layer`'s experts in one mapped source (None: it has none there)."""
+        if source not in self._source_info:
+            folder = Path(source)
+            cfg = self.config if source == str(self.path) else load_config(folder)
+            repaired = (folder / PROFILE_FILE).is_file() and bool(ProfileManifest.read(folder).repair)
+            self._source_info[source] = (cfg, self._reader(folder, self.sources[source], cfg),
+                                         original_expert_ids(folder, cfg), repaired)
+        cfg, reader, orig, repaired = self._source_info[source]
+        if not cfg.experts_per_layer[layer]:
+            return None
+        return read_layer_experts(Path(source), self.sources[source], cfg, layer, reader, orig[layer], repaired)
 
-class Transformer:
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, device: torch.device,
-                 int8: Int8Cache | None = None, compile_decode: bool = False):
-        self.cfg, self.w, self.dtype, self.device = cfg, weights, dtype, device
-        self.int8 = int8  # weight-only int8 for every matrix but the router (optional, lazy)
-        self.compile_decode = compile_decode  # compiled bf16 GEMV for one-row products (optional)
-        self.mxfp4_cache: DequantCache | None = None  # dequantized MXFP4 experts kept (optional, bounded)
-        # one kernel object per weight matrix and the fused MoE call (modeling.kernels)
-        self.kernels = Kernels(device, int8, compile_decode)
-        # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
-        # each layer's attention module, as the family declares it (cfg.layer_types)
-        self.attention: list[Attention] = attention_modules(cfg)
-        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
-        self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
-        # the RoPE tables embed() computes: one width for the modules that rotate (None: none does)
-        dims = {a.rope_dim for a in self.attention if a.rope_dim is not None}
-        assert len(dims) <= 1, f"attention modules disagree on the RoPE width: {dims}"
-        self.rope_dim = dims.pop() if dims else None
+    def _reader(self, folder: Path, files: CheckpointFiles, cfg: ModelConfig) -> _Reader:
+        """Views of a mapped source's tensors, read with that source's own quantization."""
+        return _Reader(files, self.dtype, self.device,
+                       read_quantization_config(cfg.raw.get("quantization_config"), str(folder / "config.json")),
+                       cfg.fp8_block)
 
-    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
-        if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
-            return F.linear(x, w.dequantize(x.dtype), bias)
-        return self.kernels.linear(x, w, bias)
+    def expert_bytes(self, layer: int, orig_id: int) -> int:
+        return self.experts.expert_bytes(layer, orig_id)
 
-    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
-        if self.cfg.norm_offset:  # zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5): the torch path
-            return rms_norm_offset(x, weight, self.cfg.rms_norm_eps)
-        return self.kernels.rms_norm(x, weight, self.cfg.rms_norm_eps)
+    def non_expert_bytes(self) -> int:
+        w = self.weights
+        ts = [w.embed, w.final_norm] + ([] if w.lm_head is w.embed else [w.lm_head])
+        for lw in w.layers:
+            ts += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
+            if lw.experts is not None:
+                ts.append(lw.experts.router)
+                if lw.experts.logit_bias is not None:
+                    ts.append(lw.experts.logit_bias)
+            if lw.dense is not None:
+                ts += lw.dense.matrices()
+            if lw.shared_mlp is not None:
+                ts += lw.shared_mlp.matrices()
+            if lw.shared_gate is not None:
+                ts.append(lw.shared_gate)
+        return sum(weight_bytes(t) for t in ts)
 
-    # -- pools -----------------------------------------------------------------
-    def resolve_pool(self, pool: Pool | None) -> ResolvedPool:
-        masks: list[Tensor | None] = []
-        for i, lw in enumerate(self.w.layers):
-            ids = None if pool is None else pool.get(i, pool.get(str(i)) if isinstance(pool, dict) else None)
-            if ids is None or lw.experts is None:
-                masks.append(None)
-                continue
-            le = lw.experts
-            mask = torch.zeros(len(le.ids), dtype=torch.bool)
-            for e in ids:
-                slot = le.slot_of(int(e))
-                if slot is None:
-                    raise PoolError(f"layer {i}: expert {e} is not loaded (loaded: {len(le.ids)} experts)")
-                mask[slot] = True
-            masks.append(None if bool(mask.all()) else mask.to(self.device))
-        return ResolvedPool(masks, pool)
+    def pin(self, pool: Pool | None = None) -> dict:
+        """Keep in memory what serving `pool` ({layer: original ids}; None: every loaded
+        expert) reads: the base weights and those experts (`modeling.io.pinning`).
+        Quantized matrices are repacked now (their kernel copies are anonymous memory)."""
+        from .io.pinning import pin
 
-    # -- forward ---------------------------------------------------------------
-    @torch.inference_mode()
+        w = self.weights
+        mats: list = [w.embed, w.final_norm, w.lm_head]
+        for i, lw in enumerate(w.layers):
+            mats += [lw.attn_norm, lw.mlp_norm] + [t for _, t in lw.attn.named_tensors()]
+            for e in (lw.dense, lw.shared_mlp):
+                if e is not None:
+                    mats += e.matrices()
+            mats.append(lw.shared_gate)
+        mats += self.experts.pinned_matrices(pool)
+        tensors, repacked = [], 0
+        native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
+        for m in mats:
+            if isinstance(m, PackedLinear) and not native:
+                m.prepare(self.dtype)
+                repacked += 1
+            elif isinstance(m, (PackedLinear, Fp8Matrix)):  # as stored: FP8 bytes and scales
+                tensors += m.tensors()
+            elif m is not None:
+                tensors.append(m)
+        return {**pin(tensors), "repacked_matrices": repacked}
+
+    # -- running ---------------------------------------------------------------
+    def resolve_pool(self, pool: Pool | ResolvedPool | None) -> ResolvedPool | None:
+        if pool is None or isinstance(pool, ResolvedPool):
+            return pool
+        return self.transformer.resolve_pool(pool)
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache(self.config, num_slots, max_len, self.dtype, self.device)
+
     def forward(self, batch: Batch, cache: KVCache, logits_at: str | Tensor = "last",
                 collect_router_probs: bool = False, collect_routes: bool = False) -> ForwardOutput:
-        """Run the new tokens through the model, appending to the cache.
+        with self.lock:
+            if self.unusable is not None:
+                raise ModelUnusable(f"the model's weights cannot be read: {self.unusable}")
+            return self.transformer.forward(batch, cache, logits_at, collect_router_probs, collect_routes)
 
-        logits_at: "last" (one row per sequence), "all" (one per token), or an
-        index tensor of packed rows. `collect_routes` reports, per MoE layer,
-        the experts this very pass chose for every packed token and their weights.
-        """
-        T = batch.tokens.numel()
-        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
-            if s + n > cache.max_len:
-                raise ValueError(f"sequence in slot {slot} needs {s + n} positions; the cache holds {cache.max_len}")
-        with self.kernels.small_step(T):
-            x, cos, sin = self.embed(batch)
-            routes: list[Route | None] = []
-            collect = collect_router_probs or collect_routes
-            for i in range(len(self.w.layers)):
-                x = self.attention_block(i, x, cos, sin, batch, cache)
-                x, r = self.mlp_block(i, x, self._allowed(i, batch, T), collect)
-                routes.append(r)
-        for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
-            cache.lengths[slot] = s + n
-        if isinstance(logits_at, str):
-            if logits_at == "last":
-                rows = torch.tensor(batch.counts).cumsum(0) - 1
-                x = x[rows.to(self.device)]
-            elif logits_at != "all":
-                raise ValueError(f"logits_at must be 'last', 'all' or an index tensor, not {logits_at!r}")
-        else:
-            x = x[logits_at.to(self.device)]
-        return ForwardOutput(self.head(x),
-                             [None if r is None else r.probs for r in routes] if collect_router_probs else None,
-                             [self._chosen(i, r) for i, r in enumerate(routes)] if collect_routes else None)
+    def logits(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> Tensor:
+        """`[len(token_ids), vocab]` float32 logits of one sequence."""
+        return self._run_one(token_ids, pool, collect_router_probs=False).logits
 
-    def _chosen(self, i: int, r: Route | None) -> ChosenExperts | None:
-        if r is None:
-            return None
-        ids = torch.tensor(self.w.layers[i].experts.ids, dtype=torch.int64, device=r.indices.device)
-        return ChosenExperts(ids[r.indices].masked_fill(~r.valid, -1), r.weights, r.probs)
+    def router_probs(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> list[Tensor | None]:
+        """Per layer, the routing softmax `[len(token_ids), S]` over loaded slots."""
+        return self._run_one(token_ids, pool, collect_router_probs=True).router_probs
 
-    # -- the pieces of a forward pass, public so that a layer-at-a-time pass over
-    #    a checkpoint larger than memory (the subset builder) runs the same code --
-    def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Token embeddings of the packed batch and the RoPE tables of its positions."""
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
-        if self.rope_dim is None:
-            cos = sin = positions.new_empty(0)
-        else:
-            cos, sin = rope_tables(self.cfg.rope, self.rope_dim, positions)
-        return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
+    def routes(self, token_ids: list[int] | Tensor, pool: Pool | ResolvedPool | None = None) -> ForwardOutput:
+        """One forward of one sequence that reports, per layer, the experts it chose
+        for every token (`ForwardOutput.routes`, original ids) and the routing
+        softmax (`router_probs`); logits of the last row only."""
+        return self._run_one(token_ids, pool, collect_router_probs=True, collect_routes=True)
 
-    def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
-        """x + attention(RMSNorm(x)) for layer i (post-norm families: x + RMSNorm(attention(x))),
-        by the layer's attention module, which writes the batch's state (keys and values, ...) to `cache`."""
-        lw, attn = self.w.layers[i], self.attention[i]
-        if self.cfg.norm_placement == "post":  # OLMo2 / FlexOlmo: the norm on the sublayer's output
-            return x + self._norm(attn.forward(lw.attn, x, cos, sin, batch, cache[i], self.ops), lw.attn_norm)
-        return x + attn.forward(lw.attn, self._norm(x, lw.attn_norm), cos, sin, batch, cache[i], self.ops)
+    def _run_one(self, token_ids, pool, collect_router_probs: bool, collect_routes: bool = False) -> ForwardOutput:
+        """One sequence through a cache of its own length: every row's logits, or
+        (when collecting routing) only the last row's."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        if ids.numel() == 0:
+            raise ValueError("token_ids is empty")
+        self.check_tokens(ids.tolist())
+        cache = self.new_cache(1, ids.numel())
+        batch = Batch(ids, [0], [0], [ids.numel()], [self.resolve_pool(pool)])
+        rows = torch.tensor([ids.numel() - 1]) if collect_router_probs or collect_routes else "all"
+        return self.forward(batch, cache, logits_at=rows, collect_router_probs=collect_router_probs,
+                            collect_routes=collect_routes)
 
-    def mlp_input(self, i: int, x: Tensor) -> Tensor:
-        """What layer i's MoE (or dense MLP) and its router see: RMSNorm(x), or x itself when the
-        family norms the MLP's output instead (norm_placement "post")."""
-        if self.cfg.norm_placement == "post":
-            return x
-        return self._norm(x, self.w.layers[i].mlp_norm)
+    def check_tokens(self, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
 
-    def _mlp_output(self, i: int, y: Tensor) -> Tensor:
-        if self.cfg.norm_placement == "post":
-            return self._norm(y, self.w.layers[i].mlp_norm)
-        return y
+    @property
+    def eos_ids(self) -> set[int]:
+        """The ids that end a sequence (unless `ignore_eos`): the config's and the tokenizer's."""
+        return set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids if self.tokenizer else [])
 
-    def mlp_block(self, i: int, x: Tensor, allowed: Tensor | None = None, collect: bool = False,
-                  h: Tensor | None = None) -> tuple[Tensor, Route | None]:
-        """x + MoE(RMSNorm(x)) (or the dense MLP) for layer i, and the layer's
-        `Route` when `collect`. `allowed` `[T, S]` restricts routing; `h` is
-        `mlp_input(i, x)` when the caller already has it."""
-        lw = self.w.layers[i]
-        h = self.mlp_input(i, x) if h is None else h
-        if lw.experts is None:
-            return x + self._mlp_output(i, self._dense(lw, h)), None
-        y, r = self.moe(i, h, allowed, collect)
-        return x + self._mlp_output(i, y), r
+    @torch.inference_mode()
+    def generate(self, prompt: list[int] | str, params: SamplingParams | None = None,
+                 pool: Pool | ResolvedPool | None = None) -> Generation:
+        """Generate for one prompt, synchronously: a driver of the server's own
+        engine core (`modeling.engine_core`) with one sequence, and of the output
+        processor after each step (as vLLM's `LLM` drives its engine); the server
+        adds batching across sequences, a queue and a thread."""
+        params = params or SamplingParams()
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("empty prompt")
+        self.check_tokens(ids)
+        max_len = min(len(ids) + params.max_tokens, self.config.max_position_embeddings)
+        core = EngineCore(self, max_batch=1, max_model_len=max_len, max_prefill_tokens=len(ids))
+        events: list = []
+        seq = Sequence(ids, params, "", events.append, logprobs=0)
+        seq.pool = self.resolve_pool(pool)
+        out = SeqOutput(params, self.tokenizer)
+        tokens: list[int] = []
+        lps: list[float] = []
+        finish = None
+        core.add(seq)
+        while finish is None:
+            core.step()
+            if not events:
+                raise RuntimeError("the engine core dropped the sequence")
+            for ev in events:
+                if ev.error is not None:
+                    raise RuntimeError(ev.error[2])
+                out.process(ev)  # a stop string ends it here: nothing past it is kept
+                tokens += [t.token_id for t in ev.tokens]
+                lps += [t.logprob for t in ev.tokens]
+                finish = finish or ev.finish_reason
+            events.clear()
+        return Generation(tokens, out.text.text if self.tokenizer is not None else "", finish, lps)
 
-    def head(self, x: Tensor) -> Tensor:
-        """float32 logits of the final hidden states."""
-        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
 
-    def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
-        masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
-        if not any(m is not None for m in masks):
-            return None
-        S = len(self.w.layers[layer].experts.ids)
-        full = torch.ones(S, dtype=torch.bool, device=self.device)
-        per_seq = torch.stack([full if m is None else m for m in masks])
-        return per_seq.repeat_interleave(torch.tensor(batch.counts, device=self.device), dim=0, output_size=T)
+QUANTIZE_CHOICES = (None, "int8")
 
-    def expert(self, e: Expert, x: Tensor) -> Tensor:
-        """One routed expert on `x` `[T, H]`, by the family's expert kind (int8 when the model is quantized)."""
-        return self.expert_kind.forward(self, e, x)
 
-    def _dense(self, lw: LayerWeights, h: Tensor) -> Tensor:
-        d = lw.dense
-        gb, ub, db = lw.dense_bias or (None, None, None)
-        lin = self._linear
-        return lin(F.silu(lin(h, d.gate, gb)) * lin(h, d.up, ub), d.down, db)
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
+               revision: str | None = None, quantize: str | None = None, compile: bool = False,
+               mxfp4_cache_bytes: int = 0) -> Model:
+    """Load a checkpoint for inference.
 
-    def route(self, i: int, h: Tensor, allowed: Tensor | None = None) -> Route:
-        """Layer i's expert choice for normed hidden states `h` (router in the
-        checkpoint's dtype or, where the family says so, float32; never
-        quantized; scores in float32), by the family's routing rule."""
-        rule, le = self.cfg.routing, self.w.layers[i].experts
-        if rule.router_float32:
-            logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
-        else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
-            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
-        return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
-                     bias=le.bias, groups=le.group_ids)
-
-    def moe(self, i: int, h: Tensor, allowed: Tensor | None = None,
-            collect: bool = False) -> tuple[Tensor, Route | None]:
-        """Layer i's mixture of experts on normed hidden states `h` `[T, H]`
-        (routed experts, plus the family's always-on shared MLP if it has one)."""
-        lw = self.w.layers[i]
-        le = lw.experts
-        r = self.route(i, h, allowed)
-        out = self._moe_fused(le, h, r)
-        if out is None:  # the torch path: one call per expert matrix
-            out = self._moe_one(le, h, r) if r.indices.shape[0] == 1 else self._moe_many(le, h, r)
-        out = out.to(h.dtype)
-        if lw.shared_mlp is not None:
-            shared = SWIGLU.forward(self, lw.shared_mlp, h)
-            if lw.shared_gate is not None:  # Qwen: the shared expert weighed by sigmoid(h . w) per token
-                shared = torch.sigmoid(self._linear(h, lw.shared_gate)) * shared
-            out = out + shared
-        return out, (r if collect else None)
-
-    def _moe_fused(self, le, h: Tensor, r: Route) -> Tensor | None:
-        """Every chosen expert of every token in one native call (None: the native path does not take
-        these experts, or an MXFP4 dequantization cache was asked for)."""
-        if self.mxfp4_cache is not None:
-            return None
-        return self.kernels.moe(le, h, r.indices, r.weights, r.valid, self.expert_kind.native_act(self.cfg))
-
-    def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
-        # Same arithmetic as _moe_many for one row: float32 sum over the chosen
-        # experts in increasing slot order.
-        pairs = sorted((e, w) for e, w, ok in zip(r.indices[0].tolist(), r.weights[0], r.valid[0].tolist()) if ok)
-        out = torch.zeros(1, h.shape[1], dtype=torch.float32, device=h.device)
-        for e, w in pairs:
-            out += self.expert(le.experts[e], h).float() * w
-        return out
-
-    def _moe_many(self, le, h: Tensor, r: Route) -> Tensor:
-        T, k = r.indices.shape
-        flat_e = r.indices.flatten()
-        keep = r.valid.flatten()
-        tok = torch.arange(T, device=h.device).repeat_interleave(k)
-        flat_w = r.weights.flatten()
-        if not bool(keep.all()):
-            flat_e, tok, flat_w = flat_e[keep], tok[keep], flat_w[keep]
-        order = torch.argsort(flat_e, stable=True)
-        flat_e, tok, flat_w = flat_e[order], tok[order], flat_w[order]
-        ids, counts = torch.unique_consecutive(flat_e, return_counts=True)
-        # Accumulate in float32: the sum over k experts is where bf16 would lose bits.
-        out = torch.zeros(T, h.shape[1], dtype=torch.float32, device=h.device)
-        off = 0
-        for e, c in zip(ids.tolist(), counts.tolist()):
-            idx = tok[off:off + c]
-            xe = h[idx] if c != T else h
-            y = self.expert(le.experts[e], xe)
-            out.index_add_(0, idx, y.float() * flat_w[off:off + c, None])
-            off += c
-        return out
+    dtype None keeps the checkpoint's dtype (zero-copy); another dtype converts
+    the weights (a copy). `path` may be a Hugging Face repo id. `quantize="int8"`
+    makes weight-only int8 copies of the matrices (router excepted) as they are
+    first used: about half the bytes per decoded token, not bit-exact.
+    `compile=True` runs one-row bf16 products (single-sequence decode) through
+    a TorchInductor-compiled GEMV (`modeling.kernels`): faster, compiled on
+    first use per matrix shape. `mxfp4_cache_bytes` > 0 keeps up to that many
+    bytes of dequantized MXFP4 experts (least recently used out); 0 dequantizes
+    an MXFP4 expert at every use and holds only its 4-bit bytes.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, not {quantize!r}")
+    folder = resolve_checkpoint(path, revision)
+    cfg = load_config(folder)
+    files = CheckpointFiles(folder)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' asked for, but torch.cuda.is_available() is False")
+    # The checkpoint's dtype is the one its tensors are stored in (config's
+    # torch_dtype is only a hint); keeping it is what makes loading zero-copy.
+    stored = files.info(cfg.names.embed).dtype if cfg.names.embed in files else cfg.dtype
+    dt = parse_dtype(dtype) or stored or torch.float32
+    if quantize == "int8" and dev.type != "cpu":
+        raise ValueError("quantize='int8' is implemented for the CPU only")
+    model = Model(folder, cfg, files, dt, dev, quantize, compile)
+    if mxfp4_cache_bytes > 0:
+        model.transformer.mxfp4_cache = DequantCache(mxfp4_cache_bytes)
+    return model

@@ -35,7 +35,7 @@ from .blocks import apply_rope
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
-    from ..model import Batch
+    from ..transformer import Batch
     from ..names import TensorNames
 
 

@@ -1,4 +1,4 @@
-"""Stateless building blocks shared by inference (`modeling.model`) and training.
+"""Stateless building blocks shared by inference (`modeling.transformer`) and training.
 
 Each function follows docs/formats.md to the letter: RMSNorm computes in float32
 and casts back; RoPE uses the rotate-half convention with float32 frequencies;

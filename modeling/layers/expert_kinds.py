@@ -20,7 +20,7 @@ from ..quant.mxfp4 import DequantCache, gemv as mxfp4_gemv
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
-    from ..model import Transformer
+    from ..transformer import Transformer
     from ..io.weights import Expert
 
 

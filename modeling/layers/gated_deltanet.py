@@ -38,7 +38,7 @@ from .blocks import apply_rope
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
-    from ..model import Batch
+    from ..transformer import Batch
     from ..names import TensorNames
 
 Linear = Callable[..., Tensor]  # linear(x, w, bias=None), as Transformer.kernels.linear
