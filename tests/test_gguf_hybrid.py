@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from modeling import load_model
-from subsetting.cli import main
 from tests.checkpoints import write_tokenizer
 from tests.families import IDS
 from tests.families_hybrid import HYBRID, LINEAR, TEXT, write_hybrid_checkpoint
+from tests.test_gguf import field, run  # the export command and a metadata field, as for the other families
 
 gguf = pytest.importorskip("gguf")
 
@@ -40,16 +40,6 @@ NK, NV, DK, DV, K = (LINEAR[k] for k in ("linear_num_key_heads", "linear_num_val
 R = NV // NK
 KEY, VALUE = NK * DK, NV * DV
 CONV = 2 * KEY + VALUE
-
-
-def run(*args) -> int:
-    return main([str(a) for a in args])
-
-
-def field(reader, key):
-    f = reader.get_field(key)
-    assert f is not None, key
-    return f.contents()
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ class Kernels:
         router): the native dense kernels where they take it, else F.linear."""
         k = self._dense.get(w)
         if k is None:
-            mat = native_matrix(self.ext, w) if self.ext is not None and w.dtype in (torch.bfloat16, torch.float32) else None
+            mat = native_matrix(self.ext, w) if self.ext is not None else None  # None for other dtypes
             k = _NativeLinear(self.ext, mat, None, None) if mat is not None else _TorchLinear(
                 lambda x, b, t=w: F.linear(x, t, b))
             self._dense.put(w, k)
@@ -196,7 +196,7 @@ class Kernels:
         `[kv_heads, L, D]` (views, read in place), or None where the native kernel does not apply (another
         device or dtype, head_dim above its limit); the caller then runs its torch path."""
         if (self.ext is None or q.device.type != "cpu" or keys.dtype not in (torch.bfloat16, torch.float32)
-                or keys.shape[-1] > 512 or keys.stride(-1) != 1 or vals.stride(-1) != 1):
+                or keys.shape[-1] > self.ext.ATTN_DMAX or keys.stride(-1) != 1 or vals.stride(-1) != 1):
             return None
         return self.ext.attend_decode(q, keys, vals, sinks, scale)
 

@@ -16,20 +16,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _normalised(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, in float32."""
+    h = x.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm in float32, cast back to the input dtype, then scaled."""
-    dtype = x.dtype
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    return weight * _normalised(x, eps).to(x.dtype)
 
 
 def rms_norm_offset(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm whose weight is stored zero-centred (Qwen3-Next, Qwen3.5): scaled by
     1 + w, all in float32, then cast back (as transformers' Qwen3NextRMSNorm)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * (1.0 + weight.float())).to(x.dtype)
+    return (_normalised(x, eps) * (1.0 + weight.float())).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -773,7 +773,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
     // Bumped whenever the Python side needs a function or behaviour an older build lacks: a stale build
     // (sources updated, extension not rebuilt) is then refused instead of failing mid-forward.
-    m.attr("ABI") = 3;
+    m.attr("ABI") = 4;
+    m.attr("ATTN_DMAX") = (int)ATTN_DMAX;  // the largest head_dim decode attention takes
     m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
     m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
     m.def("current_isa", [] { return std::string(isa()->name); });
