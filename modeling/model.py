@@ -220,12 +220,15 @@ class Model:
             mats.append(lw.shared_gate)
         mats += self.experts.pinned_matrices(pool)
         tensors, repacked = [], 0
-        native = self.transformer.kernels.native  # the native kernels read packed bytes in place: lock them
+        kernels = self.transformer.kernels
         for m in mats:
-            if isinstance(m, PackedLinear) and not native:
+            if isinstance(m, PackedLinear) and not kernels.native:
                 m.prepare(self.dtype)
                 repacked += 1
-            elif isinstance(m, (PackedLinear, Fp8Matrix)):  # as stored: FP8 bytes and scales
+            elif isinstance(m, PackedLinear):  # the native kernels' interleaved copy (or the mapped bytes)
+                repacked += kernels.prepare(m)
+                tensors += m.tensors()
+            elif isinstance(m, Fp8Matrix):  # as stored: FP8 bytes and scales
                 tensors += m.tensors()
             elif m is not None:
                 tensors.append(m)

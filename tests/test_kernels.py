@@ -162,6 +162,29 @@ def test_one_row_products_agree_streamed_and_tiled(isa, bits):
     torch.testing.assert_close(paired, tiled, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("bits,N,K,zp", [(8, 37, 96, False), (8, 4, 2048, False), (4, 5, 384, False), (4, 38, 256, True)])
+def test_interleaved_rows_equal_the_stored_layout(monkeypatch, isa, M, N, K, bits, zp):
+    """A checkpoint's int8 / int4 matrix is copied with its rows interleaved by 4 (the default): the same
+    dot products in the same order as the stored layout, so equal results, for row counts that are not a
+    multiple of 4 and rows that end in a partial chunk; a copy made for one ISA's chunk width is not read
+    by another ISA's kernels (they fall back to the stored bytes)."""
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(N)).bfloat16()
+    monkeypatch.setenv("EMO_INTERLEAVE", "0")
+    stored = native_matrix(EXT, int_linear(bits, N, K, 128 if bits == 4 else None, zp), "w")
+    monkeypatch.setenv("EMO_INTERLEAVE", "1")
+    w = int_linear(bits, N, K, 128 if bits == 4 else None, zp)  # the same values, another object
+    inter = native_matrix(EXT, w, "w")
+    assert native_matrix(EXT, w, "w") is inter  # one Matrix per PackedLinear
+    assert not stored.interleaved and inter.interleaved == (isa != "portable")
+    torch.testing.assert_close(EXT.linear(x, inter), EXT.linear(x, stored), rtol=0, atol=0)
+    for other in ISAS:  # the copy was made for `isa`: every other path still gives its own exact answer
+        EXT.set_isa(other)
+        torch.testing.assert_close(EXT.linear(x, inter), EXT.linear(x, stored), rtol=0, atol=0)
+    EXT.set_isa(isa)
+    assert inter.interleave() == inter.interleaved  # made once
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2048), (5, 3, 128), (300, 64), (64, 2048)])
 def test_native_rms_norm_equals_torch(dtype, shape):
@@ -312,7 +335,8 @@ def test_quantized_profile_through_the_native_path(tmp_path, monkeypatch):
         assert rel(a, b) < 3e-2, q
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.9
         e = fused.weights.layers[0].experts.experts[0]
-        assert e.gate._held == []  # never repacked: the kernels read the mapped bytes
+        assert e.gate._run is None and e.gate.native.interleaved  # the native kernels' copy, no ATen repacking
+        assert e.gate.tensors()[0].data_ptr() != e.gate.packed.data_ptr()
 
 
 def test_a_stale_build_is_refused_with_a_message(monkeypatch, capsys):

@@ -3,9 +3,12 @@
 `Kernels.linear(x, w, bias)` is the one way the forward pass multiplies by a weight. The first use of
 a weight makes its kernel object (what the weight is, decided once: dense bf16 / float32, int8, int4
 with or without zero points, MXFP4, or the lazily int8-quantized copy of `--quantize int8`), kept
-while the weight lives; later calls go straight to it. On the native path the object reads the mapped
-bytes as stored (nothing is repacked or expanded); a weight the native kernels do not take (another
-dtype, an accelerator, an int4 group size they do not handle) keeps the ATen path it had before.
+while the weight lives; later calls go straight to it. On the native path the object reads float weights
+as the mapped file stores them; a checkpoint's int8 / int4 matrix is copied once, on first use, with its
+rows interleaved by 4 (a decoded token then reads one sequential stream per 4 rows) and its mapped pages
+are given back, so resident memory holds it once at its quantized size (EMO_INTERLEAVE=0 reads the mapped
+bytes instead). Nothing is expanded. A weight the native kernels do not take (another dtype, an
+accelerator, an int4 group size they do not handle) keeps the ATen path it had before.
 
 `Kernels.moe(layer_experts, h, route)` runs the chosen experts of every token of a step as one native
 call with one parallel region per phase (gate/up, down) instead of one ATen call per expert matrix; it
@@ -16,6 +19,7 @@ its per-expert path.
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from typing import Callable
 
@@ -26,12 +30,16 @@ from torch import Tensor
 from ..layers.blocks import rms_norm
 from ..quant.mxfp4 import Mxfp4Matrix
 from ..quant import Int8Cache, PackedLinear
+from ..quant.lazy_int8 import drop_pages
 from . import native as _native
 from .compiled import linear_decode
 
 # bf16 / float32 products of at least this many rows go to oneDNN (through F.linear) on the `amx` path,
 # where its AMX tiles beat dot products; elsewhere our kernels take every row count.
 AMX_MIN_ROWS = 16
+
+# EMO_INTERLEAVE=0 keeps quantized checkpoint matrices in their stored layout (no interleaved copy; A/B runs).
+INTERLEAVE_ENV = "EMO_INTERLEAVE"
 
 # Forward passes of at most this many tokens run their (small) torch ops on one thread (Kernels.small_step).
 SMALL_STEP_TOKENS = 16
@@ -75,6 +83,24 @@ class _IdentityCache:
         self._d[key] = (weakref.ref(obj, lambda _, k=key, d=self._d: d.pop(k, None)), value)
 
 
+def interleave_enabled() -> bool:
+    """Whether quantized checkpoint matrices get their row-interleaved copy (INTERLEAVE_ENV=0: no)."""
+    return os.environ.get(INTERLEAVE_ENV, "1").strip() != "0"
+
+
+def _interleaved(mat, w: PackedLinear):
+    """A checkpoint's int8 / int4 matrix with its rows interleaved by 4 (the extension's Matrix.interleave):
+    one sequential stream per tile of 4 rows, the layout a decoded token reads fastest. The copy replaces
+    the mapped bytes, whose pages are given back (a later touch reads the file again), so resident memory
+    still holds each used matrix once, at its quantized size; `w.tensors()` then names the copy. One
+    Matrix per PackedLinear (`w.native`), shared by every kernel object that reads it."""
+    if interleave_enabled() and mat.interleave():
+        drop_pages(w.packed, w.mapped)
+        w._held = list(mat.tensors())
+    w.native = mat
+    return mat
+
+
 def native_matrix(ext, w, name: str = "weight", int8: Int8Cache | None = None):
     """The extension's Matrix for `w`, or None where the native kernels do not take it."""
     if isinstance(w, Mxfp4Matrix):
@@ -84,16 +110,19 @@ def native_matrix(ext, w, name: str = "weight", int8: Int8Cache | None = None):
     if isinstance(w, PackedLinear):
         if w.device.type != "cpu":
             return None
+        if w.native is not None:
+            return w.native
         s, (N, K) = w.scheme, w.shape
         data = w.packed.view(torch.uint8).view(N, -1)
         if s.bits == 8 and s.group_size is None and w.zero_point is None and K % 32 == 0:
-            return ext.int8(data, K, w.scale, False, name)
+            return _interleaved(ext.int8(data, K, w.scale, False, name), w)
         if s.bits == 4 and s.group_size is not None and K % 32 == 0:
             zp = w.zero_points()
             try:
-                return ext.int4(data, K, w.scale, None if zp is None else zp.to(torch.int8), s.group_size, name)
+                mat = ext.int4(data, K, w.scale, None if zp is None else zp.to(torch.int8), s.group_size, name)
             except ValueError:  # a group size this ISA's kernels do not take
                 return None
+            return _interleaved(mat, w)
         return None
     if not isinstance(w, Tensor) or w.device.type != "cpu" or w.dim() != 2 or w.stride(-1) != 1:
         return None
@@ -152,6 +181,14 @@ class Kernels:
 
     def linear(self, x: Tensor, w, bias: Tensor | None = None) -> Tensor:
         return self.kernel(w)(x, bias)
+
+    def prepare(self, w: PackedLinear) -> bool:
+        """Make a quantized checkpoint matrix's native kernel object now (what its first product would
+        do); True when that made the interleaved copy the kernels read instead of the mapped bytes."""
+        if self.ext is None or w.native is not None:
+            return False
+        mat = native_matrix(self.ext, w, w.name)
+        return mat is not None and mat.interleaved
 
     def unquantized(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         """x @ w.T + bias for a weight that stays in its own dtype whatever the model's quantization (a

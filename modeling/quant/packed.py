@@ -48,6 +48,7 @@ class PackedLinear:
         self.device = packed.device
         self._run: Callable[[Tensor], Tensor] | None = None
         self._held: list[Tensor] = []  # what the kernel reads once prepared
+        self.native = None  # the native kernels' Matrix for it (modeling.kernels.native_matrix), made once
 
     @property
     def dtype(self) -> torch.dtype:

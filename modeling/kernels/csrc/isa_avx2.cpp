@@ -23,6 +23,11 @@ namespace {
 
 inline int32_t row_of(const int32_t* rows, int64_t i) { return rows ? rows[i] : (int32_t)i; }
 
+// where row n's bytes start (see Mat.il): chunk c of it is at row_at(W, n) + c * W.il
+inline const uint8_t* row_at(const Mat& W, int64_t n) {
+    return W.il == 4 ? W.w + (n >> 2) * W.ld + (n & 3) * W.unit : W.w + n * W.ld;
+}
+
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -47,7 +52,7 @@ void tile_float(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int
     const float* x[MR];
     const uint8_t* w[NR];
     for (int i = 0; i < MR; i++) x[i] = a.f + (int64_t)row_of(rows, i0 + i) * K;
-    for (int j = 0; j < NR; j++) w[j] = W.w + (n + j) * W.ld;
+    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
     __m256 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
@@ -88,7 +93,8 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
         x[i] = a.q8 + r * K;
         xs[i] = a.s8 + r * (K / 4);
     }
-    for (int j = 0; j < NR; j++) w[j] = W.w + (n + j) * W.ld;
+    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    const int64_t il = W.il;
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[MR][NR];
@@ -97,7 +103,7 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
     for (int64_t k = 0; k < K; k += 32) {
         __m256i aw[NR], sw[NR];
         for (int j = 0; j < NR; j++) {
-            __m256i q = _mm256_loadu_si256((const __m256i*)(w[j] + k));
+            __m256i q = _mm256_loadu_si256((const __m256i*)(w[j] + k * il));
             if (!W.w_signed) q = _mm256_xor_si256(q, flip);  // stored q + 128 -> q
             aw[j] = _mm256_sign_epi8(q, q);                  // |q|
             sw[j] = q;
@@ -129,7 +135,8 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         xs[i] = a.s4 + r * (K / 8);
         xc[i] = a.c4 + r * (K / 8);
     }
-    for (int j = 0; j < NR; j++) w[j] = W.w + (n + j) * W.ld;
+    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    const int64_t il = W.il;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
@@ -146,8 +153,8 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         __m256i lo[NR], hi[NR], zf[NR];
         __m256 ws[NR];
         for (int j = 0; j < NR; j++) {
-            __m256i b = full ? _mm256_loadu_si256((const __m256i*)(w[j] + c))
-                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w[j] + c)));
+            __m256i b = full ? _mm256_loadu_si256((const __m256i*)(w[j] + c * il))
+                             : _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i*)(w[j] + c * il)));
             lo[j] = _mm256_and_si256(b, low);
             hi[j] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low);
             if (MX) {
@@ -203,7 +210,7 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 }
 
 #define EMO_DRIVE(TILE)                                                                                  \
-    if (nrows == 1 && decode_row_streams) {                                                             \
+    if (nrows == 1 && decode_row_streams && W.il == 1) {  /* interleaved rows: the 4-row tiles */          \
         int64_t n = n0;                                                                                  \
         if (decode_row_streams == 2 && W.fmt != FMT_BF16 && W.fmt != FMT_F32)                           \
             for (; n + 2 <= n1; n += 2) TILE<1, 2>(W, a, rows, 0, n, y, ldy);                           \

@@ -26,6 +26,11 @@ namespace {
 
 inline int32_t row_of(const int32_t* rows, int64_t i) { return rows ? rows[i] : (int32_t)i; }
 
+// where row n's bytes start (see Mat.il): chunk c of it is at row_at(W, n) + c * W.il
+inline const uint8_t* row_at(const Mat& W, int64_t n) {
+    return W.il == 4 ? W.w + (n >> 2) * W.ld + (n & 3) * W.unit : W.w + n * W.ld;
+}
+
 inline __mmask64 bytes_mask(int64_t len) { return len >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << len) - 1); }
 inline __mmask16 lanes_mask(int64_t lanes) { return lanes >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << lanes) - 1); }
 
@@ -99,7 +104,8 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
         xs[i] = a.s8 + r * (K / 4);
         xc[i] = a.c8 + r * (K / 4);
     }
-    for (int j = 0; j < NR; j++) w[j] = W.w + (n + j) * W.ld;
+    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    const int64_t il = W.il;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
@@ -110,7 +116,7 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
         const __mmask16 lm = lanes_mask(len / 4);
         __m512i wv[NR];
         for (int j = 0; j < NR; j++) {
-            wv[j] = _mm512_maskz_loadu_epi8(bm, w[j] + k);
+            wv[j] = _mm512_maskz_loadu_epi8(bm, w[j] + k * il);
             if (W.w_signed) wv[j] = _mm512_xor_si512(wv[j], flip);  // q -> q + 128 (x is 0 past the end)
         }
         for (int i = 0; i < MR; i++) {
@@ -145,7 +151,8 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         xs[i] = a.s4 + r * (K / 8);
         xc[i] = a.c4 + r * (K / 8);
     }
-    for (int j = 0; j < NR; j++) w[j] = W.w + (n + j) * W.ld;
+    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    const int64_t il = W.il;
     const __m512i low = _mm512_set1_epi8(0x0F);
     // doubled E2M1 values + 12: 0 .. 24, so that they are unsigned bytes
     const __m512i lut = _mm512_broadcast_i32x4(_mm_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0));
@@ -164,7 +171,7 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         __m512 ws[NR];
         __m512i zf[NR];
         for (int j = 0; j < NR; j++) {
-            __m512i b = _mm512_maskz_loadu_epi8(bm, w[j] + c);
+            __m512i b = _mm512_maskz_loadu_epi8(bm, w[j] + c * il);
             lo[j] = _mm512_and_si512(b, low);
             hi[j] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
             if (MX) {
@@ -217,7 +224,7 @@ template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t
 // Weight tiles of 4 rows (then single rows), each against activation tiles of up to MRMAX rows: a weight
 // tile is read from memory once and reused from cache by every activation tile.
 #define EMO_DRIVE(TILE, MRMAX)                                                                           \
-    if (nrows == 1 && decode_row_streams) {                                                             \
+    if (nrows == 1 && decode_row_streams && W.il == 1) {  /* interleaved rows: the 4-row tiles */          \
         int64_t n = n0;                                                                                  \
         if (decode_row_streams == 2 && W.fmt != FMT_BF16 && W.fmt != FMT_F32)                           \
             for (; n + 2 <= n1; n += 2) TILE<1, 2>(W, a, rows, 0, n, y, ldy);                           \

@@ -28,8 +28,13 @@ struct Mat {
     int32_t fmt;
     int32_t w_signed;    // FMT_I8 only
     int64_t N, K;
-    const uint8_t* w;    // row n starts at w + n * ld
-    int64_t ld;          // bytes between rows
+    const uint8_t* w;    // il 1: row n starts at w + n * ld
+    int64_t ld;          // il 1: bytes between rows; il 4: bytes between groups of 4 rows
+    // Rows interleaved (the quantized formats' repacked copy, Matrix.interleave): il 4 stores rows 4g .. 4g + 3
+    // unit by unit (`unit` bytes of row 4g, then of 4g + 1, ...), so a tile of 4 rows reads one sequential
+    // stream; byte c (a multiple of unit) of row n lives at w + (n / 4) * ld + (n % 4) * unit + c * 4.
+    int32_t il = 1;      // 1 or 4
+    int32_t unit = 0;    // il 4: the ISA's chunk width (IsaKernels.vb) the copy was made for
     const float* scale;  // FMT_I8: [N]; FMT_I4: [N, K / group] (row stride sld)
     int64_t sld;
     const int8_t* zp;    // FMT_I4 with zero points: [N, K / group] (row stride sld), or null

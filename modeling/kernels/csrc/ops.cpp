@@ -213,10 +213,50 @@ struct Matrix {
     Mat m{};
     std::vector<torch::Tensor> keep;
     std::string name;
+    // the rows interleaved by 4 for one ISA's chunk width (interleave()): what that ISA's kernels read
+    Mat packed{};
+    torch::Tensor packed_bytes;
     int64_t rows() const { return m.N; }
     int64_t cols() const { return m.K; }
+    bool interleaved() const { return packed_bytes.defined(); }
 };
 using MatrixPtr = std::shared_ptr<Matrix>;
+
+// The layout kernels `k` read: the interleaved copy where it was made for their chunk width, else the
+// matrix as stored (another ISA forced after the copy was made: correct, from the original bytes).
+static const Mat& mat_for(const Matrix& M, const IsaKernels* k) {
+    return (M.interleaved() && k->quantized && M.packed.unit == k->vb) ? M.packed : M.m;
+}
+
+// A copy of a quantized matrix with its rows interleaved by 4 (Mat.il) for the current ISA's chunk width:
+// a decoded token's tile of 4 rows then reads one sequential stream instead of 4 strided ones, and shares
+// the activation-side work of each chunk between the 4 rows. Each row is padded to whole chunks (zeros: the
+// activations past K are zero, so they add nothing) and the last group to 4 rows. False (nothing made) for
+// float matrices and the portable kernels, which read the stored layout.
+static bool interleave(Matrix& M) {
+    const IsaKernels* k = isa();
+    const Mat& m = M.m;
+    if (M.interleaved() || !k->quantized || !(m.fmt == FMT_I8 || m.fmt == FMT_I4 || m.fmt == FMT_MXFP4))
+        return M.interleaved();
+    const int64_t unit = k->vb, row_bytes = m.fmt == FMT_I8 ? m.K : m.K / 2;
+    const int64_t padded = (row_bytes + unit - 1) / unit * unit, groups = (m.N + 3) / 4;
+    auto buf = torch::zeros({groups * 4 * padded}, torch::kUInt8);
+    uint8_t* dst = buf.data_ptr<uint8_t>();
+    parallel_items(groups, [&](int64_t g) {
+        for (int64_t r = 0; r < 4 && 4 * g + r < m.N; r++) {
+            const uint8_t* src = m.w + (4 * g + r) * m.ld;
+            for (int64_t c = 0; c < row_bytes; c += unit)
+                std::memcpy(dst + g * 4 * padded + c * 4 + r * unit, src + c, std::min(unit, row_bytes - c));
+        }
+    });
+    M.packed = m;
+    M.packed.w = dst;
+    M.packed.ld = 4 * padded;
+    M.packed.il = 4;
+    M.packed.unit = (int32_t)unit;
+    M.packed_bytes = buf;
+    return true;
+}
 
 static void check_rows(const torch::Tensor& t, const std::string& what, const std::string& name) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), name, ": ", what, " is on ", t.device().str(), ", the native kernels run on the CPU");
@@ -454,7 +494,7 @@ static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<t
     const int64_t chunks = (N + R - 1) / R;
     parallel_items(chunks, [&](int64_t c) {
         const int64_t n0 = c * R, n1 = n0 + R < N ? n0 + R : N;
-        k->gemm(W->m, st.a, nullptr, M, n0, n1, yp, N);
+        k->gemm(mat_for(*W, k), st.a, nullptr, M, n0, n1, yp, N);
     });
     if (bias.has_value()) y.add_(bias->to(torch::kFloat32));
     return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
@@ -708,8 +748,8 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
             const int64_t I = e.inter;
             g.resize(m * I);
             u.resize(m * I);
-            k->gemm(e.gate->m, A.a, rows, m, r0, r1, g.data(), I);
-            k->gemm(e.up->m, A.a, rows, m, r0, r1, u.data(), I);
+            k->gemm(mat_for(*e.gate, k), A.a, rows, m, r0, r1, g.data(), I);
+            k->gemm(mat_for(*e.up, k), A.a, rows, m, r0, r1, u.data(), I);
             for (int64_t i = 0; i < m; i++) {
                 float* h = hp + (off[item.s] + i) * inter_max;
                 for (int64_t r = r0; r < r1; r++) {
@@ -720,7 +760,7 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
         } else {  // gpt-oss: rows 2r (gate) and 2r + 1 (up) of the interleaved matrix
             const int64_t N2 = e.gate->m.N;
             g.resize(m * N2);
-            k->gemm(e.gate->m, A.a, rows, m, 2 * r0, 2 * r1, g.data(), N2);
+            k->gemm(mat_for(*e.gate, k), A.a, rows, m, 2 * r0, 2 * r1, g.data(), N2);
             const float* b = e.gate_up_bias.defined() ? e.gate_up_bias.data_ptr<float>() : nullptr;
             const float alpha = es.alpha, limit = es.limit;
             for (int64_t i = 0; i < m; i++) {
@@ -752,7 +792,7 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
             const Expert& e = *es.slots[s];
             const int64_t m = off[s + 1] - off[s];
             y.resize(m * H);
-            k->gemm(e.down->m, B.a, iota.data() + off[s], m, c0, c1, y.data(), H);
+            k->gemm(mat_for(*e.down, k), B.a, iota.data() + off[s], m, c0, c1, y.data(), H);
             const float* db = e.down_bias.defined() ? e.down_bias.data_ptr<float>() : nullptr;
             for (int64_t i = 0; i < m; i++) {
                 const int64_t t = pair_tok[off[s] + i];
@@ -773,7 +813,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
     // Bumped whenever the Python side needs a function or behaviour an older build lacks: a stale build
     // (sources updated, extension not rebuilt) is then refused instead of failing mid-forward.
-    m.attr("ABI") = 4;
+    m.attr("ABI") = 5;
     m.attr("ATTN_DMAX") = (int)ATTN_DMAX;  // the largest head_dim decode attention takes
     m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
     m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
@@ -795,7 +835,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             static const char* names[] = {"f32", "bf16", "int8", "int4", "mxfp4"};
             return std::string(names[x.m.fmt]);
         })
-        .def_readonly("name", &Matrix::name);
+        .def_readonly("name", &Matrix::name)
+        .def_property_readonly("interleaved", &Matrix::interleaved)
+        .def("tensors", [](const Matrix& M) {
+            // what the kernels read: the interleaved copy in place of the stored bytes (keep[0]), and the rest
+            std::vector<torch::Tensor> out(M.keep.begin(), M.keep.end());
+            if (M.interleaved()) out[0] = M.packed_bytes;
+            return out;
+        })
+        .def("interleave", [](Matrix& M) { return interleave(M); },
+             "make the row-interleaved copy the current ISA's quantized kernels read (False: not for this matrix)");
     m.def("dense", &dense, py::arg("weight"), py::arg("name"));
     m.def("int8", &int8, py::arg("weight"), py::arg("cols"), py::arg("scale"), py::arg("signed"), py::arg("name"));
     m.def("int4", &int4, py::arg("weight"), py::arg("cols"), py::arg("scale"), py::arg("zero_point"), py::arg("group"),
