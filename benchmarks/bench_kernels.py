@@ -105,7 +105,7 @@ def child_split(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
 
     m = load_model(path)
     k = m.transformer.kernels
-    spent = {"lm_head": 0.0, "linear": 0.0, "moe": 0.0, "attention": 0.0, "rms_norm": 0.0}
+    spent = {"lm_head": 0.0, "linear": 0.0, "moe": 0.0, "attention": 0.0, "rms_norm": 0.0, "rope": 0.0}
     lm_rows = m.config.vocab_size
 
     class Timed:  # the extension with a clock around the calls a forward pass makes
@@ -121,8 +121,8 @@ def child_split(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
             spent[key] += time.perf_counter() - t0
             return out
 
-        def linear(self, x, mat, bias=None):
-            return self._timed("lm_head" if mat.rows == lm_rows else "linear", self._ext.linear, x, mat, bias)
+        def linear(self, x, mat, bias=None, float_out=False):
+            return self._timed("lm_head" if mat.rows == lm_rows else "linear", self._ext.linear, x, mat, bias, float_out)
 
         def moe(self, *a):
             return self._timed("moe", self._ext.moe, *a)
@@ -132,6 +132,13 @@ def child_split(path: str, threads: int, n_prompt: int, n_decode: int) -> dict:
 
         def rms_norm(self, *a):
             return self._timed("rms_norm", self._ext.rms_norm, *a)
+
+        def linear_many(self, x, mats, biases):
+            key = "lm_head" if any(m.rows == lm_rows for m in mats) else "linear"
+            return self._timed(key, self._ext.linear_many, x, mats, biases)
+
+        def rope(self, *a):
+            return self._timed("rope", self._ext.rope, *a)
 
     k.ext = Timed(k.ext)
     k._linear, k._dense, k._moe = type(k._linear)(), type(k._dense)(), {}  # kernel objects made anew, timed

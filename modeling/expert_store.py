@@ -77,6 +77,8 @@ class LayerExperts:
         self.router = router if router is not None else torch.stack([s.router_row for s in sl])
         self.shared_mask = torch.tensor(self.shared, dtype=torch.bool, device=dev)
         self.always_mask = torch.tensor([s.always_active for s in sl], dtype=torch.bool, device=dev)
+        # whether any slot is shared / always active, known here so routing need not ask the masks each step
+        self.any_shared, self.any_always = any(self.shared), any(s.always_active for s in sl)
         self.bias = torch.stack([s.bias for s in sl]).float() if sl and sl[0].bias is not None else None
         self.logit_bias = torch.stack([s.logit_bias for s in sl]) if sl and sl[0].logit_bias is not None else None
         self.group_ids = torch.tensor([s.group for s in sl], dtype=torch.int64, device=dev)

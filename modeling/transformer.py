@@ -23,7 +23,7 @@ from .layers.attention import Attention, LayerOps, attention_modules
 from .layers.cache import KVCache
 from .config import ModelConfig
 from .layers.expert_kinds import EXPERT_KINDS, SWIGLU, ExpertKind
-from .layers.blocks import rms_norm_offset, rope_tables
+from .layers.blocks import ROPE_TYPES, rms_norm_offset, rope_tables
 from .kernels import Kernels
 from .quant.fp8 import Fp8Matrix
 from .quant.mxfp4 import DequantCache
@@ -97,17 +97,25 @@ class Transformer:
         # the layer, final (and per-head q/k) RMSNorm: zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5)
         # each layer's attention module, as the family declares it (cfg.layer_types)
         self.attention: list[Attention] = attention_modules(cfg)
-        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode)  # what the modules compute with
+        self.ops = LayerOps(self._linear, self._norm, self.kernels.attend_decode, self.kernels.rope,
+                            self._linear_many)  # what the modules compute with
         self.expert_kind: ExpertKind = EXPERT_KINDS[cfg.expert_mlp]  # what one routed expert computes
         # the RoPE tables embed() computes: one width for the modules that rotate (None: none does)
         dims = {a.rope_dim for a in self.attention if a.rope_dim is not None}
         assert len(dims) <= 1, f"attention modules disagree on the RoPE width: {dims}"
         self.rope_dim = dims.pop() if dims else None
+        self._rope_freqs = None if self.rope_dim is None else \
+            ROPE_TYPES[cfg.rope.type](cfg.rope, cfg.rope.rotary_dim(self.rope_dim))  # per config, not per step
 
     def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
         if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
             return F.linear(x, w.dequantize(x.dtype), bias)
         return self.kernels.linear(x, w, bias)
+
+    def _linear_many(self, x: Tensor, ws, biases) -> list[Tensor]:
+        if any(isinstance(w, Fp8Matrix) for w in ws):
+            return [self._linear(x, w, b) for w, b in zip(ws, biases)]
+        return self.kernels.linear_many(x, ws, biases)
 
     def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
         if self.cfg.norm_offset:  # zero-centred weights scale by 1 + w (Qwen3-Next, Qwen3.5): the torch path
@@ -182,7 +190,7 @@ class Transformer:
         if self.rope_dim is None:
             cos = sin = positions.new_empty(0)
         else:
-            cos, sin = rope_tables(self.cfg.rope, self.rope_dim, positions)
+            cos, sin = rope_tables(self.cfg.rope, self.rope_dim, positions, self._rope_freqs)
         return F.embedding(batch.tokens.to(self.device), self.w.embed), cos, sin
 
     def attention_block(self, i: int, x: Tensor, cos: Tensor, sin: Tensor, batch: Batch, cache) -> Tensor:
@@ -219,7 +227,8 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head).float()
+        h, w = self._norm(x, self.w.final_norm), self.w.lm_head
+        return self._linear(h, w).float() if isinstance(w, Fp8Matrix) else self.kernels.linear(h, w, float_out=True)
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []
@@ -248,9 +257,9 @@ class Transformer:
         if rule.router_float32:
             logits = F.linear(h.float(), le.router.float(), None if le.logit_bias is None else le.logit_bias.float())
         else:  # the router's own dtype: the dense kernels (one small product, no OpenMP region to wake)
-            logits = self.kernels.unquantized(h, le.router, le.logit_bias)
-        return route(logits, rule, allowed=allowed, shared=le.shared_mask, always_active=le.always_mask,
-                     bias=le.bias, groups=le.group_ids)
+            logits = self.kernels.unquantized(h, le.router, le.logit_bias, float_out=True)
+        return route(logits, rule, allowed=allowed, shared=le.shared_mask if le.any_shared else None,
+                     always_active=le.always_mask if le.any_always else None, bias=le.bias, groups=le.group_ids)
 
     def moe(self, i: int, h: Tensor, allowed: Tensor | None = None,
             collect: bool = False) -> tuple[Tensor, Route | None]:
@@ -275,7 +284,8 @@ class Transformer:
         these experts, or an MXFP4 dequantization cache was asked for)."""
         if self.mxfp4_cache is not None:
             return None
-        return self.kernels.moe(le, h, r.indices, r.weights, r.valid, self.expert_kind.native_act(self.cfg))
+        return self.kernels.moe(le, h, r.indices, r.weights, None if r.all_valid else r.valid,
+                                self.expert_kind.native_act(self.cfg))
 
     def _moe_one(self, le, h: Tensor, r: Route) -> Tensor:
         # Same arithmetic as _moe_many for one row: float32 sum over the chosen

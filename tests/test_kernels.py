@@ -185,6 +185,37 @@ def test_interleaved_rows_equal_the_stored_layout(monkeypatch, isa, M, N, K, bit
     assert inter.interleave() == inter.interleaved  # made once
 
 
+@pytest.mark.parametrize("M", [1, 5])
+def test_linear_many_equals_a_call_each(isa, M):
+    """q, k and v in one call (one activation preparation, one parallel region): equal to a call each, for
+    int4, int8 and bf16 matrices with and without biases; a width that disagrees names the matrix."""
+    K = 256
+    g = torch.Generator().manual_seed(M)
+    mats = [native_matrix(EXT, int_linear(4, 68, K, 128, False), "q"), native_matrix(EXT, int_linear(8, 36, K, None, False), "k"),
+            EXT.dense((torch.randn(12, K, generator=g) * 0.05).bfloat16(), "v")]
+    biases = [None, torch.randn(36, generator=g).bfloat16(), torch.randn(12, generator=g).bfloat16()]
+    x = torch.randn(M, K, generator=g).bfloat16()
+    for got, mat, b in zip(EXT.linear_many(x, mats, biases), mats, biases):
+        torch.testing.assert_close(got, EXT.linear(x, mat, b), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="wide: input of shape"):
+        EXT.linear_many(x, [mats[0], EXT.dense(torch.randn(4, K + 32), "wide")], [None, None])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,T,D,R", [(32, 1, 128, 128), (4, 7, 64, 32), (2, 3, 16, 16)])
+def test_native_rope_equals_apply_rope(dtype, heads, T, D, R):
+    """RoPE in one native call: bit-equal to modeling.layers.apply_rope (same rounding points), on the
+    transposed [heads, T, D] views the attention modules pass, with partial rotary dims passed through."""
+    from modeling.layers import apply_rope, rope_cos_sin
+
+    g = torch.Generator().manual_seed(T * D)
+    x = (torch.randn(T, heads, D, generator=g) * 3).to(dtype).transpose(0, 1)
+    cos, sin = rope_cos_sin(R, torch.arange(5, 5 + T), 10000.0)
+    torch.testing.assert_close(EXT.rope(x, cos, sin), apply_rope(x, cos, sin), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        EXT.rope(x, cos[:, :R - 1], sin[:, :R - 1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 2048), (5, 3, 128), (300, 64), (64, 2048)])
 def test_native_rms_norm_equals_torch(dtype, shape):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers.blocks import rms_norm
+from ..layers.blocks import apply_rope, rms_norm
 from ..quant.mxfp4 import Mxfp4Matrix
 from ..quant import Int8Cache, PackedLinear
 from ..quant.lazy_int8 import drop_pages
@@ -51,18 +51,20 @@ class _TorchLinear:
     def __init__(self, fn: Callable[[Tensor, Tensor | None], Tensor]):
         self.fn = fn
 
-    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        return self.fn(x, bias)
+    def __call__(self, x: Tensor, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
+        y = self.fn(x, bias)
+        return y.float() if float_out else y
 
 
 class _NativeLinear:
     def __init__(self, ext, mat, dense: Tensor | None, onednn_rows: int | None):
         self.ext, self.mat, self.dense, self.onednn_rows = ext, mat, dense, onednn_rows
 
-    def __call__(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
         if self.onednn_rows is not None and x.shape[0] >= self.onednn_rows:
-            return F.linear(x, self.dense, bias)
-        return self.ext.linear(x, self.mat, bias)
+            y = F.linear(x, self.dense, bias)
+            return y.float() if float_out else y
+        return self.ext.linear(x, self.mat, bias, float_out)
 
 
 class _IdentityCache:
@@ -179,8 +181,18 @@ class Kernels:
             self._linear.put(w, k)
         return k
 
-    def linear(self, x: Tensor, w, bias: Tensor | None = None) -> Tensor:
-        return self.kernel(w)(x, bias)
+    def linear(self, x: Tensor, w, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
+        """x @ w.T + bias in x's dtype; `float_out`: those values as float32 (logits), which the native
+        kernels write without the round trip through a second tensor."""
+        return self.kernel(w)(x, bias, float_out)
+
+    def linear_many(self, x: Tensor, ws, biases) -> list[Tensor]:
+        """[linear(x, w, b) for w, b in zip(ws, biases)]: one native call (the activations prepared once, one
+        parallel region) where every weight takes the native kernels, else a call each."""
+        ks = [self.kernel(w) for w in ws]
+        if all(isinstance(k, _NativeLinear) and (k.onednn_rows is None or x.shape[0] < k.onednn_rows) for k in ks):
+            return self.ext.linear_many(x, [k.mat for k in ks], list(biases))
+        return [k(x, b) for k, b in zip(ks, biases)]
 
     def prepare(self, w: PackedLinear) -> bool:
         """Make a quantized checkpoint matrix's native kernel object now (what its first product would
@@ -190,7 +202,7 @@ class Kernels:
         mat = native_matrix(self.ext, w, w.name)
         return mat is not None and mat.interleaved
 
-    def unquantized(self, x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    def unquantized(self, x: Tensor, w: Tensor, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
         """x @ w.T + bias for a weight that stays in its own dtype whatever the model's quantization (a
         router): the native dense kernels where they take it, else F.linear."""
         k = self._dense.get(w)
@@ -199,7 +211,7 @@ class Kernels:
             k = _NativeLinear(self.ext, mat, None, None) if mat is not None else _TorchLinear(
                 lambda x, b, t=w: F.linear(x, t, b))
             self._dense.put(w, k)
-        return k(x, bias)
+        return k(x, bias, float_out)
 
     def _make(self, w):
         if self.ext is not None:
@@ -227,6 +239,15 @@ class Kernels:
             return rms_norm(x, weight, eps)
         return self.ext.rms_norm(x, weight, eps)
 
+    # -- RoPE ------------------------------------------------------------------------------------------------
+    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """modeling.layers.apply_rope (rotate-half layout) in one native call where it applies (CPU, bf16 or
+        float32, no autograd), else the torch ops: the same rounding points, so equal results."""
+        if (self.ext is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)
+                or x.requires_grad or x.dim() < 2):
+            return apply_rope(x, cos, sin)
+        return self.ext.rope(x, cos, sin)
+
     # -- decode attention --------------------------------------------------------------------------------
     def attend_decode(self, q: Tensor, keys: Tensor, vals: Tensor, sinks: Tensor | None, scale: float) -> Tensor | None:
         """float32 `[heads, D]`: one query per head `q` `[heads, D]` against a cache slot's keys and values
@@ -238,17 +259,17 @@ class Kernels:
         return self.ext.attend_decode(q, keys, vals, sinks, scale)
 
     # -- a mixture of experts ---------------------------------------------------------------------------
-    def moe(self, le, h: Tensor, indices: Tensor, weights: Tensor, valid: Tensor,
+    def moe(self, le, h: Tensor, indices: Tensor, weights: Tensor, valid: Tensor | None,
             activation: tuple[float, float] | None = None) -> Tensor | None:
         """float32 `[T, H]`: sum over each token's chosen slots of weight x expert(h), or None when the
-        native path cannot run these experts. `activation` (alpha, limit) selects gpt-oss's clamped
-        SwiGLU over interleaved gate/up rows."""
+        native path cannot run these experts. `valid` None: every index is a choice. `activation` (alpha,
+        limit) selects gpt-oss's clamped SwiGLU over interleaved gate/up rows."""
         if self.ext is None or h.device.type != "cpu":
             return None
         lm = self._moe.get(id(le))
         if lm is None or lm.le is not le or lm.slots != len(le.experts):
             lm = self._moe[id(le)] = _LayerMoE(self, le, activation)
-        slots = indices.masked_fill(~valid, -1)
+        slots = indices if valid is None else indices.masked_fill(~valid, -1)
         if not lm.ensure(set(slots.flatten().tolist())):  # a set of ints: cheaper than torch.unique
             return None
         return self.ext.moe(h, lm.set, slots, weights)

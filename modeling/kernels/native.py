@@ -18,7 +18,7 @@ from functools import lru_cache
 from types import ModuleType
 
 ENV = "EMO_CPU_ISA"
-ABI = 5  # what csrc/ops.cpp exports as ABI: the functions this Python code calls
+ABI = 7  # what csrc/ops.cpp exports as ABI: the functions this Python code calls
 ISAS = ("avx512", "amx", "avx2", "portable", "torch")
 
 

@@ -49,6 +49,15 @@ class LayerOps:
     # (q [heads, D], keys [kv_heads, L, D], values [kv_heads, L, D], sinks, scale) -> [heads, D] float32,
     # or None where the native kernel does not apply (the caller runs `decode_attention`)
     attend_decode: Callable[..., Tensor | None]
+    rope: Callable[[Tensor, Tensor, Tensor], Tensor] = apply_rope  # (x, cos, sin) -> blocks.apply_rope's result
+    # (x, weights, biases) -> [linear(x, w, b) ...] in one call (None: `linear` for each)
+    linear_many: Callable[..., list[Tensor]] | None = None
+
+    def linears(self, x: Tensor, weights, biases) -> list[Tensor]:
+        """Several products of one input (q, k and v): one call where the kernels take them together."""
+        if self.linear_many is None:
+            return [self.linear(x, w, b) for w, b in zip(weights, biases)]
+        return self.linear_many(x, weights, biases)
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,7 @@ class GroupedQueryAttention(Attention):
         cfg = self.cfg
         T, D = h.shape[0], self.head_dim
         linear, norm = ops.linear, ops.norm
-        q, k, v = linear(h, w.q, w.q_bias), linear(h, w.k, w.k_bias), linear(h, w.v, w.v_bias)
+        q, k, v = ops.linears(h, (w.q, w.k, w.v), (w.q_bias, w.k_bias, w.v_bias))
         if cfg.qk_norm == "proj":  # OLMoE: RMSNorm over the whole projection, before the head split
             q, k = norm(q, w.q_norm), norm(k, w.k_norm)
         if cfg.clip_qkv is not None:
@@ -175,7 +184,7 @@ class GroupedQueryAttention(Attention):
             q, k = norm(q, w.q_norm), norm(k, w.k_norm)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # [heads, T, D]
         v = v.view(T, self.kv_heads, D).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         out = attend(q, k, v, batch, state, self.window, w.sinks, None, ops)
         return linear(out.transpose(0, 1).reshape(T, self.heads * D), w.o, w.o_bias)
 

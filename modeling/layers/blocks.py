@@ -107,9 +107,11 @@ ROPE_TYPES: dict[str, Callable[[RopeConfig, int], tuple[Tensor, float]]] = {
     "default": _default_inv_freq, "yarn": _yarn_inv_freq}
 
 
-def rope_tables(rope: RopeConfig, head_dim: int, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin tables `[len(positions), rotary_dim]` in float32 for any supported RoPE type."""
-    inv_freq, scaling = ROPE_TYPES[rope.type](rope, rope.rotary_dim(head_dim))
+def rope_tables(rope: RopeConfig, head_dim: int, positions: Tensor,
+                freqs: tuple[Tensor, float] | None = None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables `[len(positions), rotary_dim]` in float32 for any supported RoPE type. `freqs`: the
+    type's (inverse frequencies, scaling) when the caller keeps them (they depend on the config only)."""
+    inv_freq, scaling = freqs if freqs is not None else ROPE_TYPES[rope.type](rope, rope.rotary_dim(head_dim))
     freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     if scaling == 1.0:

@@ -34,7 +34,6 @@ from torch import Tensor
 
 from .attention import Attention, AttentionWeights, GroupedQueryAttention, LayerOps, TensorSpec, attend
 from .cache import LayerState
-from .blocks import apply_rope
 
 if TYPE_CHECKING:
     from ..config import ModelConfig
@@ -340,6 +339,6 @@ class GatedAttention(GroupedQueryAttention):
         q = norm(q, w.q_norm).transpose(0, 1)  # [heads, T, D]
         k = norm(k.view(T, self.kv_heads, D), w.k_norm).transpose(0, 1)
         v = v.view(T, self.kv_heads, D).transpose(0, 1)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         out = attend(q, k, v, batch, state, self.window, None, None, ops).transpose(0, 1).reshape(T, self.heads * D)
         return linear(out * torch.sigmoid(gate.reshape(T, self.heads * D)), w.o, w.o_bias)

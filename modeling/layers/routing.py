@@ -71,6 +71,7 @@ class Route:
     valid: Tensor  # [T, k] bool: False where the pool had fewer than k experts
     probs: Tensor  # [T, S] float32: the routing softmax (per group when experts are shared);
     #                for sigmoid routers the choice scores (bias included) normalised to sum 1
+    all_valid: bool = False  # known without looking: every entry of `valid` is True (no pool restricted it)
 
 
 def _softmax(logits: Tensor) -> Tensor:
@@ -101,7 +102,6 @@ def route(
         return _route_sigmoid(logits, rule, k, allowed, bias, groups)
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    avail = allowed if allowed is not None else torch.ones(T, S, dtype=torch.bool, device=logits.device)
 
     if shared is not None and bool(shared.any()):
         n_shared = int(shared.sum())
@@ -127,7 +127,10 @@ def route(
         weights, indices = torch.topk(probs, k, dim=-1)
         renormalise = rule.renormalise
 
-    valid = torch.gather(avail, 1, indices)
+    if allowed is None:  # every expert is available: nothing to mask (a decode step's common case, kept short)
+        return Route(_weigh(weights, renormalise, rule.scaling), indices, torch.ones_like(indices, dtype=torch.bool),
+                     probs, all_valid=True)
+    valid = torch.gather(allowed, 1, indices)
     weights = _weigh(weights * valid, renormalise, rule.scaling)
     return Route(weights=weights, indices=indices, valid=valid, probs=probs)
 

@@ -481,7 +481,7 @@ static int64_t chunk_rows(int64_t N, int64_t work_per_row) {
     return r < N ? r : N;
 }
 
-static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<torch::Tensor> bias) {
+static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<torch::Tensor> bias, bool float_out) {
     TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == W->m.K, W->name, ": input of shape ", x.sizes(),
                       " does not match a weight of ", W->m.N, " x ", W->m.K);
     const int64_t M = x.size(0), N = W->m.N;
@@ -497,7 +497,49 @@ static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<t
         k->gemm(mat_for(*W, k), st.a, nullptr, M, n0, n1, yp, N);
     });
     if (bias.has_value()) y.add_(bias->to(torch::kFloat32));
-    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+    if (!float_out || x.scalar_type() == torch::kFloat32) return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
+    // float32 storage of values rounded to x's dtype (logits: what y.to(dtype).float() gives, without the copies)
+    if (x.scalar_type() != torch::kBFloat16) return y.to(x.scalar_type()).to(torch::kFloat32);
+    for (int64_t i = 0; i < M * N; i++) yp[i] = bf16_to_f32(f32_to_bf16(yp[i]));
+    return y;
+}
+
+// x @ W_j.T + bias_j for several matrices of one input width (an attention layer's q, k and v): the
+// activations prepared once and one parallel region over the rows of all of them, instead of a call each.
+static std::vector<torch::Tensor> linear_many(torch::Tensor x, const std::vector<MatrixPtr>& Ws,
+                                              const std::vector<c10::optional<torch::Tensor>>& biases) {
+    TORCH_CHECK_VALUE(!Ws.empty() && biases.size() == Ws.size(), "linear_many: ", Ws.size(), " matrices and ",
+                      biases.size(), " biases");
+    bool quantized = false;
+    for (const auto& W : Ws) {
+        TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == W->m.K, W->name, ": input of shape ", x.sizes(),
+                          " does not match a weight of ", W->m.N, " x ", W->m.K);
+        quantized |= is_quantized(W->m);
+    }
+    const int64_t M = x.size(0);
+    const IsaKernels* k = kernels_for(x, quantized);
+    int need = 0;
+    for (const auto& W : Ws) need |= need_of(k, W->m);
+    ActStore st;
+    prepare(st, x, need, k);
+    struct Item { size_t j; int64_t n0, n1; };
+    std::vector<Item> items;
+    std::vector<torch::Tensor> ys;
+    for (size_t j = 0; j < Ws.size(); j++) {
+        const int64_t N = Ws[j]->m.N, R = chunk_rows(N, M * Ws[j]->m.K);
+        ys.push_back(torch::empty({M, N}, torch::kFloat32));
+        for (int64_t n0 = 0; n0 < N; n0 += R) items.push_back({j, n0, std::min(N, n0 + R)});
+    }
+    parallel_items((int64_t)items.size(), [&](int64_t i) {
+        const Item& it = items[i];
+        const MatrixPtr& W = Ws[it.j];
+        k->gemm(mat_for(*W, k), st.a, nullptr, M, it.n0, it.n1, ys[it.j].data_ptr<float>(), W->m.N);
+    });
+    for (size_t j = 0; j < Ws.size(); j++) {
+        if (biases[j].has_value()) ys[j].add_(biases[j]->to(torch::kFloat32));
+        if (x.scalar_type() != torch::kFloat32) ys[j] = ys[j].to(x.scalar_type());
+    }
+    return ys;
 }
 
 // ---- RMSNorm ----------------------------------------------------------------------------------------------
@@ -806,6 +848,48 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
     return out;
 }
 
+// ---- rotary position embedding ----------------------------------------------------------------------------
+// x [..., T, D] (rotate-half layout) rotated by cos / sin [T, R] (float32, R <= D even; dims past R pass
+// unrotated), with the rounding points of modeling.layers.apply_rope in x's dtype: cos and sin rounded to it,
+// x * cos and rotate_half(x) * sin each rounded, then their sum. One call instead of eight small torch ops.
+static torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "rope: x must be [..., positions, head_dim], is ", x.sizes());
+    const int64_t D = x.size(-1), T = x.size(-2);
+    TORCH_CHECK_VALUE(cos.dim() == 2 && sin.sizes() == cos.sizes() && cos.size(0) == T && cos.size(1) % 2 == 0 &&
+                          cos.size(1) <= D,
+                      "rope: cos / sin ", cos.sizes(), " / ", sin.sizes(), " do not fit x ", x.sizes());
+    TORCH_CHECK_VALUE(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32,
+                      "rope: x must be bfloat16 or float32, is ", x.scalar_type());
+    const int64_t R = cos.size(1), half = R / 2;
+    auto xc = x.contiguous();
+    auto cf = cos.to(torch::kFloat32).contiguous(), sf = sin.to(torch::kFloat32).contiguous();
+    auto out = torch::empty_like(xc);
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    const int64_t rows = xc.numel() / D;  // rows of head_dim; row r is position r % T
+    const float* cp = cf.data_ptr<float>();
+    const float* sp = sf.data_ptr<float>();
+    auto ld = [&](const void* base, int64_t i) {
+        return bf ? bf16_to_f32(((const uint16_t*)base)[i]) : ((const float*)base)[i];
+    };
+    auto st = [&](void* base, int64_t i, float v) {
+        if (bf) ((uint16_t*)base)[i] = f32_to_bf16(v);
+        else ((float*)base)[i] = v;
+    };
+    const void* xp = xc.data_ptr();
+    void* op = out.data_ptr();
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t t = r % T, o = r * D;
+        for (int64_t d = 0; d < R; d++) {
+            const float c = round_as(bf, cp[t * R + d]), sn = round_as(bf, sp[t * R + d]);
+            const float xv = ld(xp, o + d);
+            const float rv = d < half ? -ld(xp, o + d + half) : ld(xp, o + d - half);
+            st(op, o + d, round_as(bf, xv * c) + round_as(bf, rv * sn));
+        }
+        for (int64_t d = R; d < D; d++) st(op, o + d, ld(xp, o + d));
+    }
+    return out;
+}
+
 }  // namespace emo
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -813,7 +897,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "emo-serve's native CPU kernels (modeling/kernels/csrc)";
     // Bumped whenever the Python side needs a function or behaviour an older build lacks: a stale build
     // (sources updated, extension not rebuilt) is then refused instead of failing mid-forward.
-    m.attr("ABI") = 5;
+    m.attr("ABI") = 7;
     m.attr("ATTN_DMAX") = (int)ATTN_DMAX;  // the largest head_dim decode attention takes
     m.def("supported_isas", &supported_isas, "ISAs this CPU runs, best first");
     m.def("set_isa", &set_isa, "use one ISA's kernels (must be in supported_isas())");
@@ -850,8 +934,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("int4", &int4, py::arg("weight"), py::arg("cols"), py::arg("scale"), py::arg("zero_point"), py::arg("group"),
           py::arg("name"));
     m.def("mxfp4", &mxfp4, py::arg("blocks"), py::arg("scales"), py::arg("name"));
-    m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-          py::call_guard<py::gil_scoped_release>());
+    m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("float_out") = false,
+          py::call_guard<py::gil_scoped_release>(), "x @ W.T + bias in x's dtype (float_out: its values as float32)");
+    m.def("linear_many", &linear_many, py::arg("x"), py::arg("weights"), py::arg("biases"),
+          py::call_guard<py::gil_scoped_release>(), "[linear(x, W, b) for W, b in zip(weights, biases)] in one call");
+    m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
     py::class_<ExpertSet>(m, "ExpertSet")
         .def(py::init<int64_t, int32_t, double, double>(), py::arg("slots"), py::arg("activation"), py::arg("alpha") = 1.0,
              py::arg("limit") = 0.0)
