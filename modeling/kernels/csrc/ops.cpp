@@ -774,7 +774,7 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
     const int64_t threads = pool().size();
     for (int64_t s : active) {
         const int64_t I = es.slots[s]->inter, m = off[s + 1] - off[s];
-        int64_t rt = (m * H >= (1 << 20)) ? 16 : 64;  // smaller tiles when many tokens share an expert
+        int64_t rt = (m * H >= (1 << 20)) ? 16 : 128;  // smaller tiles when many tokens share an expert
         if (active.size() * ((I + rt - 1) / rt) < (size_t)(4 * threads)) rt = 16;
         for (int64_t r = 0; r < I; r += rt) items.push_back({s, r, std::min(I, r + rt)});
     }
@@ -825,7 +825,11 @@ static torch::Tensor moe(torch::Tensor x, ExpertSet& es, torch::Tensor slots, to
     std::vector<int32_t> iota(P);
     for (int64_t i = 0; i < P; i++) iota[i] = (int32_t)i;
     float* op = out.data_ptr<float>();
-    const int64_t ct = chunk_rows(H, P * inter_max / (int64_t)active.size() + 1);
+    // 4 tiles per thread: each tile reads every chosen expert's rows (a stream each), so fewer, longer tiles
+    // start fewer streams (measured on 2 Zen 4 cores: 5-10% faster than chunk_rows' 8 per thread); more
+    // would leave a descheduled worker's tile a larger share of the call
+    const int64_t ct = std::max(chunk_rows(H, P * inter_max / (int64_t)active.size() + 1),
+                                std::min(H, (H / (4 * threads) + 3) / 4 * 4));
     const int64_t tiles = (H + ct - 1) / ct;
     parallel_items(tiles, [&](int64_t tile) {
         const int64_t c0 = tile * ct, c1 = std::min(H, c0 + ct);
