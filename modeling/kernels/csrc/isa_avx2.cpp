@@ -122,7 +122,7 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
 }
 
 // ---- int4 (groups of a multiple of 64) and MXFP4: 32 weight bytes = 64 inputs, 8 lanes of 8 inputs ------
-template <int MR, int NR, bool MX>
+template <int MR, int NR, bool MX, bool ZP>
 void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_t n, float* y, int64_t ldy) {
     const int64_t K = W.K, Kb = K / 2;
     const int8_t* x[MR];
@@ -135,7 +135,13 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         xs[i] = a.s4 + r * (K / 8);
         xc[i] = a.c4 + r * (K / 8);
     }
-    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    const float* sc[NR];   // int4: row n + j's group scales (and zero points)
+    const int8_t* zr[NR];
+    for (int j = 0; j < NR; j++) {
+        w[j] = row_at(W, n + j);
+        sc[j] = MX ? nullptr : W.scale + (n + j) * W.sld;
+        zr[j] = ZP ? W.zp + (n + j) * W.sld : nullptr;
+    }
     const int64_t il = W.il;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -163,8 +169,8 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                 const uint8_t* e = W.e8 + (n + j) * W.eld + c / 16;
                 ws[j] = _mm256_setr_m128(_mm_set1_ps(e8_half_table[e[0]]), _mm_set1_ps(full ? e8_half_table[e[1]] : 0.f));
             } else {
-                ws[j] = _mm256_set1_ps(W.scale[(n + j) * W.sld + g]);
-                zf[j] = _mm256_set1_epi32(-(8 + (W.zp ? W.zp[(n + j) * W.sld + g] : 0)));
+                ws[j] = _mm256_set1_ps(sc[j][g]);
+                if (ZP) zf[j] = _mm256_set1_epi32(-(8 + zr[j][g]));
             }
         }
         for (int i = 0; i < MR; i++) {
@@ -189,7 +195,7 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
                                                     MX ? _mm256_add_epi32(c8, _mm256_slli_epi32(cv, 2)) : c8);
             for (int j = 0; j < NR; j++) {
                 __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[j], xl), _mm256_maddubs_epi16(hi[j], xh));
-                __m256i corr = (MX || !W.zp) ? shared : _mm256_mullo_epi32(cv, zf[j]);
+                __m256i corr = ZP ? _mm256_mullo_epi32(cv, zf[j]) : shared;
                 __m256i d = _mm256_add_epi32(_mm256_madd_epi16(p, ones), corr);
                 acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }
@@ -203,10 +209,11 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
         for (int j = 0; j < NR; j++) y[(i0 + i) * ldy + n + j] = hsum(acc[i][j]);
 }
 template <int MR, int NR> void tile_i4(const Mat& W, const Act& a, const int32_t* r, int64_t i0, int64_t n, float* y, int64_t ldy) {
-    tile_nib<MR, NR, false>(W, a, r, i0, n, y, ldy);
+    if (W.zp) tile_nib<MR, NR, false, true>(W, a, r, i0, n, y, ldy);
+    else tile_nib<MR, NR, false, false>(W, a, r, i0, n, y, ldy);
 }
 template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t* r, int64_t i0, int64_t n, float* y, int64_t ldy) {
-    tile_nib<MR, NR, true>(W, a, r, i0, n, y, ldy);
+    tile_nib<MR, NR, true, false>(W, a, r, i0, n, y, ldy);
 }
 
 #define EMO_DRIVE(TILE)                                                                                  \

@@ -91,8 +91,8 @@ void tile_f32(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
 }
 
 // ---- int8 weights, one scale per row ------------------------------------------------------------------
-template <int MR, int NR>
-void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_t n, float* y, int64_t ldy) {
+template <int MR, int NR, bool SIGNED>
+void tile_i8s(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_t n, float* y, int64_t ldy) {
     const int64_t K = W.K;
     const int8_t* x[MR];
     const float* xs[MR];
@@ -110,14 +110,12 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-        const int64_t len = K - k < 64 ? K - k : 64;  // a multiple of 32
-        const __mmask64 bm = bytes_mask(len);
-        const __mmask16 lm = lanes_mask(len / 4);
+    // 64 inputs at k (len of them at the end of a row: 32); constant masks in the loop over whole chunks
+    auto chunk = [&](int64_t k, __mmask64 bm, __mmask16 lm) __attribute__((always_inline)) {
         __m512i wv[NR];
         for (int j = 0; j < NR; j++) {
             wv[j] = _mm512_maskz_loadu_epi8(bm, w[j] + k * il);
-            if (W.w_signed) wv[j] = _mm512_xor_si512(wv[j], flip);  // q -> q + 128 (x is 0 past the end)
+            if (SIGNED) wv[j] = _mm512_xor_si512(wv[j], flip);  // q -> q + 128 (x is 0 past the end)
         }
         for (int i = 0; i < MR; i++) {
             __m512i xv = _mm512_maskz_loadu_epi8(bm, x[i] + k);
@@ -130,28 +128,44 @@ void tile_i8(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i][j]);
             }
         }
-    }
+    };
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) chunk(k, ~(__mmask64)0, (__mmask16)0xFFFF);
+    if (k < K) chunk(k, bytes_mask(K - k), lanes_mask((K - k) / 4));  // K is a multiple of 32
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) y[(i0 + i) * ldy + n + j] = W.scale[n + j] * _mm512_reduce_add_ps(acc[i][j]);
+}
+
+template <int MR, int NR> void tile_i8(const Mat& W, const Act& a, const int32_t* r, int64_t i0, int64_t n, float* y, int64_t ldy) {
+    if (W.w_signed) tile_i8s<MR, NR, true>(W, a, r, i0, n, y, ldy);
+    else tile_i8s<MR, NR, false>(W, a, r, i0, n, y, ldy);
 }
 
 // ---- int4 (groups of a multiple of 128) and MXFP4 weights: nibbles ------------------------------------
 // One chunk is 64 weight bytes = 128 inputs; lane l of the chunk covers inputs 8l .. 8l + 7 (4 lanes per
 // activation block of 32).
-template <int MR, int NR, bool MX>
+template <int MR, int NR, bool MX, bool ZP>
 void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64_t n, float* y, int64_t ldy) {
     const int64_t K = W.K, Kb = K / 2;
     const int8_t* x[MR];
     const float* xs[MR];
     const int32_t* xc[MR];
     const uint8_t* w[NR];
+    const float* sc[NR];   // int4: row n + j's group scales
+    const int8_t* zr[NR];  // int4 with zero points: its zero points
+    const uint8_t* er[NR]; // MXFP4: its block scales
     for (int i = 0; i < MR; i++) {
         int64_t r = row_of(rows, i0 + i);
         x[i] = a.q4 + r * K;
         xs[i] = a.s4 + r * (K / 8);
         xc[i] = a.c4 + r * (K / 8);
     }
-    for (int j = 0; j < NR; j++) w[j] = row_at(W, n + j);
+    for (int j = 0; j < NR; j++) {
+        w[j] = row_at(W, n + j);
+        sc[j] = MX ? nullptr : W.scale + (n + j) * W.sld;
+        zr[j] = ZP ? W.zp + (n + j) * W.sld : nullptr;
+        er[j] = MX ? W.e8 + (n + j) * W.eld : nullptr;
+    }
     const int64_t il = W.il;
     const __m512i low = _mm512_set1_epi8(0x0F);
     // doubled E2M1 values + 12: 0 .. 24, so that they are unsigned bytes
@@ -160,13 +174,9 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
     __m512 acc[MR][NR];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
-    // the weight group of chunk c, counted (a division per chunk costs more than the chunk's other work)
-    const int64_t chunks_per_group = MX ? 1 : W.group / 128;
-    int64_t g = 0, in_group = 0;
-    for (int64_t c = 0; c < Kb; c += 64) {
-        const int64_t len = Kb - c < 64 ? Kb - c : 64;  // a multiple of 16
-        const __mmask64 bm = bytes_mask(len);
-        const __mmask16 lm = lanes_mask(len / 4);
+    // one chunk: 64 weight bytes per row at byte c (len of them at the end of a row), weight group g; the
+    // masks are constants in the loop over whole chunks, so the compiler emits plain loads there
+    auto chunk = [&](int64_t c, int64_t len, __mmask64 bm, __mmask16 lm, int64_t g) __attribute__((always_inline)) {
         __m512i lo[NR], hi[NR];
         __m512 ws[NR];
         __m512i zf[NR];
@@ -177,14 +187,14 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
             if (MX) {
                 lo[j] = _mm512_shuffle_epi8(lut, lo[j]);
                 hi[j] = _mm512_shuffle_epi8(lut, hi[j]);
-                const uint8_t* e = W.e8 + (n + j) * W.eld + c / 16;
+                const uint8_t* e = er[j] + c / 16;
                 const int64_t nb = len / 16;
                 __m128 s4 = _mm_setr_ps(e8_half_table[e[0]], nb > 1 ? e8_half_table[e[1]] : 0.f,
                                         nb > 2 ? e8_half_table[e[2]] : 0.f, nb > 3 ? e8_half_table[e[3]] : 0.f);
                 ws[j] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(s4));
             } else {
-                ws[j] = _mm512_set1_ps(W.scale[(n + j) * W.sld + g]);
-                zf[j] = _mm512_set1_epi32(-(8 + (W.zp ? W.zp[(n + j) * W.sld + g] : 0)));
+                ws[j] = _mm512_set1_ps(sc[j][g]);
+                if (ZP) zf[j] = _mm512_set1_epi32(-(8 + zr[j][g]));
             }
         }
         for (int i = 0; i < MR; i++) {
@@ -199,26 +209,34 @@ void tile_nib(const Mat& W, const Act& a, const int32_t* rows, int64_t i0, int64
             const __m512i shared = _mm512_sub_epi32(_mm512_setzero_si512(),
                                                     MX ? _mm512_add_epi32(c8, _mm512_slli_epi32(cv, 2)) : c8);
             for (int j = 0; j < NR; j++) {
-                __m512i d = (MX || !W.zp) ? shared : _mm512_mullo_epi32(cv, zf[j]);
+                __m512i d = ZP ? _mm512_mullo_epi32(cv, zf[j]) : shared;
                 d = _mm512_dpbusd_epi32(d, lo[j], xl);
                 d = _mm512_dpbusd_epi32(d, hi[j], xh);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), sv), ws[j], acc[i][j]);
             }
         }
+    };
+    // the weight group of chunk c, counted (a division per chunk costs more than the chunk's other work)
+    const int64_t chunks_per_group = MX ? 1 : W.group / 128;
+    int64_t c = 0, g = 0, in_group = 0;
+    for (; c + 64 <= Kb; c += 64) {
+        chunk(c, 64, ~(__mmask64)0, (__mmask16)0xFFFF, g);
         if (!MX && ++in_group == chunks_per_group) {
             in_group = 0;
             g++;
         }
     }
+    if (c < Kb) chunk(c, Kb - c, bytes_mask(Kb - c), lanes_mask((Kb - c) / 4), g);  // a multiple of 16 bytes
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) y[(i0 + i) * ldy + n + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
 template <int MR, int NR> void tile_i4(const Mat& W, const Act& a, const int32_t* r, int64_t i0, int64_t n, float* y, int64_t ldy) {
-    tile_nib<MR, NR, false>(W, a, r, i0, n, y, ldy);
+    if (W.zp) tile_nib<MR, NR, false, true>(W, a, r, i0, n, y, ldy);
+    else tile_nib<MR, NR, false, false>(W, a, r, i0, n, y, ldy);
 }
 template <int MR, int NR> void tile_mx(const Mat& W, const Act& a, const int32_t* r, int64_t i0, int64_t n, float* y, int64_t ldy) {
-    tile_nib<MR, NR, true>(W, a, r, i0, n, y, ldy);
+    tile_nib<MR, NR, true, false>(W, a, r, i0, n, y, ldy);
 }
 
 // Weight tiles of 4 rows (then single rows), each against activation tiles of up to MRMAX rows: a weight

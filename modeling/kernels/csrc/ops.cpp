@@ -360,7 +360,12 @@ static MatrixPtr mxfp4(torch::Tensor blocks, torch::Tensor scales, std::string n
 
 // ---- activations ----------------------------------------------------------------------------------------
 struct ActStore {
-    torch::Tensor f, bf, q8, s8, c8, q4, s4, c4;
+    torch::Tensor f, bf;
+    // quantized forms in plain vectors: a decode step prepares a few activations per layer, and a torch
+    // allocation (through the dispatcher) costs more than the quantization of a row
+    std::vector<int8_t> q8, q4;
+    std::vector<float> s8, s4;
+    std::vector<int32_t> c8, c4;
     Act a{};
 };
 
@@ -404,40 +409,47 @@ static void prepare(ActStore& st, const torch::Tensor& x, int need, const IsaKer
     const bool q8 = need & NEED_Q8, q4 = need & NEED_Q4;
     if (!q8 && !q4) return;
     TORCH_CHECK_VALUE(K % 32 == 0, "quantized kernels need activations of a multiple of 32 values, not ", K);
-    auto opt = torch::TensorOptions().device(torch::kCPU);
     if (q8) {
-        st.q8 = torch::empty({M, K}, opt.dtype(torch::kInt8));
-        st.s8 = torch::empty({M, K / 4}, opt.dtype(torch::kFloat32));
-        st.c8 = torch::zeros({M, K / 4}, opt.dtype(torch::kInt32));
-        st.a.q8 = st.q8.data_ptr<int8_t>();
-        st.a.s8 = st.s8.data_ptr<float>();
-        st.a.c8 = st.c8.data_ptr<int32_t>();
+        st.q8.resize(M * K);
+        st.s8.resize(M * (K / 4));
+        st.c8.assign(M * (K / 4), 0);
+        st.a.q8 = st.q8.data();
+        st.a.s8 = st.s8.data();
+        st.a.c8 = st.c8.data();
     }
     if (q4) {
-        st.q4 = torch::empty({M, K}, opt.dtype(torch::kInt8));
-        st.s4 = torch::empty({M, K / 8}, opt.dtype(torch::kFloat32));
-        st.c4 = torch::zeros({M, K / 8}, opt.dtype(torch::kInt32));
-        st.a.q4 = st.q4.data_ptr<int8_t>();
-        st.a.s4 = st.s4.data_ptr<float>();
-        st.a.c4 = st.c4.data_ptr<int32_t>();
+        st.q4.resize(M * K);
+        st.s4.resize(M * (K / 8));
+        st.c4.assign(M * (K / 8), 0);
+        st.a.q4 = st.q4.data();
+        st.a.s4 = st.s4.data();
+        st.a.c4 = st.c4.data();
     }
     const int64_t vb = k->vb, Kb = K / 2;
     const Act& a = st.a;
     auto row = [&](int64_t m) {
         const float* xr = a.f + m * K;
+        // the natural layout: q8's own row, or a scratch row that the nibble layout is permuted from
+        thread_local std::vector<int8_t> scratch;
+        int8_t* qr = q8 ? (int8_t*)a.q8 + m * K : (scratch.resize(K), scratch.data());
         for (int64_t b = 0; b < K / 32; b++) {
             const float* xb = xr + b * 32;
             float amax = 0.f;
-            for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(xb[e]));
+            for (int e = 0; e < 32; e++) {  // not fmaxf: a libm call on the baseline ISA (NaN is skipped alike)
+                const float v = fabsf(xb[e]);
+                amax = v > amax ? v : amax;
+            }
             const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
-            int8_t q[32];
+            int8_t* q = qr + b * 32;
             int32_t sum = 0;
             for (int e = 0; e < 32; e++) {
-                q[e] = (int8_t)nearbyintf(xb[e] * id);
+                // round half to even, as nearbyintf (a libm call on the baseline ISA) does: |v| <= 127, so adding
+                // and subtracting 1.5 * 2^23 leaves v rounded in the float unit
+                const float v = (xb[e] * id + 12582912.f) - 12582912.f;
+                q[e] = (int8_t)(int)v;
                 sum += q[e];
             }
             if (q8) {
-                std::memcpy((int8_t*)a.q8 + m * K + b * 32, q, 32);
                 float* s = (float*)a.s8 + m * (K / 4) + b * 8;
                 for (int l = 0; l < 8; l++) s[l] = d;
                 ((int32_t*)a.c8)[m * (K / 4) + b * 8] = sum;
@@ -446,11 +458,17 @@ static void prepare(ActStore& st, const torch::Tensor& x, int need, const IsaKer
                 float* s = (float*)a.s4 + m * (K / 8) + b * 4;
                 for (int l = 0; l < 4; l++) s[l] = d;
                 ((int32_t*)a.c4)[m * (K / 8) + b * 4] = sum;
-                int8_t* out = (int8_t*)a.q4 + m * K;
-                for (int e = 0; e < 32; e++) {  // input k lives in byte k / 2 of the weight row
-                    const int64_t k = b * 32 + e, i = k / 2, c = (i / vb) * vb;
-                    const int64_t len = Kb - c < vb ? Kb - c : vb;
-                    out[2 * c + ((k & 1) ? len : 0) + (i - c)] = q[e];
+            }
+        }
+        if (q4) {  // per chunk of vb weight bytes at byte c: the inputs of its low nibbles, then of its high ones
+            int8_t* out = (int8_t*)a.q4 + m * K;
+            for (int64_t c = 0; c < Kb; c += vb) {
+                const int64_t len = Kb - c < vb ? Kb - c : vb;
+                int8_t* o = out + 2 * c;
+                const int8_t* in = qr + 2 * c;
+                for (int64_t j = 0; j < len; j++) {
+                    o[j] = in[2 * j];
+                    o[len + j] = in[2 * j + 1];
                 }
             }
         }
