@@ -5,10 +5,11 @@ In one run, each part in a fresh process, on whatever CPU this is (its flags are
   a) the base (bench_qwen3's writer: random bf16 weights, --layers layers) and three 32-expert profiles of it:
      `emo-subset build --keep 32 --method random` plain, `--quantize int8` and `--quantize int4`
   b) single-sequence prefill (--prompt tokens) and decode (--decode tokens) of each profile through emo-serve's
-     model core with emo-serve's defaults (OMP_WAIT_POLICY=PASSIVE, native kernels on the best ISA), then the
-     same forced to each other ISA the CPU runs (EMO_CPU_ISA) and on the pure-torch path (EMO_CPU_ISA=torch)
-  c) llama-bench (--llama-bench; `benchmarks/build_llama_cpp.sh` builds one) on the bf16 GGUF and its Q8_0 /
-     Q4_0 (--llama-quantize)
+     model core with emo-serve's defaults (OMP_WAIT_POLICY=PASSIVE, native kernels on the best ISA), then
+  c) right after it, llama-bench (--llama-bench; `benchmarks/build_llama_cpp.sh` builds one) on the bf16 GGUF
+     and its Q8_0 / Q4_0 (--llama-quantize), then ours again with spinning OpenMP threads (--omp-active), the
+     int8 / int4 matrices read as stored (--stored-layout: no interleaved copy), forced to each other ISA the
+     CPU runs (--other-isas, EMO_CPU_ISA) and on the pure-torch path (torch)
   d) the memory floor: bytes read per decoded token (counted from the loaded profile) / measured read bandwidth
   e) int4 decode next to a busy torch neighbour (a 2-thread matmul loop), against alone
 
@@ -210,6 +211,8 @@ def main() -> None:
                     "llama.cpp's Q8_0 / Q4_0 store their output matrix at the same type (--output-tensor-type), so "
                     "both read the same bits; bf16: lm_head stays bf16 in our profiles and llama-quantize's default "
                     "output type (Q8_0: q8_0, Q4_0: q6_K) is kept")
+    ap.add_argument("--stored-layout", action="store_true", help="also the int8 / int4 rows with EMO_INTERLEAVE=0 "
+                    "(the kernels read the mapped bytes as stored instead of the row-interleaved copy)")
     ap.add_argument("--split", action="store_true", help="also where a decoded token's time goes (a run per "
                     "precision with clocks around the native calls)")
     ap.add_argument("--skip-neighbour", action="store_true")
@@ -243,19 +246,21 @@ def main() -> None:
         lmq = prec != "bf16" and args.lm_head == "quantized"
         prof = root / f"qwen3-{args.layers}l-keep{KEEP}-{prec}{'-lmq' if lmq else ''}"
         res.setdefault("build", {})[prec] = build(base, prof, args.threads, None if prec == "bf16" else prec, lmq)
-        variants: list[tuple[str, dict]] = [("", {})]
+        variants: list[tuple[str, dict]] = []
         if args.omp_active:
             variants.append((" [OpenMP active]", {"OMP_WAIT_POLICY": "ACTIVE"}))
+        if args.stored_layout and prec != "bf16":
+            variants.append((" [stored layout]", {"EMO_INTERLEAVE": "0"}))
         if args.other_isas:
             variants += [(f" [{i}]", {"EMO_CPU_ISA": i}) for i in args.other_isas.split(",")]
-        for label, env in variants:
+
+        def ours(label: str, env: dict) -> None:
             r = run_child("ours", prof, args.threads, args.prompt, args.decode, env=env)
             key = f"ours {prec}{label}"
             res["rows"][key] = r
             print(f"{key}: {r}", file=sys.stderr)
-        if args.split:
-            res.setdefault("split", {})[prec] = run_child("split", prof, args.threads, args.prompt, args.decode)
-            print(f"split {prec}: {res['split'][prec]}", file=sys.stderr)
+
+        ours("", {})  # emo-serve's defaults, then llama.cpp right after (bandwidth drifts over minutes)
         if have_llama:
             if prec == "bf16":
                 gg = root / f"qwen3-{args.layers}l-bf16.gguf"
@@ -272,6 +277,11 @@ def main() -> None:
                 r = run_llama_bench(args.llama_bench, str(ggufs[prec]), args.threads, args.prompt, args.decode)
                 res["rows"][f"llama.cpp {prec}"] = r
                 print(f"llama.cpp {prec}: {r}", file=sys.stderr)
+        for label, env in variants:
+            ours(label, env)
+        if args.split:
+            res.setdefault("split", {})[prec] = run_child("split", prof, args.threads, args.prompt, args.decode)
+            print(f"split {prec}: {res['split'][prec]}", file=sys.stderr)
     res["bandwidth"] = run_child("bandwidth", args.threads)
     if not args.skip_neighbour and "int4" in args.precisions:
         prof = root / f"qwen3-{args.layers}l-keep{KEEP}-int4{'-lmq' if args.lm_head == 'quantized' else ''}"
