@@ -7,7 +7,7 @@ In one run, each part in a fresh process, on whatever CPU this is (its flags are
   b) single-sequence prefill (--prompt tokens) and decode (--decode tokens) of each profile through emo-serve's
      model core with emo-serve's defaults (OMP_WAIT_POLICY=PASSIVE, native kernels on the best ISA), then
   c) right after it, llama-bench (--llama-bench; `benchmarks/build_llama_cpp.sh` builds one) on the bf16 GGUF
-     and its Q8_0 / Q4_0 (--llama-quantize), then ours again with spinning OpenMP threads (--omp-active), the
+     and its Q8_0 / Q4_0 (--llama-quantize), the two alternating --rounds times (medians), then ours with spinning OpenMP threads (--omp-active), the
      int8 / int4 matrices read as stored (--stored-layout: no interleaved copy), forced to each other ISA the
      CPU runs (--other-isas, EMO_CPU_ISA) and on the pure-torch path (torch)
   d) the memory floor: bytes read per decoded token (counted from the loaded profile) / measured read bandwidth
@@ -68,6 +68,15 @@ def bytes_read_per_token(m) -> int:
             sizes = [e.nbytes() for e in le.experts]
             total += cfg.routing.top_k * sum(sizes) // len(sizes)
     return total
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The first run's record with the median prefill and decode speeds of all runs (and their count)."""
+    def med(key: str) -> float:
+        v = sorted(r[key] for r in runs)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return {**runs[0], "prefill_tok_s": med("prefill_tok_s"), "decode_tok_s": med("decode_tok_s"), "runs": len(runs),
+            "decode_runs": [round(r["decode_tok_s"], 2) for r in runs]}
 
 
 def warm_page_cache(path: Path) -> None:
@@ -211,6 +220,8 @@ def main() -> None:
                     "llama.cpp's Q8_0 / Q4_0 store their output matrix at the same type (--output-tensor-type), so "
                     "both read the same bits; bf16: lm_head stays bf16 in our profiles and llama-quantize's default "
                     "output type (Q8_0: q8_0, Q4_0: q6_K) is kept")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of our default row and llama.cpp, alternating "
+                    "(the table gives medians)")
     ap.add_argument("--stored-layout", action="store_true", help="also the int8 / int4 rows with EMO_INTERLEAVE=0 "
                     "(the kernels read the mapped bytes as stored instead of the row-interleaved copy)")
     ap.add_argument("--split", action="store_true", help="also where a decoded token's time goes (a run per "
@@ -258,9 +269,10 @@ def main() -> None:
             r = run_child("ours", prof, args.threads, args.prompt, args.decode, env=env)
             key = f"ours {prec}{label}"
             res["rows"][key] = r
+            res.setdefault("rounds", {}).setdefault(key, []).append(r)
             print(f"{key}: {r}", file=sys.stderr)
 
-        ours("", {})  # emo-serve's defaults, then llama.cpp right after (bandwidth drifts over minutes)
+        gguf = None
         if have_llama:
             if prec == "bf16":
                 gg = root / f"qwen3-{args.layers}l-bf16.gguf"
@@ -272,11 +284,19 @@ def main() -> None:
                 gg = root / f"qwen3-{args.layers}l-{kind}{'-out' + kind if lmq else ''}.gguf"
                 llama_quantize(args.llama_quantize, ggufs["bf16"], gg, kind, kind.lower() if lmq else None)
                 ggufs[prec] = gg
-            if prec in ggufs:
-                warm_page_cache(ggufs[prec])
-                r = run_llama_bench(args.llama_bench, str(ggufs[prec]), args.threads, args.prompt, args.decode)
-                res["rows"][f"llama.cpp {prec}"] = r
+            gguf = ggufs.get(prec)
+        # emo-serve's defaults and llama.cpp right after each other, --rounds times (bandwidth drifts by up to 2x
+        # within minutes here): the table gives the median of each
+        for _ in range(args.rounds):
+            ours("", {})
+            if gguf is not None:
+                warm_page_cache(gguf)
+                r = run_llama_bench(args.llama_bench, str(gguf), args.threads, args.prompt, args.decode)
+                res.setdefault("rounds", {}).setdefault(f"llama.cpp {prec}", []).append(r)
                 print(f"llama.cpp {prec}: {r}", file=sys.stderr)
+        for key in (f"ours {prec}", f"llama.cpp {prec}"):
+            if key in res.get("rounds", {}):
+                res["rows"][key] = median_row(res["rounds"][key])
         for label, env in variants:
             ours(label, env)
         if args.split:
@@ -312,7 +332,8 @@ def main() -> None:
         if "bytes_per_token" in r:
             f = read_bw / r["bytes_per_token"]
             floor = f"{r['decode_tok_s'] / f:.0%} of {f:.1f} tok/s ({r['bytes_per_token'] / 1e9:.2f} GB/token)"
-        print(f"| {key} | {r.get('kernels', 'llama.cpp')} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f} | {vs} "
+        runs = f" (median of {r['runs']}: {', '.join(map(str, r['decode_runs']))})" if r.get("runs", 1) > 1 else ""
+        print(f"| {key} | {r.get('kernels', 'llama.cpp')} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.2f}{runs} | {vs} "
               f"| {floor} |")
     if "neighbour" in res:
         a, b = res["neighbour"]["alone"], res["neighbour"]["busy"]
