@@ -186,7 +186,10 @@ class Transformer:
     #    a checkpoint larger than memory (the subset builder) runs the same code --
     def embed(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """Token embeddings of the packed batch and the RoPE tables of its positions."""
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
+        if len(batch.starts) == 1:
+            positions = torch.arange(batch.starts[0], batch.starts[0] + batch.counts[0], device=self.device)
+        else:
+            positions = torch.cat([torch.arange(s, s + n) for s, n in zip(batch.starts, batch.counts)]).to(self.device)
         if self.rope_dim is None:
             cos = sin = positions.new_empty(0)
         else:

@@ -194,6 +194,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, batch: Batch, state: KVState, window
     """Causal attention of packed queries `[heads, T, Dk]` over each sequence's
     cache slot, after writing that sequence's keys `[kv_heads, T, Dk]` and values
     `[kv_heads, T, Dv]` into it. Returns `[heads, T, Dv]`. `scale` None: Dk ** -0.5."""
+    if len(batch.slots) == 1 and batch.counts[0] == 1:  # one sequence's decode step: no output buffer to fill
+        keys, vals, _ = state.write(batch.slots[0], batch.starts[0], k, v)
+        return decode_one(q[:, 0], keys, vals, sinks, scale, ops).to(q.dtype)[:, None]
     out = torch.empty(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
     off = 0
     for slot, s, n in zip(batch.slots, batch.starts, batch.counts):
