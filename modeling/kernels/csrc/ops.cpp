@@ -409,22 +409,18 @@ static void prepare(ActStore& st, const torch::Tensor& x, int need, const IsaKer
     const bool q8 = need & NEED_Q8, q4 = need & NEED_Q4;
     if (!q8 && !q4) return;
     TORCH_CHECK_VALUE(K % 32 == 0, "quantized kernels need activations of a multiple of 32 values, not ", K);
-    if (q8) {
-        st.q8.resize(M * K);
-        st.s8.resize(M * (K / 4));
-        st.c8.assign(M * (K / 4), 0);
-        st.a.q8 = st.q8.data();
-        st.a.s8 = st.s8.data();
-        st.a.c8 = st.c8.data();
-    }
-    if (q4) {
-        st.q4.resize(M * K);
-        st.s4.resize(M * (K / 8));
-        st.c4.assign(M * (K / 8), 0);
-        st.a.q4 = st.q4.data();
-        st.a.s4 = st.s4.data();
-        st.a.c4 = st.c4.data();
-    }
+    // one form: int8 values [M, K], then a block scale and a block-sum slot per lane (K / inputs_per_lane each)
+    auto alloc = [&](std::vector<int8_t>& q, std::vector<float>& sc, std::vector<int32_t>& c, int64_t inputs_per_lane,
+                     const int8_t*& qp, const float*& sp, const int32_t*& cp) {
+        q.resize(M * K);
+        sc.resize(M * (K / inputs_per_lane));
+        c.assign(M * (K / inputs_per_lane), 0);
+        qp = q.data();
+        sp = sc.data();
+        cp = c.data();
+    };
+    if (q8) alloc(st.q8, st.s8, st.c8, 4, st.a.q8, st.a.s8, st.a.c8);
+    if (q4) alloc(st.q4, st.s4, st.c4, 8, st.a.q4, st.a.s4, st.a.c4);
     const int64_t vb = k->vb, Kb = K / 2;
     const Act& a = st.a;
     auto row = [&](int64_t m) {
