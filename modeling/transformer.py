@@ -107,10 +107,12 @@ class Transformer:
         self._rope_freqs = None if self.rope_dim is None else \
             ROPE_TYPES[cfg.rope.type](cfg.rope, cfg.rope.rotary_dim(self.rope_dim))  # per config, not per step
 
-    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None) -> Tensor:
+    def _linear(self, x: Tensor, w: Tensor | PackedLinear | Fp8Matrix, bias: Tensor | None = None,
+                float_out: bool = False) -> Tensor:
         if isinstance(w, Fp8Matrix):  # block-scaled FP8: this matrix dequantized for this product only
-            return F.linear(x, w.dequantize(x.dtype), bias)
-        return self.kernels.linear(x, w, bias)
+            y = F.linear(x, w.dequantize(x.dtype), bias)
+            return y.float() if float_out else y
+        return self.kernels.linear(x, w, bias, float_out)
 
     def _linear_many(self, x: Tensor, ws, biases) -> list[Tensor]:
         if any(isinstance(w, Fp8Matrix) for w in ws):
@@ -230,8 +232,7 @@ class Transformer:
 
     def head(self, x: Tensor) -> Tensor:
         """float32 logits of the final hidden states."""
-        h, w = self._norm(x, self.w.final_norm), self.w.lm_head
-        return self._linear(h, w).float() if isinstance(w, Fp8Matrix) else self.kernels.linear(h, w, float_out=True)
+        return self._linear(self._norm(x, self.w.final_norm), self.w.lm_head, float_out=True)
 
     def _allowed(self, layer: int, batch: Batch, T: int) -> Tensor | None:
         masks = [p.masks[layer] if p is not None else None for p in batch.pools] if batch.pools else []

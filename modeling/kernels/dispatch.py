@@ -60,8 +60,12 @@ class _NativeLinear:
     def __init__(self, ext, mat, dense: Tensor | None, onednn_rows: int | None):
         self.ext, self.mat, self.dense, self.onednn_rows = ext, mat, dense, onednn_rows
 
+    def native_for(self, rows: int) -> bool:
+        """Whether a product of `rows` activation rows runs on our kernels (else oneDNN, on the amx path)."""
+        return self.onednn_rows is None or rows < self.onednn_rows
+
     def __call__(self, x: Tensor, bias: Tensor | None = None, float_out: bool = False) -> Tensor:
-        if self.onednn_rows is not None and x.shape[0] >= self.onednn_rows:
+        if not self.native_for(x.shape[0]):
             y = F.linear(x, self.dense, bias)
             return y.float() if float_out else y
         return self.ext.linear(x, self.mat, bias, float_out)
@@ -98,7 +102,6 @@ def _interleaved(mat, w: PackedLinear):
     Matrix per PackedLinear (`w.native`), shared by every kernel object that reads it."""
     if interleave_enabled() and mat.interleave():
         drop_pages(w.packed, w.mapped)
-        w._held = list(mat.tensors())
     w.native = mat
     return mat
 
@@ -190,7 +193,7 @@ class Kernels:
         """[linear(x, w, b) for w, b in zip(ws, biases)]: one native call (the activations prepared once, one
         parallel region) where every weight takes the native kernels, else a call each."""
         ks = [self.kernel(w) for w in ws]
-        if all(isinstance(k, _NativeLinear) and (k.onednn_rows is None or x.shape[0] < k.onednn_rows) for k in ks):
+        if all(isinstance(k, _NativeLinear) and k.native_for(x.shape[0]) for k in ks):
             return self.ext.linear_many(x, [k.mat for k in ks], list(biases))
         return [k(x, b) for k, b in zip(ks, biases)]
 

@@ -59,10 +59,6 @@ class KVState(LayerState):
         """
         kc, vc = self.k[slot], self.v[slot]
         n, size = k.shape[1], kc.shape[1]
-        if n == 1 and start < size:  # one decoded token, no wrap-around (the common step, kept to few ops)
-            kc[:, start].copy_(k[:, 0])
-            vc[:, start].copy_(v[:, 0])
-            return kc[:, :start + 1], vc[:, :start + 1], 0
         if start + n <= size:  # no wrap-around: contiguous, views of the cache
             kc[:, start:start + n] = k
             vc[:, start:start + n] = v

@@ -86,9 +86,12 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in ts)
 
     def tensors(self) -> list[Tensor]:
-        """What backs this weight now: the mapped views, or the repacked copy once used."""
+        """What backs this weight now: the mapped views, or the repacked copy once used (ATen's, or the
+        native kernels' interleaved one)."""
         if self._held:
             return list(self._held)
+        if self.native is not None and self.native.interleaved:
+            return list(self.native.tensors())
         return [t for t in (self.packed, self.scale, self.zero_point) if t is not None]
 
     # -- running --------------------------------------------------------------------

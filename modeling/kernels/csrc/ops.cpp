@@ -240,13 +240,18 @@ static bool interleave(Matrix& M) {
         return M.interleaved();
     const int64_t unit = k->vb, row_bytes = m.fmt == FMT_I8 ? m.K : m.K / 2;
     const int64_t padded = (row_bytes + unit - 1) / unit * unit, groups = (m.N + 3) / 4;
-    auto buf = torch::zeros({groups * 4 * padded}, torch::kUInt8);
+    auto buf = torch::empty({groups * 4 * padded}, torch::kUInt8);  // every byte written once below
     uint8_t* dst = buf.data_ptr<uint8_t>();
     parallel_items(groups, [&](int64_t g) {
-        for (int64_t r = 0; r < 4 && 4 * g + r < m.N; r++) {
+        for (int64_t r = 0; r < 4; r++) {
+            const bool real = 4 * g + r < m.N;  // else a padding row of the last group
             const uint8_t* src = m.w + (4 * g + r) * m.ld;
-            for (int64_t c = 0; c < row_bytes; c += unit)
-                std::memcpy(dst + g * 4 * padded + c * 4 + r * unit, src + c, std::min(unit, row_bytes - c));
+            for (int64_t c = 0; c < padded; c += unit) {
+                uint8_t* d = dst + g * 4 * padded + c * 4 + r * unit;
+                const int64_t len = real ? std::min(unit, row_bytes - c) : 0;  // c < row_bytes
+                if (len) std::memcpy(d, src + c, len);
+                if (len < unit) std::memset(d + len, 0, unit - len);
+            }
         }
     });
     M.packed = m;
@@ -495,33 +500,13 @@ static int64_t chunk_rows(int64_t N, int64_t work_per_row) {
     return r < N ? r : N;
 }
 
-static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<torch::Tensor> bias, bool float_out) {
-    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == W->m.K, W->name, ": input of shape ", x.sizes(),
-                      " does not match a weight of ", W->m.N, " x ", W->m.K);
-    const int64_t M = x.size(0), N = W->m.N;
-    const IsaKernels* k = kernels_for(x, is_quantized(W->m));
-    ActStore st;
-    prepare(st, x, need_of(k, W->m), k);
-    auto y = torch::empty({M, N}, torch::kFloat32);
-    float* yp = y.data_ptr<float>();
-    const int64_t R = chunk_rows(N, M * W->m.K);
-    const int64_t chunks = (N + R - 1) / R;
-    parallel_items(chunks, [&](int64_t c) {
-        const int64_t n0 = c * R, n1 = n0 + R < N ? n0 + R : N;
-        k->gemm(mat_for(*W, k), st.a, nullptr, M, n0, n1, yp, N);
-    });
-    if (bias.has_value()) y.add_(bias->to(torch::kFloat32));
-    if (!float_out || x.scalar_type() == torch::kFloat32) return x.scalar_type() == torch::kFloat32 ? y : y.to(x.scalar_type());
-    // float32 storage of values rounded to x's dtype (logits: what y.to(dtype).float() gives, without the copies)
-    if (x.scalar_type() != torch::kBFloat16) return y.to(x.scalar_type()).to(torch::kFloat32);
-    for (int64_t i = 0; i < M * N; i++) yp[i] = bf16_to_f32(f32_to_bf16(yp[i]));
-    return y;
-}
-
-// x @ W_j.T + bias_j for several matrices of one input width (an attention layer's q, k and v): the
-// activations prepared once and one parallel region over the rows of all of them, instead of a call each.
+// x @ W_j.T + bias_j for one or several matrices of one input width (an attention layer's q, k and v): the
+// activations prepared once and one parallel region over the rows of all of them. Results in x's dtype, or
+// with `float_out` as float32 holding the values rounded to x's dtype (logits: what y.to(dtype).float()
+// gives, without the two copies).
 static std::vector<torch::Tensor> linear_many(torch::Tensor x, const std::vector<MatrixPtr>& Ws,
-                                              const std::vector<c10::optional<torch::Tensor>>& biases) {
+                                              const std::vector<c10::optional<torch::Tensor>>& biases,
+                                              bool float_out) {
     TORCH_CHECK_VALUE(!Ws.empty() && biases.size() == Ws.size(), "linear_many: ", Ws.size(), " matrices and ",
                       biases.size(), " biases");
     bool quantized = false;
@@ -549,11 +534,25 @@ static std::vector<torch::Tensor> linear_many(torch::Tensor x, const std::vector
         const MatrixPtr& W = Ws[it.j];
         k->gemm(mat_for(*W, k), st.a, nullptr, M, it.n0, it.n1, ys[it.j].data_ptr<float>(), W->m.N);
     });
+    const auto dtype = x.scalar_type();
     for (size_t j = 0; j < Ws.size(); j++) {
-        if (biases[j].has_value()) ys[j].add_(biases[j]->to(torch::kFloat32));
-        if (x.scalar_type() != torch::kFloat32) ys[j] = ys[j].to(x.scalar_type());
+        torch::Tensor& y = ys[j];
+        if (biases[j].has_value()) y.add_(biases[j]->to(torch::kFloat32));
+        if (dtype == torch::kFloat32) continue;
+        if (!float_out) {
+            y = y.to(dtype);
+        } else if (dtype == torch::kBFloat16) {  // rounded in place
+            float* yp = y.data_ptr<float>();
+            for (int64_t i = 0; i < y.numel(); i++) yp[i] = bf16_to_f32(f32_to_bf16(yp[i]));
+        } else {
+            y = y.to(dtype).to(torch::kFloat32);
+        }
     }
     return ys;
+}
+
+static torch::Tensor linear(torch::Tensor x, const MatrixPtr& W, c10::optional<torch::Tensor> bias, bool float_out) {
+    return linear_many(x, {W}, {bias}, float_out)[0];
 }
 
 // ---- RMSNorm ----------------------------------------------------------------------------------------------
@@ -954,7 +953,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("mxfp4", &mxfp4, py::arg("blocks"), py::arg("scales"), py::arg("name"));
     m.def("linear", &linear, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(), py::arg("float_out") = false,
           py::call_guard<py::gil_scoped_release>(), "x @ W.T + bias in x's dtype (float_out: its values as float32)");
-    m.def("linear_many", &linear_many, py::arg("x"), py::arg("weights"), py::arg("biases"),
+    m.def("linear_many", &linear_many, py::arg("x"), py::arg("weights"), py::arg("biases"), py::arg("float_out") = false,
           py::call_guard<py::gil_scoped_release>(), "[linear(x, W, b) for W, b in zip(weights, biases)] in one call");
     m.def("rope", &rope, py::arg("x"), py::arg("cos"), py::arg("sin"), py::call_guard<py::gil_scoped_release>());
     py::class_<ExpertSet>(m, "ExpertSet")
