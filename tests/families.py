@@ -183,6 +183,25 @@ def write_fp8_checkpoint(folder: Path, name: str, block: tuple[int, int] = (8, 8
     return model
 
 
+def check_ragged_batch(m, cache, atol: float) -> None:
+    """Three sequences in one packed prefill (slots 3, 0, 2 of `cache`), then decode steps for two of them
+    and a 2-token chunk of the third in one batch: every row equals recomputing its sequence alone."""
+    from modeling import Batch
+
+    seqs = [IDS[:9], IDS[2:5], IDS]
+    slots = [3, 0, 2]
+    out = m.forward(Batch(torch.tensor(sum(seqs, [])), slots, [0, 0, 0], [len(s) for s in seqs], []), cache,
+                    "all").logits
+    off = 0
+    for s in seqs:
+        torch.testing.assert_close(out[off:off + len(s)], m.logits(s), atol=atol, rtol=0)
+        off += len(s)
+    step = m.forward(Batch(torch.tensor([11, 12, 13, 14]), slots, [9, 3, 12], [1, 1, 2], []), cache, "last").logits
+    torch.testing.assert_close(step[0], m.logits(seqs[0] + [11])[-1], atol=atol, rtol=0)
+    torch.testing.assert_close(step[1], m.logits(seqs[1] + [12])[-1], atol=atol, rtol=0)
+    torch.testing.assert_close(step[2], m.logits(seqs[2] + [13, 14])[-1], atol=atol, rtol=0)
+
+
 def check_chunks_beside_another(m, cache, seq: list[int], slot: int, pos: int, steps: list[int],
                                 other: list[int], other_slot: int) -> None:
     """Feed `seq[pos:]` into `slot` in chunks of `steps` tokens while `other` (already in `other_slot`)

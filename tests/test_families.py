@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modeling import Batch, CheckpointError, ConfigError, load_model
-from tests.families import FAMILY_CONFIGS, IDS, check_chunks_beside_another, hf_logits, write_hf_checkpoint
+from tests.families import (FAMILY_CONFIGS, IDS, check_chunks_beside_another, check_ragged_batch, hf_logits,
+                            write_hf_checkpoint)
 
 FAMILIES = list(FAMILY_CONFIGS)
 
@@ -66,20 +67,7 @@ def test_fused_expert_layout_reads_the_same(checkpoints, tmp_path, name):
                                   "deepseek_v3-yarn", "glm4_moe_lite", "flex_olmo"])
 def test_ragged_batch_and_kv_cache_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
-    seqs = [IDS[:9], IDS[2:5], IDS]
-    cache = m.new_cache(4, 32)
-    slots = [3, 0, 2]
-    out = m.forward(Batch(torch.tensor(sum(seqs, [])), slots, [0, 0, 0], [len(s) for s in seqs], []), cache,
-                    "all").logits
-    off = 0
-    for s in seqs:
-        torch.testing.assert_close(out[off:off + len(s)], m.logits(s), atol=1e-5, rtol=0)
-        off += len(s)
-    # decode steps for two sequences and a chunk of a third, in one batch, against recompute
-    step = m.forward(Batch(torch.tensor([11, 12, 13, 14]), [3, 0, 2], [9, 3, 12], [1, 1, 2], []), cache, "last").logits
-    torch.testing.assert_close(step[0], m.logits(seqs[0] + [11])[-1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(step[1], m.logits(seqs[1] + [12])[-1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(step[2], m.logits(seqs[2] + [13, 14])[-1], atol=1e-5, rtol=0)
+    check_ragged_batch(m, m.new_cache(4, 32), atol=1e-5)
 
 
 # -- configs and checkpoints we cannot run: clear errors --------------------------

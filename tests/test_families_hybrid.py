@@ -14,7 +14,7 @@ import torch
 from modeling import Batch, ConfigError, ProfileManifest, load_model
 from subsetting.cli import main
 from tests.checkpoints import write_domain_corpus, write_tokenizer
-from tests.families import IDS, hf_logits, stock
+from tests.families import IDS, check_ragged_batch, hf_logits, stock
 from tests.families_hybrid import HYBRID, write_hybrid_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,18 +49,7 @@ def test_ragged_batch_and_state_decode_equal_recompute(checkpoints, name):
     m = load_model(checkpoints[name][0])
     cache = m.new_cache(4, 32)
     m.forward(Batch(torch.tensor(IDS[:7]), [2], [0], [7], []), cache)  # a previous owner of slot 2
-    seqs = [IDS[:9], IDS[2:5], IDS]
-    slots = [3, 0, 2]
-    out = m.forward(Batch(torch.tensor(sum(seqs, [])), slots, [0, 0, 0], [len(s) for s in seqs], []), cache,
-                    "all").logits
-    off = 0
-    for s in seqs:
-        torch.testing.assert_close(out[off:off + len(s)], m.logits(s), atol=1e-4, rtol=0)
-        off += len(s)
-    step = m.forward(Batch(torch.tensor([11, 12, 13, 14]), slots, [9, 3, 12], [1, 1, 2], []), cache, "last").logits
-    torch.testing.assert_close(step[0], m.logits(seqs[0] + [11])[-1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(step[1], m.logits(seqs[1] + [12])[-1], atol=1e-4, rtol=0)
-    torch.testing.assert_close(step[2], m.logits(seqs[2] + [13, 14])[-1], atol=1e-4, rtol=0)
+    check_ragged_batch(m, cache, atol=1e-4)
 
     # a prompt fed in pieces of 1, 2, 3 tokens beside another sequence's decode steps
     fresh = m.new_cache(2, 32)

@@ -39,6 +39,19 @@ def field(reader, key):
     return f.contents()
 
 
+def profile_and_gguf(root, name: str, base, kept: dict[int, list[int]]):
+    """A checkpoint written at `base` (given a tokenizer here): its profile of the `kept` experts per layer
+    and that profile's GGUF export, both through the CLI. Returns (profile folder, gguf path)."""
+    write_tokenizer(base, 300)
+    ef = root / f"{name}.json"
+    ef.write_text(json.dumps({str(k): v for k, v in kept.items()}))
+    prof = root / f"{name}-profile"
+    assert run("build", base, "--out", prof, "--experts-file", ef, "-q") == 0
+    path = root / f"{name}.gguf"
+    assert run("export-gguf", prof, "--out", path, "-q") == 0
+    return prof, path
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
@@ -46,14 +59,7 @@ def exported(tmp_path_factory):
     for i, (name, (over, kept, _)) in enumerate(CASES.items()):
         base = root / name
         write_hf_checkpoint(base, name, seed=30 + i, **over)
-        write_tokenizer(base, 300)
-        ef = root / f"{name}.json"
-        ef.write_text(json.dumps({str(k): v for k, v in kept.items()}))
-        prof = root / f"{name}-profile"
-        assert run("build", base, "--out", prof, "--experts-file", ef, "-q") == 0
-        path = root / f"{name}.gguf"
-        assert run("export-gguf", prof, "--out", path, "-q") == 0
-        out[name] = (prof, path)
+        out[name] = profile_and_gguf(root, name, base, kept)
     return out
 
 

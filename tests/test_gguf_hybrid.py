@@ -13,7 +13,6 @@ ours. See docs/families.md."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -28,7 +27,7 @@ from modeling import load_model
 from tests.checkpoints import write_tokenizer
 from tests.families import IDS
 from tests.families_hybrid import HYBRID, LINEAR, TEXT, write_hybrid_checkpoint
-from tests.test_gguf import field, run  # the export command and a metadata field, as for the other families
+from tests.test_gguf import field, profile_and_gguf, run  # the export, as for the other families
 
 gguf = pytest.importorskip("gguf")
 
@@ -49,13 +48,7 @@ def exported(tmp_path_factory):
     for i, name in enumerate(HYBRID):
         base = root / name
         write_hybrid_checkpoint(base, name, seed=50 + i, head_dim=D)
-        write_tokenizer(base, 300)
-        ef = root / f"{name}.json"
-        ef.write_text(json.dumps({str(k): v for k, v in KEPT.items()}))
-        prof = root / f"{name}-profile"
-        assert run("build", base, "--out", prof, "--experts-file", ef, "-q") == 0
-        path = root / f"{name}.gguf"
-        assert run("export-gguf", prof, "--out", path, "-q") == 0
+        prof, path = profile_and_gguf(root, name, base, KEPT)
         prefix = "model.language_model" if name == "qwen3_5_moe" else "model"
         out[name] = (base, prof, path, load_file(str(prof / "model.safetensors")), prefix)
     return out
